@@ -1,0 +1,146 @@
+"""The gateway process: builds every shared part from the config and runs the front doors."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import asyncssh
+
+from bastion.audit import AuditLog
+from bastion.config import Config, IssuerConfig, TargetConfig
+from bastion.identity.devissuer import DevIssuer
+from bastion.identity.oidc import TokenVerifier
+from bastion.identity.usercert import UserCA, load_or_create_key
+from recorder import Recorder, RecordingKey, open_store
+
+log = logging.getLogger("guarita")
+
+DEMO_TARGET = "demo"
+
+
+class Gateway:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.audit = AuditLog(config.audit_log)
+        self.host_key = load_or_create_key(config.host_key)
+        self.user_ca = UserCA(load_or_create_key(config.user_ca_key), max_ttl=config.cert_max_ttl)
+        self.target_ca = load_or_create_key(config.target_ca_key)
+        self.recording_key = RecordingKey.load_or_create(config.recording.key_file)
+        self.store = open_store(config.recording.url)
+        rc = config.recording
+        self.recorder = Recorder(self.store, rc.spool_dir, self.recording_key, segment_seconds=rc.segment_seconds,
+                                 segment_bytes=rc.segment_bytes, flush_interval=rc.flush_interval,
+                                 failure_policy=rc.failure_policy)
+        self.dev_issuer: DevIssuer | None = None
+        if config.dev:
+            issuer = config.issuers[0]
+            self.dev_issuer = DevIssuer(config.data_dir / "dev_issuer_key.pem", issuer.issuer, issuer.audience)
+        self.verifier = TokenVerifier(config.issuers)
+        self.demo = None
+        # Live SSH session channels by session id (for shutdown, locks and `sessions ls`).
+        self.live_sessions: dict = {}
+        self._servers: list[asyncio.AbstractServer | asyncssh.SSHAcceptor] = []
+        self._http_runner = None
+        self.stopping = asyncio.Event()
+        self.ssh_port = 0
+        self.http_port = 0
+
+    async def start(self) -> None:
+        from bastion.http.api import start_http
+        from bastion.ssh.frontdoor import start_ssh
+
+        problems = await asyncio.to_thread(self.store.check)
+        if problems:
+            raise RuntimeError(f"recordings store {self.store.url} is not usable: " + "; ".join(problems))
+        if not self.store.write_once:
+            log.warning("recordings go to %s, a local folder: NOT write-once (use s3:// with Object Lock in "
+                        "production)", self.store.url)
+        recovered = await self.recorder.start()
+        for sid in recovered:
+            self.audit.emit("recording.recovered", session=sid)
+        if self.config.demo_target:
+            await self._start_demo()
+        self._http_runner, self.http_port = await start_http(self)
+        await self.verifier.start()
+        acceptor = await start_ssh(self)
+        self._servers.append(acceptor)
+        self.ssh_port = acceptor.sockets[0].getsockname()[1]
+
+    async def _start_demo(self) -> None:
+        from bastion.ssh.demotarget import DemoTarget
+
+        demo_host_key = load_or_create_key(self.config.data_dir / "demo_host_key")
+        self.demo = DemoTarget(demo_host_key, trusted_ca=self.target_ca)
+        await self.demo.start()
+        demo = TargetConfig(name=DEMO_TARGET, host="127.0.0.1", port=self.demo.port, logins=(_local_user(),),
+                            default_login=_local_user(), host_keys=(demo_host_key.export_public_key().decode(),),
+                            credential="ca")
+        self.config = replace(self.config, targets=(*self.config.targets, demo))
+
+    async def stop(self) -> None:
+        for server in self._servers:
+            server.close()
+        from bastion.ssh.frontdoor import close_all_sessions
+
+        await close_all_sessions(self, "gateway shutting down")
+        await self.recorder.close()
+        await self.verifier.close()
+        if self._http_runner is not None:
+            await self._http_runner.cleanup()
+        if self.demo is not None:
+            await self.demo.stop()
+        self.audit.close()
+
+    async def run_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        await self.stopping.wait()
+        await self.stop()
+
+
+def _local_user() -> str:
+    import getpass
+
+    return getpass.getuser()
+
+
+def dev_config(data_dir: Path, ssh_port: int = 2222, http_port: int = 8080, recordings: str | None = None,
+               audit_log: str | None = None) -> Config:
+    """The embedded default: local issuer, demo target, local recordings, everything on loopback."""
+    from bastion.config import AccessRule, RecordingConfig
+
+    data_dir = data_dir.resolve()
+    issuer = IssuerConfig(issuer=f"http://127.0.0.1:{http_port}/dev", audience="guarita", leeway=5)
+    return Config(
+        data_dir=data_dir,
+        ssh_listen=("127.0.0.1", ssh_port),
+        http_listen=("127.0.0.1", http_port),
+        host_key=data_dir / "ssh_host_ed25519_key",
+        user_ca_key=data_dir / "user_ca_key",
+        target_ca_key=data_dir / "target_ca_key",
+        recording=RecordingConfig(url=recordings or (data_dir / "recordings").as_uri(),
+                                  spool_dir=data_dir / "spool", key_file=data_dir / "recording_key.pem"),
+        issuers=(issuer,),
+        targets=(),
+        access=(AccessRule(name="dev: everyone may use the demo target", subjects=("*",), targets=(DEMO_TARGET,)),),
+        audit_log=audit_log or str(data_dir / "audit.jsonl"),
+        dev=True,
+        demo_target=True,
+    )
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True

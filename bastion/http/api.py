@@ -1,0 +1,139 @@
+"""The HTTP API: health, certificates for agents, and the dev issuer's discovery and keys.
+
+Every call but health and the dev issuer's public documents needs an OIDC bearer token.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from bastion.identity import AuthError, Identity
+
+if TYPE_CHECKING:
+    from bastion.gateway import Gateway
+
+GATEWAY_KEY = web.AppKey("gateway", object)
+MAX_BODY = 64 * 1024
+
+
+def _error(status: int, reason: str, message: str) -> web.Response:
+    return web.json_response({"error": reason, "message": message}, status=status)
+
+
+async def _identity(request: web.Request) -> Identity:
+    gw: Gateway = request.app[GATEWAY_KEY]  # type: ignore[assignment]
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthError("missing_token", "send 'Authorization: Bearer TOKEN'")
+    return await gw.verifier.verify(token.strip(), method="bearer")
+
+
+def _authenticated(handler: Any) -> Any:
+    async def wrapper(request: web.Request) -> web.StreamResponse:
+        gw: Gateway = request.app[GATEWAY_KEY]  # type: ignore[assignment]
+        try:
+            identity = await _identity(request)
+        except AuthError as exc:
+            gw.audit.emit("auth.failure", method="bearer", source=request.remote, path=request.path,
+                          reason=exc.reason, detail=str(exc))
+            return _error(401, "unauthorized", "the bearer token was not accepted"
+                          if exc.reason != "missing_token" else str(exc))
+        return await handler(request, identity)
+
+    return wrapper
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    gw: Gateway = request.app[GATEWAY_KEY]  # type: ignore[assignment]
+    checks = {"oidc_keys": gw.verifier.keys_ready(), "recordings": not gw.store.check()}
+    return web.json_response({"ready": all(checks.values()), "checks": checks}, status=200 if all(checks.values()) else 503)
+
+
+@_authenticated
+async def ssh_cert(request: web.Request, identity: Identity) -> web.Response:
+    gw: Gateway = request.app[GATEWAY_KEY]  # type: ignore[assignment]
+    try:
+        body = await request.json()
+        public_key = str(body["public_key"])
+        ttl = float(body.get("ttl") or gw.user_ca.max_ttl)
+    except (ValueError, KeyError, TypeError):
+        return _error(400, "bad_request", 'send JSON {"public_key": "ssh-ed25519 AAAA...", "ttl": seconds}')
+    try:
+        cert, expires = gw.user_ca.issue(identity, public_key, ttl)
+    except ValueError as exc:
+        return _error(400, "bad_public_key", str(exc))
+    except AuthError as exc:
+        return _error(400, exc.reason, str(exc))
+    gw.audit.emit("cert.issued", subject=identity.subject, issuer=identity.issuer, source=request.remote,
+                  expires_at=expires)
+    return web.json_response({"certificate": cert, "expires_at": expires, "identity": identity.to_dict()})
+
+
+@_authenticated
+async def whoami(request: web.Request, identity: Identity) -> web.Response:
+    return web.json_response(identity.to_dict())
+
+
+async def dev_discovery(request: web.Request) -> web.Response:
+    gw: Gateway = request.app[GATEWAY_KEY]  # type: ignore[assignment]
+    assert gw.dev_issuer is not None
+    return web.json_response(gw.dev_issuer.discovery())
+
+
+async def dev_jwks(request: web.Request) -> web.Response:
+    gw: Gateway = request.app[GATEWAY_KEY]  # type: ignore[assignment]
+    assert gw.dev_issuer is not None
+    return web.json_response(gw.dev_issuer.jwks())
+
+
+async def dev_token(request: web.Request) -> web.Response:
+    """Mint a token from the dev issuer. Only in --dev, only from loopback."""
+    gw: Gateway = request.app[GATEWAY_KEY]  # type: ignore[assignment]
+    assert gw.dev_issuer is not None
+    if not (request.remote or "").startswith("127.") and request.remote != "::1":
+        return _error(403, "forbidden", "dev tokens are minted only for loopback callers")
+    try:
+        body = await request.json()
+        token = gw.dev_issuer.mint(str(body["sub"]), groups=[str(g) for g in body.get("groups") or []],
+                                   email=body.get("email"), ttl=float(body.get("ttl") or 3600),
+                                   extra=body.get("claims") or None)
+    except (ValueError, KeyError, TypeError) as exc:
+        return _error(400, "bad_request", f'send JSON {{"sub": "...", "groups": [...], "ttl": seconds}} ({exc})')
+    return web.json_response({"token": token})
+
+
+def build_app(gw: Gateway) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY)
+    app[GATEWAY_KEY] = gw
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_post("/v1/ssh/cert", ssh_cert)
+    app.router.add_get("/v1/whoami", whoami)
+    if gw.dev_issuer is not None:
+        app.router.add_get("/dev/.well-known/openid-configuration", dev_discovery)
+        app.router.add_get("/dev/jwks", dev_jwks)
+        app.router.add_post("/dev/token", dev_token)
+    return app
+
+
+async def start_http(gw: Gateway) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(build_app(gw), access_log=None)
+    await runner.setup()
+    host, port = gw.config.http_listen
+    context = None
+    if gw.config.tls_cert and gw.config.tls_key:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(gw.config.tls_cert, gw.config.tls_key)
+    site = web.TCPSite(runner, host, port, ssl_context=context)
+    await site.start()
+    server = site._server  # noqa: SLF001 - the only way to learn the port when 0 was asked
+    bound = server.sockets[0].getsockname()[1] if server and server.sockets else port  # type: ignore[union-attr]
+    return runner, bound

@@ -1,0 +1,111 @@
+"""The local development OIDC issuer behind ``bastion serve --dev``.
+
+It only mints tokens and publishes discovery + JWKS; the gateway verifies its tokens
+through the same TokenVerifier path as any real issuer, so --dev exercises real code.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from jwt.algorithms import OKPAlgorithm, RSAAlgorithm
+
+# RFC 7638 §3.2: the thumbprint covers only the required members of each key type.
+_THUMBPRINT_MEMBERS = {"RSA": ("e", "kty", "n"), "OKP": ("crv", "kty", "x")}
+
+
+class DevIssuer:
+    def __init__(self, key_path: Path, issuer_url: str, audience: str = "guarita") -> None:
+        self.issuer_url = issuer_url.rstrip("/")
+        self.audience = audience
+        self._key = _load_or_create_key(Path(key_path))
+        if isinstance(self._key, rsa.RSAPrivateKey):
+            self._alg = "RS256"
+            jwk = RSAAlgorithm.to_jwk(self._key.public_key(), as_dict=True)
+        else:
+            self._alg = "EdDSA"
+            jwk = OKPAlgorithm.to_jwk(self._key.public_key(), as_dict=True)
+        self.kid = _thumbprint(jwk)
+        self._public_jwk = {**jwk, "kid": self.kid, "use": "sig", "alg": self._alg}
+
+    def mint(
+        self,
+        subject: str,
+        groups: Sequence[str] = (),
+        email: str | None = None,
+        ttl: float = 3600,
+        extra: Mapping[str, Any] | None = None,
+    ) -> str:
+        now = int(time.time())
+        claims: dict[str, Any] = {
+            "iss": self.issuer_url,
+            "aud": self.audience,
+            "sub": subject,
+            "groups": list(groups),
+            "iat": now,
+            "nbf": now,
+            "exp": now + int(ttl),
+            "jti": uuid.uuid4().hex,
+        }
+        if email is not None:
+            claims["email"] = email
+        # Last, so tests and demos can override anything (an expired exp, another aud...).
+        claims.update(extra or {})
+        return jwt.encode(claims, self._key, algorithm=self._alg, headers={"kid": self.kid})
+
+    def discovery(self) -> dict[str, Any]:
+        return {
+            "issuer": self.issuer_url,
+            "jwks_uri": self.issuer_url + "/jwks",
+            "id_token_signing_alg_values_supported": [self._alg],
+            "response_types_supported": ["id_token"],
+            "subject_types_supported": ["public"],
+        }
+
+    def jwks(self) -> dict[str, Any]:
+        return {"keys": [dict(self._public_jwk)]}
+
+
+def _load_or_create_key(path: Path) -> rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Written 0600 from the start under a temporary name, then linked into place:
+        # the key is never readable by others, and of two processes racing to create
+        # it both end up using the same complete file.
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return _load_or_create_key(path)
+        finally:
+            tmp.unlink()
+        return key
+    loaded = serialization.load_pem_private_key(data, password=None)
+    if not isinstance(loaded, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey):
+        raise ValueError(f"{path}: the dev issuer key must be RSA or Ed25519, got {type(loaded).__name__}")
+    return loaded
+
+
+def _thumbprint(jwk: Mapping[str, Any]) -> str:
+    members = {m: jwk[m] for m in _THUMBPRINT_MEMBERS[jwk["kty"]]}
+    digest = hashlib.sha256(json.dumps(members, separators=(",", ":"), sort_keys=True).encode()).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()

@@ -1,0 +1,448 @@
+"""The SSH front door: ``ssh -p 2222 [LOGIN@]TARGET@bastion CMD``.
+
+One ``FrontDoorServer`` per client connection proves who the agent is (an OIDC token as
+password or keyboard-interactive answer, or a certificate from guarita's user CA). One
+``AgentChannel`` per session channel checks policy, opens the gateway's own connection
+to the target (``TargetChannel`` on the other side) and relays bytes through the shared
+session pipeline, with flow control in both directions. No policy lives here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+import asyncssh
+
+from bastion.config import env_allowed
+from bastion.identity import AuthError, Identity
+from bastion.policy import authorize, reachable_targets
+from bastion.session import Session, SessionInfo
+from bastion.ssh.upstream import TargetError, connect_target
+
+if TYPE_CHECKING:
+    from bastion.gateway import Gateway
+
+log = logging.getLogger("guarita.ssh")
+
+EXIT_GATEWAY_ERROR = 255  # what OpenSSH itself exits with on a connection error
+AUTH_BANNER = ("guarita: the credential was not accepted. Use a fresh OIDC token as the password, "
+               "or a certificate from `bastion ssh-cert`.\r\n")
+
+
+def parse_username(username: str) -> tuple[str | None, str]:
+    """``deploy@web-1`` -> ("deploy", "web-1"); ``web-1`` -> (None, "web-1")."""
+    login, sep, target = username.rpartition("@")
+    return (login if sep and login else None), target
+
+
+class FrontDoorServer(asyncssh.SSHServer):
+    def __init__(self, gateway: Gateway) -> None:
+        self.gw = gateway
+        self.identity: Identity | None = None
+        self.conn: asyncssh.SSHServerConnection | None = None
+        self.source = "?"
+        self._cert: Any = None
+        self._banner_sent = False
+
+    # -- connection ------------------------------------------------------------------
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
+        peer = conn.get_extra_info("peername") or ("?", 0)
+        self.source = f"{peer[0]}:{peer[1]}"
+        self._capture_certificates(conn)
+
+    def _capture_certificates(self, conn: asyncssh.SSHServerConnection) -> None:
+        # asyncssh checks a certificate's CA, validity and signature, but hands its callbacks
+        # only the CA key; the identity lives in the certificate's key id. Wrapping this
+        # (private, version-pinned in pyproject.toml) method is the one place we see the
+        # validated certificate. tests/test_ssh_cert.py fails loudly if asyncssh changes it.
+        original = conn._validate_openssh_certificate  # type: ignore[attr-defined]
+
+        async def capture(username: str, cert: Any) -> Any:
+            key = await original(username, cert)
+            if key is not None:
+                self._cert = cert
+            return key
+
+        conn._validate_openssh_certificate = capture  # type: ignore[attr-defined]
+
+    def begin_auth(self, username: str) -> bool:
+        return True
+
+    # -- token as password or keyboard-interactive answer --------------------------------
+
+    def password_auth_supported(self) -> bool:
+        return True
+
+    async def validate_password(self, username: str, password: str) -> bool:
+        return await self._accept_token(username, password, "password")
+
+    def kbdint_auth_supported(self) -> bool:
+        return True
+
+    def get_kbdint_challenge(self, username: str, lang: str, submethods: str) -> tuple[str, str, str, list[tuple[str, bool]]]:
+        # No name or instructions: OpenSSH prints them even when an askpass helper answers.
+        return ("", "", "", [("guarita OIDC token: ", False)])
+
+    async def validate_kbdint_response(self, username: str, responses: list[str]) -> bool:
+        if len(responses) != 1:
+            return False
+        return await self._accept_token(username, responses[0], "keyboard-interactive")
+
+    async def _accept_token(self, username: str, token: str, method: str) -> bool:
+        try:
+            self.identity = await self.gw.verifier.verify(token.strip(), method=method)
+        except AuthError as exc:
+            self._auth_failed(username, method, exc)
+            return False
+        self.gw.audit.emit("auth.success", method=method, source=self.source, user=username,
+                           subject=self.identity.subject, issuer=self.identity.issuer)
+        return True
+
+    def _auth_failed(self, username: str, method: str, exc: AuthError) -> None:
+        self.gw.audit.emit("auth.failure", method=method, source=self.source, user=username,
+                           reason=exc.reason, detail=str(exc))
+        if self.conn is not None and not self._banner_sent:
+            self._banner_sent = True
+            self.conn.send_auth_banner(AUTH_BANNER)
+
+    # -- certificates from guarita's user CA -------------------------------------------------
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        return False  # bare keys prove nothing about an OIDC identity
+
+    def validate_ca_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        return key.public_data == self.gw.user_ca.key.public_data
+
+    def auth_completed(self) -> None:
+        if self.identity is None and self._cert is not None:
+            cert = self._cert
+            try:
+                self.identity = self.gw.user_ca.identity_from_key_id(cert._key_id, cert._valid_before)
+            except AuthError as exc:
+                self._auth_failed("?", "certificate", exc)
+                assert self.conn is not None
+                self.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "certificate refused")
+                return
+            self.gw.audit.emit("auth.success", method="certificate", source=self.source,
+                               subject=self.identity.subject, issuer=self.identity.issuer)
+
+    # -- what an authenticated agent may open ---------------------------------------------
+
+    def session_requested(self) -> AgentChannel:
+        assert self.identity is not None
+        return AgentChannel(self)
+
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> bool:
+        self._refused("direct-tcpip", f"{dest_host}:{dest_port}")
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                        "port forwarding is not allowed through guarita")
+
+    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        self._refused("tcpip-forward", f"{listen_host}:{listen_port}")
+        return False
+
+    def unix_connection_requested(self, dest_path: str) -> bool:
+        self._refused("direct-streamlocal", dest_path)
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                        "socket forwarding is not allowed through guarita")
+
+    def unix_server_requested(self, listen_path: str) -> bool:
+        self._refused("streamlocal-forward", listen_path)
+        return False
+
+    def _refused(self, what: str, where: str) -> None:
+        self.gw.audit.emit("forward.refused", kind=what, destination=where, source=self.source,
+                           subject=self.identity.subject if self.identity else None)
+
+
+class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
+    """The agent-facing session channel."""
+
+    def __init__(self, server: FrontDoorServer) -> None:
+        self.server = server
+        self.gw = server.gw
+        self.chan: asyncssh.SSHServerChannel | None = None
+        self.kind = "shell"
+        self.command: str | None = None
+        self.subsystem: str | None = None
+        self.term: tuple[str, tuple[int, int, int, int], dict[int, int]] | None = None
+        self.session: Session | None = None
+        self.target_conn: asyncssh.SSHClientConnection | None = None
+        self.target_chan: asyncssh.SSHClientChannel | None = None
+        self._paused: set[str] = set()
+        self._closing = False
+
+    # -- requests before the session starts ----------------------------------------------
+
+    def connection_made(self, chan: asyncssh.SSHServerChannel) -> None:
+        self.chan = chan
+
+    def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int], term_modes: dict[int, int]) -> bool:
+        self.term = (term_type, term_size, term_modes)
+        return True
+
+    def shell_requested(self) -> bool:
+        self.kind = "shell"
+        return True
+
+    def exec_requested(self, command: str) -> bool:
+        self.kind, self.command = "exec", command
+        return True
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        # Accepted here and refused (or relayed) once policy is known, so the agent reads why.
+        self.kind, self.subsystem = "subsystem", subsystem
+        return True
+
+    def session_started(self) -> None:
+        assert self.chan is not None
+        self.chan.pause_reading()  # nothing goes anywhere until the target is connected
+        asyncio.create_task(self._open())
+
+    # -- opening the target ----------------------------------------------------------------
+
+    async def _open(self) -> None:
+        assert self.chan is not None and self.server.identity is not None
+        identity = self.server.identity
+        login, target_name = parse_username(self.chan.get_extra_info("username") or "")
+        try:
+            target, login = self._resolve(identity, login, target_name)
+            self.target_conn = await connect_target(target, login, identity, "pending", self.gw.target_ca)
+        except TargetError as exc:
+            self.gw.audit.emit("session.refused", reason=exc.reason, detail=str(exc), source=self.server.source,
+                               subject=identity.subject, target=target_name, login=login, kind=self.kind,
+                               command=self.command)
+            self._fail(str(exc))
+            return
+        info = SessionInfo(front_door="ssh", identity=identity, source=self.server.source, target=target.name,
+                           login=login, kind=self.kind, command=self.command, subsystem=self.subsystem,
+                           term=self.term[0] if self.term else None,
+                           size=(self.term[1][0], self.term[1][1]) if self.term else None)
+        try:
+            await self._start_target_session(info)
+        except (asyncssh.Error, OSError) as exc:
+            reason = getattr(exc, "reason", None) or str(exc)
+            self.gw.audit.emit("session.refused", reason="target_session_failed", detail=reason,
+                               source=self.server.source, subject=identity.subject, target=target.name)
+            self._fail(f"target {target.name} refused the session: {reason}")
+            return
+        self.gw.live_sessions[self.session.id] = self  # type: ignore[union-attr]
+        self.chan.resume_reading()
+
+    def _resolve(self, identity: Identity, login: str | None, target_name: str) -> tuple[Any, str]:
+        target = self.gw.config.target(target_name)
+        if target is None:
+            known = reachable_targets(self.gw.config, identity)
+            hint = f" (targets you may use: {', '.join(known)})" if known else ""
+            raise TargetError("unknown_target", f"unknown target {target_name!r}{hint}")
+        login = login or target.default_login
+        if login is None:
+            raise TargetError("login_required", f"target {target.name!r} has several logins: connect as "
+                              f"LOGIN@{target.name}@bastion with LOGIN one of {', '.join(target.logins)}")
+        decision = authorize(self.gw.config, identity, target, login)
+        if not decision.allowed:
+            raise TargetError("access_denied", decision.reason)
+        if self.kind == "subsystem" and not (decision.rule and decision.rule.sftp and self.subsystem == "sftp"):
+            raise TargetError("subsystem_denied", f"subsystem {self.subsystem!r} (sftp/scp file transfer) is not "
+                              f"allowed for you on {target.name!r} by guarita policy")
+        return target, login
+
+    async def _start_target_session(self, info: SessionInfo) -> None:
+        assert self.chan is not None and self.target_conn is not None
+        env = {k: v for k, v in (self.chan.get_environment() or {}).items()
+               if env_allowed(k, self.gw.config.env_allowlist)}
+        self.session = Session(self.gw, info)
+        kwargs: dict[str, Any] = {"env": env, "encoding": None}
+        if self.term:
+            kwargs.update(term_type=self.term[0], term_size=self.term[1], term_modes=self.term[2])
+        if self.kind == "subsystem":
+            kwargs["subsystem"] = self.subsystem
+        try:
+            self.target_chan, _ = await self.target_conn.create_session(
+                lambda: TargetChannel(self), self.command, **kwargs)
+        except BaseException:
+            await self.session.end(None, reason="target refused the session")
+            raise
+        self.session.recording.on_failure = self._recording_failed
+
+    def _fail(self, message: str) -> None:
+        assert self.chan is not None
+        try:
+            self.chan.write_stderr(f"guarita: {message}\r\n".encode())
+            self.chan.exit(EXIT_GATEWAY_ERROR)
+        except (OSError, asyncssh.Error):
+            pass
+        if self.target_conn is not None:
+            self.target_conn.close()
+
+    def _recording_failed(self, exc: Exception) -> None:
+        if self.gw.config.recording.failure_policy == "strict":
+            self.terminate(f"the recording of this session failed ({exc}); the session is ended because "
+                           "guarita never lets traffic through unrecorded")
+
+    def terminate(self, message: str) -> None:
+        """End the session from the gateway's side (lock, shutdown, recording failure)."""
+        if self._closing:
+            return
+        self._closing = True
+        if self.session is not None:
+            self.session.marker("terminated", reason=message)
+        self._fail(message)
+
+    # -- agent -> target -----------------------------------------------------------------
+
+    def data_received(self, data: bytes, datatype: int | None) -> None:
+        if self.target_chan is None or self.session is None:
+            return
+        self.target_chan.write(self.session.from_client(data))
+
+    def eof_received(self) -> bool:
+        if self.target_chan is not None:
+            self.target_chan.write_eof()
+        return True  # keep our side open: the target still sends output and the exit status
+
+    def break_received(self, msec: int) -> bool:
+        if self.target_chan is not None:
+            self.target_chan.send_break(msec)
+        return True
+
+    def signal_received(self, signal: str) -> None:
+        if self.target_chan is not None:
+            self.target_chan.send_signal(signal)
+            if self.session:
+                self.session.marker("signal", signal=signal)
+
+    def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
+        if self.target_chan is not None:
+            self.target_chan.change_terminal_size(width, height, pixwidth, pixheight)
+        if self.session is not None:
+            self.session.resize(width, height)
+
+    def pause_writing(self) -> None:
+        self._pause_target("agent")
+
+    def resume_writing(self) -> None:
+        self._resume_target("agent")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.target_chan is not None:
+            self.target_chan.close()
+        if self.target_conn is not None:
+            self.target_conn.close()
+        if self.session is not None and not self.session.ended:
+            asyncio.create_task(self.session.end(None, reason="client disconnected"))
+        if self.session is not None:
+            self.gw.live_sessions.pop(self.session.id, None)
+
+    # -- target -> agent -----------------------------------------------------------------
+
+    def target_output(self, data: bytes, stderr: bool) -> None:
+        assert self.chan is not None and self.session is not None
+        data = self.session.from_target(data, "e" if stderr else "o")
+        try:
+            if stderr:
+                self.chan.write_stderr(data)
+            else:
+                self.chan.write(data)
+        except (OSError, asyncssh.Error):
+            return
+        if self.session.recording.congested:
+            self._pause_target("recorder")
+            asyncio.create_task(self._resume_when_recorded())
+
+    async def _resume_when_recorded(self) -> None:
+        assert self.session is not None
+        await self.session.recording.drained()
+        self._resume_target("recorder")
+
+    def _pause_target(self, why: str) -> None:
+        if not self._paused and self.target_chan is not None:
+            self.target_chan.pause_reading()
+        self._paused.add(why)
+
+    def _resume_target(self, why: str) -> None:
+        self._paused.discard(why)
+        if not self._paused and self.target_chan is not None:
+            self.target_chan.resume_reading()
+
+    def target_closed(self, status: int | None, signal: tuple[str, bool, str, str] | None, lost: bool) -> None:
+        assert self.chan is not None and self.session is not None
+        reason = None
+        try:
+            if signal is not None:
+                self.chan.exit_with_signal(*signal)
+            elif status is not None:
+                self.chan.exit(status)
+            elif not self._closing:
+                reason = "connection to the target was lost"
+                self.chan.write_stderr(f"guarita: {reason}\r\n".encode())
+                self.chan.exit(EXIT_GATEWAY_ERROR)
+        except (OSError, asyncssh.Error):
+            pass
+        asyncio.create_task(self.session.end(status, signal[0] if signal else None, reason))
+        self.gw.live_sessions.pop(self.session.id, None)
+        if self.target_conn is not None:
+            self.target_conn.close()
+
+
+class TargetChannel(asyncssh.SSHClientSession):  # type: ignore[type-arg]
+    """The gateway's session channel on the target: forwards everything to its AgentChannel."""
+
+    def __init__(self, agent: AgentChannel) -> None:
+        self.agent = agent
+        self.status: int | None = None
+        self.signal: tuple[str, bool, str, str] | None = None
+
+    def data_received(self, data: bytes, datatype: int | None) -> None:
+        self.agent.target_output(data, datatype == asyncssh.EXTENDED_DATA_STDERR)
+
+    def exit_status_received(self, status: int) -> None:
+        self.status = status
+
+    def exit_signal_received(self, signal: str, core_dumped: bool, msg: str, lang: str) -> None:
+        self.signal = (signal, core_dumped, msg, lang)
+
+    def pause_writing(self) -> None:
+        if self.agent.chan is not None:
+            self.agent.chan.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.agent.chan is not None:
+            self.agent.chan.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.agent.target_closed(self.status, self.signal, exc is not None)
+
+
+async def start_ssh(gateway: Gateway) -> asyncssh.SSHAcceptor:
+    host, port = gateway.config.ssh_listen
+    return await asyncssh.create_server(
+        lambda: FrontDoorServer(gateway), host, port,
+        server_host_keys=[gateway.host_key],
+        server_version="guarita",
+        line_editor=False,
+        agent_forwarding=False,
+        x11_forwarding=False,
+        allow_scp=False,
+        encoding=None,
+        login_timeout=60,
+        keepalive_interval=30,
+        # The gateway re-encrypts every byte: prefer the AES-GCM ciphers that CPUs accelerate.
+        encryption_algs=["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
+                         "aes128-ctr", "aes192-ctr", "aes256-ctr"],
+    )
+
+
+async def close_all_sessions(gateway: Gateway, message: str) -> None:
+    for channel in list(gateway.live_sessions.values()):
+        channel.terminate(message)
+    deadline = asyncio.get_running_loop().time() + 5
+    while gateway.live_sessions and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.02)

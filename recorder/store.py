@@ -1,0 +1,152 @@
+"""Where recordings live: one interface, a local folder today and S3 (Object Lock) beside it.
+
+Every object is written once. The interface is synchronous and blocking (boto3 is);
+the recorder calls it from worker threads.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import unquote, urlparse
+
+
+class StoreError(Exception):
+    """The store could not do what was asked; ``str()`` says why in one line."""
+
+
+class ObjectExists(StoreError):
+    pass
+
+
+class NotFound(StoreError):
+    pass
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    lock_mode: str | None = None
+    retain_until: datetime | None = None
+
+
+class RecordingStore(Protocol):
+    url: str
+    # False for the local folder: said plainly at start-up and by `replay verify`.
+    write_once: bool
+
+    def put(self, key: str, data: bytes) -> None:
+        """Create ``key``; raise ObjectExists if it is already there (never overwrite)."""
+
+    def get(self, key: str) -> bytes: ...
+
+    def head(self, key: str) -> ObjectInfo: ...
+
+    def list(self, prefix: str) -> Iterator[str]:
+        """Keys under ``prefix`` in lexical order."""
+
+    def check(self) -> list[str]:
+        """Problems that make this store unfit for recordings (empty when fine)."""
+
+
+_SESSION_ID = re.compile(r"^(\d{4})(\d{2})(\d{2})-\d{6}-[0-9a-f]{8}$")
+
+
+def session_prefix(session_id: str) -> str:
+    """``20261125-081106-ab12cd34`` -> ``2026/11/25/20261125-081106-ab12cd34/``."""
+    m = _SESSION_ID.match(session_id)
+    if not m:
+        raise ValueError(f"not a session id: {session_id!r} (expected YYYYMMDD-HHMMSS-xxxxxxxx)")
+    return f"{m.group(1)}/{m.group(2)}/{m.group(3)}/{session_id}/"
+
+
+def is_session_id(value: str) -> bool:
+    return bool(_SESSION_ID.match(value))
+
+
+class FileStore:
+    """Recordings in a local folder. Not write-once: anyone with write access to the folder
+    can change a file (the signatures still reveal it)."""
+
+    write_once = False
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.url = root.as_uri()
+
+    def _path(self, key: str) -> Path:
+        if key.startswith("/") or ".." in key.split("/"):
+            raise StoreError(f"invalid key {key!r}")
+        return self.root / key
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            # link() fails if the key exists: the write-once check and the publish are one step.
+            os.link(tmp, path)
+        except FileExistsError:
+            raise ObjectExists(f"{key} already exists") from None
+        finally:
+            os.unlink(tmp)
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"{key} not found in {self.url}") from None
+        except OSError as exc:
+            raise StoreError(f"cannot read {key}: {exc.strerror}") from None
+
+    def head(self, key: str) -> ObjectInfo:
+        try:
+            return ObjectInfo(key, self._path(key).stat().st_size)
+        except FileNotFoundError:
+            raise NotFound(f"{key} not found in {self.url}") from None
+
+    def list(self, prefix: str) -> Iterator[str]:
+        base = self.root / prefix if (not prefix or prefix.endswith("/")) else (self.root / prefix).parent
+        if not base.is_dir():
+            return
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames.sort()
+            rel = Path(dirpath).relative_to(self.root).as_posix()
+            for name in sorted(filenames):
+                if name.startswith("."):
+                    continue
+                key = name if rel == "." else f"{rel}/{name}"
+                if key.startswith(prefix):
+                    yield key
+
+    def check(self) -> list[str]:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return [f"cannot create {self.root}: {exc.strerror}"]
+        if not os.access(self.root, os.W_OK):
+            return [f"{self.root} is not writable"]
+        return []
+
+
+def open_store(url: str) -> RecordingStore:
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return FileStore(Path(unquote(parsed.path)))
+    if parsed.scheme == "s3":
+        from recorder.s3store import S3Store
+
+        return S3Store.from_url(url)
+    if not parsed.scheme and url:
+        return FileStore(Path(url).resolve())
+    raise StoreError(f"unsupported recordings URL {url!r}: use file:///PATH or s3://BUCKET/PREFIX")
