@@ -110,6 +110,11 @@ class RecordingConfig:
     segment_seconds: float = 5.0
     segment_bytes: int = 512 * 1024
     flush_interval: float = 1.0
+    # S3 only: Object Lock mode and how long each object is kept (LGPD deployments: 5y).
+    lock_mode: str = "COMPLIANCE"
+    retention: float = 5 * 31536000.0
+    # How much the spool may hold while the store is unreachable before new sessions are refused.
+    spool_budget: int = 1024 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -281,7 +286,7 @@ def _tables(r: _Reader, raw: dict[str, Any], key: str) -> list[dict[str, Any]]:
 def _recording(r: _Reader, t: dict[str, Any], data_dir: Path, overrides: dict[str, Any]) -> RecordingConfig:
     p = "recording."
     r.unknown(t, {"url", "spool_dir", "key_file", "failure_policy", "segment_seconds", "segment_bytes",
-                  "flush_interval"}, p)
+                  "flush_interval", "lock_mode", "retention", "spool_budget"}, p)
     url = overrides.get("recordings") or r.get(t, "url", p, str, (data_dir / "recordings").as_uri())
     scheme = urlparse(url).scheme
     if scheme not in ("file", "s3"):
@@ -295,7 +300,16 @@ def _recording(r: _Reader, t: dict[str, Any], data_dir: Path, overrides: dict[st
     flush = r.duration(t, "flush_interval", p, 1.0)
     if not 0 < flush <= 1.0:
         r.problems.append((f"{p}flush_interval", "must be more than 0 and at most 1s (the durability promise)"))
+    lock_mode = r.get(t, "lock_mode", p, str, "COMPLIANCE")
+    if lock_mode not in ("COMPLIANCE", "GOVERNANCE"):
+        r.problems.append((f"{p}lock_mode", f"must be 'COMPLIANCE' or 'GOVERNANCE', got {lock_mode!r}"))
+    retention = r.duration(t, "retention", p, 5 * 31536000.0)
+    if retention < 86400:
+        r.problems.append((f"{p}retention", "must be at least 1d (Object Lock retains whole days)"))
     return RecordingConfig(
+        lock_mode=lock_mode,
+        retention=retention,
+        spool_budget=r.get(t, "spool_budget", p, int, 1024 * 1024 * 1024),
         url=url,
         spool_dir=r.path(t, "spool_dir", p, data_dir / "spool"),  # type: ignore[arg-type]
         key_file=r.path(t, "key_file", p, data_dir / "recording_key.pem"),  # type: ignore[arg-type]

@@ -32,7 +32,7 @@ class Gateway:
         self.user_ca = UserCA(load_or_create_key(config.user_ca_key), max_ttl=config.cert_max_ttl)
         self.target_ca = load_or_create_key(config.target_ca_key)
         self.recording_key = RecordingKey.load_or_create(config.recording.key_file)
-        self.store = open_store(config.recording.url)
+        self.store = open_store(config.recording.url, config.recording.lock_mode, config.recording.retention)
         rc = config.recording
         self.recorder = Recorder(self.store, rc.spool_dir, self.recording_key, segment_seconds=rc.segment_seconds,
                                  segment_bytes=rc.segment_bytes, flush_interval=rc.flush_interval,

@@ -139,14 +139,15 @@ class FileStore:
         return []
 
 
-def open_store(url: str) -> RecordingStore:
+def open_store(url: str, lock_mode: str = "COMPLIANCE", retention: float = 5 * 31536000.0) -> RecordingStore:
+    """The store for a recordings URL. ``lock_mode`` and ``retention`` (seconds) apply to S3."""
     parsed = urlparse(url)
     if parsed.scheme == "file":
         return FileStore(Path(unquote(parsed.path)))
     if parsed.scheme == "s3":
         from recorder.s3store import S3Store
 
-        return S3Store.from_url(url)
+        return S3Store.from_url(url, lock_mode=lock_mode, retention=retention)
     if not parsed.scheme and url:
         return FileStore(Path(url).resolve())
     raise StoreError(f"unsupported recordings URL {url!r}: use file:///PATH or s3://BUCKET/PREFIX")

@@ -1,0 +1,1 @@
+"""replay: read, play and verify guarita recordings."""

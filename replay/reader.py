@@ -1,0 +1,147 @@
+"""Reading recordings back from a store, one segment at a time.
+
+Everything here works from the store alone: the manifest (or, for a session still
+running or never sealed, ``start.json``) carries the session's metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from recorder.events import Event
+from recorder.segment import SegmentError, parse_segment, segment_name
+from recorder.store import NotFound, RecordingStore, is_session_id, session_prefix
+
+
+class ReplayError(Exception):
+    """A clear, one-line reason why a recording cannot be read."""
+
+
+@dataclass
+class SessionSummary:
+    id: str
+    meta: dict[str, Any]
+    manifest: dict[str, Any] | None
+    segment_keys: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return self.manifest is not None
+
+    @property
+    def started_at(self) -> datetime:
+        return datetime.fromisoformat(self.meta["started_at"].replace("Z", "+00:00"))
+
+    @property
+    def end(self) -> dict[str, Any]:
+        return (self.manifest or {}).get("end") or {}
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return self.meta.get("identity") or {}
+
+    @property
+    def exit_status(self) -> int | None:
+        return (self.end.get("exit") or {}).get("status")
+
+    @property
+    def state(self) -> str:
+        if not self.manifest:
+            return "live"
+        return "recovered" if self.end.get("recovered") else "complete"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "state": self.state, **{k: v for k, v in self.meta.items() if k not in ("format", "id")},
+                "end": self.end or None, "segments": len(self.segment_keys)}
+
+
+def _date_prefixes(since: datetime | None) -> list[str]:
+    if since is None:
+        return [""]
+    # Keys start with YYYY/MM/DD/: list only the days from `since` on.
+    days, day, today = [], since.date(), datetime.now(UTC).date()
+    while day <= today and len(days) < 400:
+        days.append(day.strftime("%Y/%m/%d/"))
+        day = day.fromordinal(day.toordinal() + 1)
+    return days if len(days) < 400 else [""]
+
+
+def list_sessions(store: RecordingStore, since: datetime | None = None) -> Iterator[SessionSummary]:
+    """Every session in the store (newest last), read from manifests or start metadata."""
+    groups: dict[str, dict[str, list[str] | str]] = {}
+    for prefix in _date_prefixes(since):
+        for key in store.list(prefix):
+            parts = key.split("/")
+            if len(parts) != 5 or not is_session_id(parts[3]):
+                continue
+            entry = groups.setdefault(parts[3], {"segments": []})
+            if parts[4].startswith("seg-"):
+                entry["segments"].append(key)  # type: ignore[union-attr]
+            else:
+                entry[parts[4]] = key
+    for sid in sorted(groups):
+        entry = groups[sid]
+        try:
+            yield _summary(store, sid, entry)
+        except (NotFound, ValueError, KeyError):
+            continue  # half-written session directory: nothing to list yet
+
+
+def _summary(store: RecordingStore, sid: str, entry: dict[str, Any]) -> SessionSummary:
+    manifest = json.loads(store.get(entry["manifest.json"])) if "manifest.json" in entry else None
+    if manifest is not None:
+        meta = manifest["session"]
+    else:
+        meta = json.loads(store.get(entry["start.json"]))
+    return SessionSummary(sid, meta, manifest, sorted(entry["segments"]))
+
+
+def open_session(store: RecordingStore, ref: str) -> SessionSummary:
+    """A session by full id, or by a unique part of it (e.g. the last 8 hex digits)."""
+    if is_session_id(ref):
+        prefix = session_prefix(ref)
+        keys = list(store.list(prefix))
+        if not keys:
+            raise ReplayError(f"no recording {ref} in {store.url}")
+        entry: dict[str, Any] = {"segments": []}
+        for key in keys:
+            name = key[len(prefix):]
+            if name.startswith("seg-"):
+                entry["segments"].append(key)
+            else:
+                entry[name] = key
+        if "manifest.json" not in entry and "start.json" not in entry:
+            raise ReplayError(f"recording {ref} has segments but no metadata (start.json or manifest.json)")
+        return _summary(store, ref, entry)
+    matches = [s for s in list_sessions(store) if ref in s.id]
+    if not matches:
+        raise ReplayError(f"no recording matches {ref!r} in {store.url} (see `replay ls`)")
+    if len(matches) > 1:
+        raise ReplayError(f"{ref!r} matches {len(matches)} recordings: " + ", ".join(s.id for s in matches[:5]))
+    return matches[0]
+
+
+def segment_keys(summary: SessionSummary) -> list[str]:
+    """Keys of the segments to read, in order: the manifest's list, or what is there so far."""
+    if summary.manifest is not None:
+        prefix = session_prefix(summary.id)
+        return [prefix + segment_name(int(s["index"])) for s in summary.manifest["segments"]]
+    return summary.segment_keys
+
+
+def iter_events(store: RecordingStore, summary: SessionSummary) -> Iterator[Event]:
+    """All events in order, holding one segment in memory at a time."""
+    for key in segment_keys(summary):
+        try:
+            data = store.get(key)
+        except NotFound:
+            raise ReplayError(f"segment {key} is missing from {store.url}") from None
+        try:
+            _, events = parse_segment(data, key)
+        except SegmentError as exc:
+            raise ReplayError(str(exc)) from None
+        yield from events
