@@ -8,6 +8,7 @@ import signal
 import socket
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import asyncssh
 
@@ -17,6 +18,11 @@ from bastion.identity.devissuer import DevIssuer
 from bastion.identity.oidc import TokenVerifier
 from bastion.identity.usercert import UserCA, load_or_create_key
 from recorder import Recorder, RecordingKey, open_store
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from bastion.ssh.demotarget import DemoTarget
 
 log = logging.getLogger("guarita")
 
@@ -42,11 +48,11 @@ class Gateway:
             issuer = config.issuers[0]
             self.dev_issuer = DevIssuer(config.data_dir / "dev_issuer_key.pem", issuer.issuer, issuer.audience)
         self.verifier = TokenVerifier(config.issuers)
-        self.demo = None
+        self.demo: DemoTarget | None = None
         # Live SSH session channels by session id (for shutdown, locks and `sessions ls`).
         self.live_sessions: dict = {}
         self._servers: list[asyncio.AbstractServer | asyncssh.SSHAcceptor] = []
-        self._http_runner = None
+        self._http_runner: web.AppRunner | None = None
         self.stopping = asyncio.Event()
         self.ssh_port = 0
         self.http_port = 0
@@ -76,9 +82,9 @@ class Gateway:
         from bastion.ssh.demotarget import DemoTarget
 
         demo_host_key = load_or_create_key(self.config.data_dir / "demo_host_key")
-        self.demo = DemoTarget(demo_host_key, trusted_ca=self.target_ca)
-        await self.demo.start()
-        demo = TargetConfig(name=DEMO_TARGET, host="127.0.0.1", port=self.demo.port, logins=(_local_user(),),
+        self.demo = demo_target = DemoTarget(demo_host_key, trusted_ca=self.target_ca)
+        await demo_target.start()
+        demo = TargetConfig(name=DEMO_TARGET, host="127.0.0.1", port=demo_target.port, logins=(_local_user(),),
                             default_login=_local_user(), host_keys=(demo_host_key.export_public_key().decode(),),
                             credential="ca")
         self.config = replace(self.config, targets=(*self.config.targets, demo))

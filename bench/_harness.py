@@ -45,8 +45,10 @@ def wait_banner(port: int, proc: subprocess.Popen, log: Path, timeout: float = 3
 
 
 class Bench:
-    def __init__(self, cipher: str, keep: bool = False) -> None:
+    def __init__(self, cipher: str, keep: bool = False, bare_upstream_cipher: str | None = None) -> None:
         self.cipher = cipher
+        # The bare pipe's pipe->sshd leg: the client's cipher unless told otherwise ("" = asyncssh's default).
+        self.bare_upstream_cipher = cipher if bare_upstream_cipher is None else bare_upstream_cipher
         self.keep = keep
         self.dir = Path(tempfile.mkdtemp(prefix="guarita-bench-"))
         self.procs: list[subprocess.Popen] = []
@@ -67,7 +69,7 @@ class Bench:
             log = self.dir / "bare.log"
             self.bare = self._spawn([sys.executable, str(ROOT / "bench" / "bare_pipe.py"), "--port",
                                      str(self.bare_port), "--target-port", str(self.sshd.port), "--key",
-                                     str(self.key), "--upstream-cipher", self.cipher], log)
+                                     str(self.key), "--upstream-cipher", self.bare_upstream_cipher], log)
             wait_banner(self.bare_port, self.bare, log)
         if gateway:
             self._start_issuer()
@@ -171,16 +173,12 @@ targets = ["{TARGET}"]
         proc = {"guarita": self.gateway, "bare": self.bare}.get(path)
         return proc.pid if proc else None
 
-    def recorded_output_bytes(self) -> list[int]:
-        """Output bytes of each ended session, from guarita's audit log."""
+    def session_ends(self) -> list[dict]:
+        """guarita's session.end audit events (with the recorded byte counts)."""
         if not self.audit.exists():
             return []
-        out = []
-        for line in self.audit.read_text().splitlines():
-            event = json.loads(line)
-            if event.get("event") == "session.end" or event.get("type") == "session.end":
-                out.append(event)
-        return out
+        events = [json.loads(line) for line in self.audit.read_text().splitlines() if line.strip()]
+        return [e for e in events if e.get("event") == "session.end"]
 
     # -- tear-down ------------------------------------------------------------------------
 

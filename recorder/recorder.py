@@ -34,7 +34,14 @@ from pathlib import Path
 from typing import Any
 
 from recorder import events as ev
-from recorder.segment import SegmentRecord, SegmentWriter, make_header, parse_segment, read_frames, segment_name
+from recorder.segment import (
+    SegmentRecord,
+    SegmentWriter,
+    make_header,
+    parse_segment,
+    read_frames,
+    segment_name,
+)
 from recorder.signing import RecordingKey
 from recorder.snapshot import ScreenTracker
 from recorder.store import ObjectExists, RecordingStore, StoreError, session_prefix
@@ -273,7 +280,7 @@ class SessionRecording:
 
     def exit(self, status: int | None, signal: str | None = None, reason: str | None = None) -> None:
         t = self.now()
-        for code, enc in self._encoders.items():
+        for enc in self._encoders.values():
             tail = enc.flush(t)
             if tail:
                 self._append(tail, t)

@@ -6,6 +6,7 @@ the recorder calls it from worker threads.
 
 from __future__ import annotations
 
+import builtins
 import os
 import re
 from collections.abc import Iterator
@@ -51,7 +52,7 @@ class RecordingStore(Protocol):
     def list(self, prefix: str) -> Iterator[str]:
         """Keys under ``prefix`` in lexical order."""
 
-    def check(self) -> list[str]:
+    def check(self) -> builtins.list[str]:
         """Problems that make this store unfit for recordings (empty when fine)."""
 
 
@@ -129,7 +130,7 @@ class FileStore:
                 if key.startswith(prefix):
                     yield key
 
-    def check(self) -> list[str]:
+    def check(self) -> builtins.list[str]:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -63,7 +63,8 @@ def _date_prefixes(since: datetime | None) -> list[str]:
     if since is None:
         return [""]
     # Keys start with YYYY/MM/DD/: list only the days from `since` on.
-    days, day, today = [], since.date(), datetime.now(UTC).date()
+    days: list[str] = []
+    day, today = since.date(), datetime.now(UTC).date()
     while day <= today and len(days) < 400:
         days.append(day.strftime("%Y/%m/%d/"))
         day = day.fromordinal(day.toordinal() + 1)

@@ -135,5 +135,6 @@ async def start_http(gw: Gateway) -> tuple[web.AppRunner, int]:
     site = web.TCPSite(runner, host, port, ssl_context=context)
     await site.start()
     server = site._server  # noqa: SLF001 - the only way to learn the port when 0 was asked
-    bound = server.sockets[0].getsockname()[1] if server and server.sockets else port  # type: ignore[union-attr]
+    sockets = getattr(server, "sockets", None)
+    bound = sockets[0].getsockname()[1] if sockets else port
     return runner, bound

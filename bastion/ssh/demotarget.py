@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import errno
 import fcntl
-import logging
 import os
 import pwd
 import signal
@@ -31,8 +30,6 @@ from asyncssh.channel import SSHChannel  # not re-exported at the top level
 
 __all__ = ["DemoTarget"]
 
-log = logging.getLogger(__name__)
-
 _CHUNK = 256 * 1024
 # After an interactive shell exits, background jobs may keep the PTY slave
 # open so EIO never comes; like sshd we then close once the PTY stays idle.
@@ -42,7 +39,7 @@ _STOP_GRACE = 2.0
 # asyncssh's lowest (and its default) SFTP protocol version.
 _SFTP_VERSION = 3
 
-TermSize = tuple[int, int, int, int]
+_TermSize = tuple[int, int, int, int]
 
 
 class DemoTarget:
@@ -193,6 +190,8 @@ class _Session(asyncssh.SSHServerProcess[bytes]):
     def __init__(
         self, serve: Callable[[asyncssh.SSHServerProcess[bytes]], Awaitable[None]]
     ) -> None:
+        # (process_factory, sftp_factory, sftp_version, allow_scp): what
+        # create_server would pass itself had we given it process_factory.
         super().__init__(serve, _sftp_server, _SFTP_VERSION, False)
         self._child: _Child | None = None
         self._early: list[Callable[[_Child], None]] = []
@@ -212,7 +211,7 @@ class _Session(asyncssh.SSHServerProcess[bytes]):
             action(self._child)
 
     def signal_received(self, signame: str) -> None:
-        signum = signal_number(signame)
+        signum = _signal_number(signame)
         if signum is not None:
             self._deliver(lambda child: child.signal(signum))
 
@@ -233,7 +232,7 @@ def _sftp_server(chan: SSHChannel[bytes]) -> asyncssh.SFTPServer:
     return asyncssh.SFTPServer(cast(asyncssh.SSHServerChannel[bytes], chan))
 
 
-def signal_number(name: str) -> signal.Signals | None:
+def _signal_number(name: str) -> signal.Signals | None:
     """Map an SSH signal name ("TERM") to a signal; None if unknown."""
     return signal.Signals.__members__.get(f"SIG{name}")
 
@@ -264,7 +263,7 @@ class _Child:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signum)
 
-    def resize(self, size: TermSize) -> None:
+    def resize(self, size: _TermSize) -> None:
         if self.master is not None:
             _set_winsize(self.master, size)  # the kernel SIGWINCHes the foreground group
 
@@ -278,7 +277,7 @@ class _Child:
             self.close(fd)
 
 
-async def _spawn(argv: list[str], env: dict[str, str], size: TermSize | None) -> _Child:
+async def _spawn(argv: list[str], env: dict[str, str], size: _TermSize | None) -> _Child:
     """Start argv on a fresh PTY (size given) or on three separate pipes."""
     home = env["HOME"]
     cwd = home if os.path.isdir(home) else None
@@ -325,7 +324,7 @@ def _take_controlling_tty() -> None:
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
-def _set_winsize(fd: int, size: TermSize) -> None:
+def _set_winsize(fd: int, size: _TermSize) -> None:
     width, height, pixwidth, pixheight = (min(max(v, 0), 0xFFFF) for v in size)
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, pixwidth, pixheight))
 

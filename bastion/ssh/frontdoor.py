@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import asyncssh
@@ -67,7 +68,7 @@ class FrontDoorServer(asyncssh.SSHServer):
                 self._cert = cert
             return key
 
-        conn._validate_openssh_certificate = capture  # type: ignore[attr-defined]
+        conn._validate_openssh_certificate = capture  # type: ignore[attr-defined,method-assign]
 
     def begin_auth(self, username: str) -> bool:
         return True
@@ -87,7 +88,7 @@ class FrontDoorServer(asyncssh.SSHServer):
         # No name or instructions: OpenSSH prints them even when an askpass helper answers.
         return ("", "", "", [("guarita OIDC token: ", False)])
 
-    async def validate_kbdint_response(self, username: str, responses: list[str]) -> bool:
+    async def validate_kbdint_response(self, username: str, responses: Sequence[str]) -> bool:
         if len(responses) != 1:
             return False
         return await self._accept_token(username, responses[0], "keyboard-interactive")
@@ -184,8 +185,9 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
     def connection_made(self, chan: asyncssh.SSHServerChannel) -> None:
         self.chan = chan
 
-    def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int], term_modes: dict[int, int]) -> bool:
-        self.term = (term_type, term_size, term_modes)
+    def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int],
+                      term_modes: Mapping[int, int]) -> bool:
+        self.term = (term_type, term_size, dict(term_modes))
         return True
 
     def shell_requested(self) -> bool:
