@@ -45,8 +45,10 @@ def wait_banner(port: int, proc: subprocess.Popen, log: Path, timeout: float = 3
 
 
 class Bench:
-    def __init__(self, cipher: str, keep: bool = False, bare_upstream_cipher: str | None = None) -> None:
+    def __init__(self, cipher: str, keep: bool = False, bare_upstream_cipher: str | None = None,
+                 recording: str = "") -> None:
         self.cipher = cipher
+        self.recording_toml = recording  # extra TOML lines for guarita's [recording] table
         # The bare pipe's pipe->sshd leg: the client's cipher unless told otherwise ("" = asyncssh's default).
         self.bare_upstream_cipher = cipher if bare_upstream_cipher is None else bare_upstream_cipher
         self.keep = keep
@@ -121,6 +123,7 @@ audit_log = "{self.audit}"
 
 [recording]
 url = "{self.recordings.as_uri()}"
+{self.recording_toml}
 
 [[oidc]]
 issuer = "{self.issuer_url}"

@@ -6,6 +6,7 @@ import json
 import re
 import sys
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -99,27 +100,69 @@ def _parse_since(value: str | None) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def _sessions(ctx: Context, since: str | None, subject: str | None, target: str | None) -> list[SessionSummary]:
-    since_dt = _parse_since(since)
+def _sessions(ctx: Context, f: Filters) -> list[SessionSummary]:
     try:
-        found = list(list_sessions(ctx.store(), since_dt))
+        found = list(list_sessions(ctx.store(), f.since))
     except StoreError as exc:
         raise click.ClickException(str(exc)) from None
-    return [s for s in found
-            if (since_dt is None or s.started_at >= since_dt)
-            and (subject is None or subject in (s.identity.get("subject"), s.identity.get("email")))
-            and (target is None or s.meta.get("target") == target)]
+    return [s for s in found if f.match(s)]
+
+
+class Filters:
+    """The session filters shared by ls, search and verify --all."""
+
+    def __init__(self, since: str | None = None, until: str | None = None, subject: str | None = None,
+                 group: str | None = None, target: str | None = None, login: str | None = None,
+                 exit_status: int | None = None, approved: bool = False, masked: bool = False,
+                 command: str | None = None) -> None:
+        self.since, self.until = _parse_since(since), _parse_since(until)
+        self.subject, self.group, self.target, self.login = subject, group, target, login
+        self.exit_status, self.approved, self.masked, self.command = exit_status, approved, masked, command
+
+    def match(self, s: SessionSummary) -> bool:
+        markers = s.end.get("markers") or {}
+        return ((self.since is None or s.started_at >= self.since)
+                and (self.until is None or s.started_at <= self.until)
+                and (self.subject is None or self.subject in (s.identity.get("subject"), s.identity.get("email")))
+                and (self.group is None or self.group in (s.identity.get("groups") or []))
+                and (self.target is None or self.target in (s.meta.get("target"), s.meta.get("cluster")))
+                and (self.login is None or s.meta.get("login") == self.login)
+                and (self.exit_status is None or s.exit_status == self.exit_status)
+                and (not self.approved or any(k.startswith("approval") for k in markers))
+                and (not self.masked or any(k.startswith("mask") for k in markers))
+                and (self.command is None or self.command in (s.meta.get("command") or "")))
+
+
+def filter_options(fn: Any) -> Any:
+    options = [
+        click.option("--since", help="Started in the last DURATION (2h, 3d) or since an ISO date."),
+        click.option("--until", help="Started before DURATION ago or before an ISO date."),
+        click.option("--subject", help="This subject (or e-mail)."),
+        click.option("--group", help="An identity in this group."),
+        click.option("--target", help="This target (or cluster)."),
+        click.option("--login", help="This login."),
+        click.option("--exit", "exit_status", type=int, help="This exit status."),
+        click.option("--approved", is_flag=True, help="Had an approval."),
+        click.option("--masked", is_flag=True, help="Had masking."),
+        click.option("--command", help="Exec command containing this text."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _filters(kw: dict[str, Any]) -> Filters:
+    names = ("since", "until", "subject", "group", "target", "login", "exit_status", "approved", "masked", "command")
+    return Filters(**{n: kw.pop(n) for n in names})
 
 
 @main.command("ls")
-@click.option("--since", help="Only sessions started in the last DURATION (2h, 3d) or since an ISO date.")
-@click.option("--subject", help="Only this subject (or e-mail).")
-@click.option("--target", help="Only this target.")
+@filter_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.pass_obj
-def ls(ctx: Context, since: str | None, subject: str | None, target: str | None, as_json: bool) -> None:
+def ls(ctx: Context, as_json: bool, **kw: Any) -> None:
     """List recorded sessions."""
-    sessions = _sessions(ctx, since, subject, target)
+    sessions = _sessions(ctx, _filters(kw))
     if as_json:
         for s in sessions:
             click.echo(json.dumps(s.to_dict(), ensure_ascii=False))
@@ -156,10 +199,14 @@ def _open(ctx: Context, ref: str) -> SessionSummary:
 @click.argument("session")
 @click.option("--raw", is_flag=True, help="Keep terminal escape sequences.")
 @click.option("--input", "show_input", is_flag=True, help="Also show what was typed, marked with ⌨.")
+@click.option("--commands", "show_commands", is_flag=True, help="List commands with times and approval outcome.")
 @click.pass_obj
-def cat(ctx: Context, session: str, raw: bool, show_input: bool) -> None:
+def cat(ctx: Context, session: str, raw: bool, show_input: bool, show_commands: bool) -> None:
     """Print what the session printed (stdout to stdout, stderr to stderr)."""
     summary = _open(ctx, session)
+    if show_commands:
+        _print_commands(ctx, summary)
+        return
     out, err = sys.stdout.buffer, sys.stderr.buffer
     try:
         for event in iter_events(ctx.store(), summary):
@@ -186,40 +233,183 @@ def cat(ctx: Context, session: str, raw: bool, show_input: bool) -> None:
                    "uploaded segment", err=True)
 
 
+def parse_offset(value: str) -> float:
+    """``12m30s``, ``1h2m``, ``90``, ``90.5s`` or ``12:30`` -> seconds."""
+    value = value.strip()
+    if ":" in value:
+        total = 0.0
+        for part in value.split(":"):
+            total = total * 60 + float(part)
+        return total
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms]?)", value)
+    if not parts or "".join(n + u for n, u in parts) != value:
+        raise click.BadParameter(f"use a time like 12m30s, 1h2m, 90s or 12:30, got {value!r}")
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1, "": 1}[u] for n, u in parts)
+
+
 @main.command()
 @click.argument("session")
 @click.option("--speed", default=1.0, show_default=True, help="Playback speed factor.")
 @click.option("--idle-limit", type=float, help="Cap pauses at this many seconds.")
+@click.option("--from", "from_", help="Start at this time (12m30s, 90s, 1:02:03).")
 @click.pass_obj
-def play(ctx: Context, session: str, speed: float, idle_limit: float | None) -> None:
-    """Play the session in real time in this terminal."""
+def play(ctx: Context, session: str, speed: float, idle_limit: float | None, from_: str | None) -> None:
+    """Play the session in real time. Keys: space pause, arrows ±10s, ] next marker, +/- speed, q quit."""
+    from replay.player import Player, open_keys
+
     if speed <= 0:
         raise click.BadParameter("must be more than 0", param_hint="--speed")
+    start = parse_offset(from_) if from_ else 0.0
     summary = _open(ctx, session)
-    out = sys.stdout.buffer
-    start = time.monotonic()
-    clock = 0.0  # recording time already played
-    last_t = 0.0
+    _warn_size(summary)
+    player = Player(ctx.store(), summary, sys.stdout.buffer, speed, idle_limit)
+    keys = open_keys()
     try:
-        for event in iter_events(ctx.store(), summary):
-            if event.stream not in ("o", "e"):
-                continue
-            gap = event.t - last_t
-            if idle_limit is not None:
-                gap = min(gap, idle_limit)
-            clock += gap
-            last_t = event.t
-            delay = start + clock / speed - time.monotonic()
-            if delay > 0:
-                out.flush()
-                time.sleep(delay)
-            out.write(event.stream_bytes() or b"")
+        player.play(start, keys)
     except ReplayError as exc:
-        out.flush()
+        sys.stdout.buffer.flush()
         _fail(str(exc))
     except KeyboardInterrupt:
         pass
-    out.flush()
+    finally:
+        if keys is not None:
+            keys.close()
+            sys.stdout.buffer.write(b"\x1b[0m\r\n")
+            sys.stdout.buffer.flush()
+
+
+def _warn_size(summary: SessionSummary) -> None:
+    import shutil
+
+    term = summary.meta.get("term") or {}
+    if not term or not sys.stdout.isatty():
+        return
+    size = shutil.get_terminal_size()
+    if size.columns < int(term.get("cols", 0)) or size.lines < int(term.get("rows", 0)):
+        click.echo(f"replay: the recording is {term['cols']}x{term['rows']} and this terminal is "
+                   f"{size.columns}x{size.lines}: lines may wrap (enlarge the window)", err=True)
+
+
+@main.command()
+@click.argument("session")
+@click.option("--format", "fmt", type=click.Choice(["asciicast-v2", "asciicast-v3", "json", "text"]),
+              default="asciicast-v2", show_default=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output file (default stdout).")
+@click.pass_obj
+def export(ctx: Context, session: str, fmt: str, output: Path | None) -> None:
+    """Export a session (asciicast v2 plays in asciinema 2.2: `asciinema play FILE`)."""
+    from replay.asciicast import WRITERS
+
+    summary = _open(ctx, session)
+    events = progress_events(ctx, summary, "exporting" if output else None)
+    try:
+        if output:
+            tmp = output.with_name(output.name + ".part")
+            with open(tmp, "w", encoding="utf-8") as f:
+                WRITERS[fmt](summary, events, f)
+            tmp.rename(output)
+            click.echo(f"{summary.id} exported to {output} ({fmt})", err=True)
+        else:
+            WRITERS[fmt](summary, events, sys.stdout)
+    except ReplayError as exc:
+        _fail(f"{exc} (export stopped there)")
+
+
+@main.command()
+@click.argument("pattern")
+@filter_options
+@click.option("--commands-only", is_flag=True, help="Search commands only, not output.")
+@click.option("-i", "--ignore-case", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per hit.")
+@click.pass_obj
+def search(ctx: Context, pattern: str, commands_only: bool, ignore_case: bool, as_json: bool, **kw: Any) -> None:
+    """Find commands and output lines matching PATTERN (a regex) across sessions."""
+    from replay.search import search_session
+
+    try:
+        regex = re.compile(pattern, re.IGNORECASE if ignore_case else 0)
+    except re.error as exc:
+        raise click.BadParameter(f"not a valid regular expression: {exc}", param_hint="PATTERN") from None
+    hits = 0
+    for summary in progress(_sessions(ctx, _filters(kw)), "searching"):
+        try:
+            for hit in search_session(ctx.store(), summary, regex, commands_only):
+                hits += 1
+                if as_json:
+                    click.echo(json.dumps(hit.__dict__, ensure_ascii=False))
+                else:
+                    click.echo(f"{hit.session}  {format_offset(hit.t):>9}  {hit.kind:<7}  {hit.text}")
+        except ReplayError as exc:
+            click.echo(f"replay: {summary.id}: {exc} (searched up to there)", err=True)
+    if not hits:
+        click.echo("(no matches)", err=True)
+        sys.exit(1)
+
+
+def format_offset(t: float) -> str:
+    minutes, seconds = divmod(t, 60)
+    hours, minutes = divmod(int(minutes), 60)
+    return (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes or hours else "") + f"{seconds:.1f}s"
+
+
+@main.command()
+@click.argument("session")
+@click.option("--interval", default=1.0, show_default=True, help="Seconds between polls of the store.")
+@click.option("--timeout", type=float, help="Give up after this many seconds without the session ending.")
+@click.pass_obj
+def watch(ctx: Context, session: str, interval: float, timeout: float | None) -> None:
+    """Follow a live session as its segments reach the store (a few seconds behind)."""
+    from recorder.segment import parse_segment
+    from recorder.store import NotFound, session_prefix
+
+    summary = _open(ctx, session)
+    prefix = session_prefix(summary.id)
+    out = sys.stdout.buffer
+    index = 0
+    deadline = time.monotonic() + timeout if timeout else None
+    while True:
+        key = f"{prefix}seg-{index:06d}.zst"
+        try:
+            _, events = parse_segment(ctx.store().get(key), key)
+        except NotFound:
+            try:
+                ctx.store().get(prefix + "manifest.json")
+                break  # ended, and every segment has been shown
+            except NotFound:
+                pass
+            if deadline and time.monotonic() > deadline:
+                _fail(f"session {summary.id} still running after {timeout:g}s")
+            time.sleep(interval)
+            continue
+        except (StoreError, ReplayError) as exc:
+            _fail(str(exc))
+        for event in events:
+            if event.stream in ("o", "e"):
+                out.write(event.stream_bytes() or b"")
+        out.flush()
+        index += 1
+    click.echo(f"\nreplay: session {summary.id} ended", err=True)
+
+
+def progress(items: list[Any], label: str) -> Iterator[Any]:
+    """Yield items, drawing a progress bar on stderr when it is a terminal (quiet in pipes)."""
+    if not sys.stderr.isatty() or len(items) < 2:
+        yield from items
+        return
+    with click.progressbar(items, label=label, file=sys.stderr) as bar:
+        yield from bar
+
+
+def progress_events(ctx: Context, summary: SessionSummary, label: str | None) -> Iterator[Any]:
+    if label is None or not sys.stderr.isatty():
+        yield from iter_events(ctx.store(), summary)
+        return
+    keys = len((summary.manifest or {}).get("segments") or []) or 1
+    bar: Any
+    with click.progressbar(length=keys, label=label, file=sys.stderr) as bar:
+        for event in iter_events(ctx.store(), summary):
+            yield event
+        bar.update(keys)
 
 
 @main.command()
@@ -235,10 +425,10 @@ def verify(ctx: Context, session: str | None, all_: bool, since: str | None, pub
     if bool(session) == all_:
         raise click.UsageError("give a SESSION or --all")
     trusted = ctx.trusted_key(public_key)
-    targets = _sessions(ctx, since, None, None) if all_ else [_open(ctx, session or "")]
+    targets = _sessions(ctx, Filters(since=since)) if all_ else [_open(ctx, session or "")]
     failed = 0
     warned: set[str] = set()
-    for summary in targets:
+    for summary in progress(targets, "verifying"):
         result = verify_session(ctx.store(), summary, trusted, lock_mode)
         for warning in result.warnings:
             if warning not in warned:
@@ -254,8 +444,18 @@ def verify(ctx: Context, session: str | None, all_: bool, since: str | None, pub
     sys.exit(1 if failed else 0)
 
 
-def _json_default(value: Any) -> str:
-    return str(value)
+def _print_commands(ctx: Context, summary: SessionSummary) -> None:
+    from replay.asciicast import marker_label
+
+    if summary.meta.get("command"):
+        click.echo(f"{format_offset(0):>9}  {summary.meta['command']}")
+    try:
+        for event in iter_events(ctx.store(), summary):
+            if event.code == "m" and isinstance(event.data, dict) and event.data.get("type") in (
+                    "command", "approval", "approval-request", "approval-decision"):
+                click.echo(f"{format_offset(event.t):>9}  {marker_label(event.data)}")
+    except ReplayError as exc:
+        _fail(str(exc))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,64 @@
+"""``replay search``: commands and output lines matching a pattern, with their time offsets.
+
+Output is scanned segment by segment; a line is matched once it is complete (at its
+newline), with escape sequences removed, and reported at the time its first byte was
+printed, so ``replay play ID --from T`` lands just before it appears.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from recorder.store import RecordingStore
+from replay.asciicast import ANSI
+from replay.reader import SessionSummary, iter_events
+
+MAX_LINE = 64 * 1024  # a pathological line without newline is matched in pieces
+
+
+@dataclass(frozen=True)
+class Hit:
+    session: str
+    t: float
+    kind: str  # "command" or "output"
+    text: str
+
+
+def search_session(store: RecordingStore, summary: SessionSummary, pattern: re.Pattern[str],
+                   commands_only: bool = False) -> Iterator[Hit]:
+    command = summary.meta.get("command")
+    if command and pattern.search(command):
+        yield Hit(summary.id, 0.0, "command", command)
+    line: list[str] = []
+    line_t = 0.0
+    for event in iter_events(store, summary):
+        if event.code == "m" and isinstance(event.data, dict) and event.data.get("type") == "command":
+            text = str(event.data.get("command", ""))
+            if pattern.search(text):
+                yield Hit(summary.id, event.t, "command", text)
+            continue
+        if commands_only or event.stream not in ("o", "e"):
+            continue
+        text = (event.stream_bytes() or b"").decode("utf-8", "replace")
+        for piece in re.split(r"(\n)", text):
+            if piece == "\n" or sum(map(len, line)) > MAX_LINE:
+                hit = _line_hit(summary.id, line_t, "".join(line), pattern)
+                if hit:
+                    yield hit
+                line = []
+            elif piece:
+                if not line:
+                    line_t = event.t
+                line.append(piece)
+    hit = _line_hit(summary.id, line_t, "".join(line), pattern)
+    if hit:
+        yield hit
+
+
+def _line_hit(session: str, t: float, raw: str, pattern: re.Pattern[str]) -> Hit | None:
+    text = ANSI.sub("", raw)
+    if "\r" in text:  # a redrawn line: what stayed on screen is after the last carriage return
+        text = text.rstrip("\r").rsplit("\r", 1)[-1]
+    return Hit(session, t, "output", text) if pattern.search(text) else None
