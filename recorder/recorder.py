@@ -286,6 +286,14 @@ class SessionRecording:
                 self._append(tail, t)
         self._append(ev.encode(t, "x", {"status": status, "signal": signal, "reason": reason}), t)
 
+    async def sync(self) -> None:
+        """Wait until every event so far is fsynced in the spool and sealed segments are queued."""
+        self._flush(sync=True)
+        done = asyncio.get_running_loop().create_future()
+        self._submit(lambda: self._loop.call_soon_threadsafe(done.set_result, None), 0)
+        if self.failed is None:
+            await asyncio.wait([done, self._op_task], return_when=asyncio.FIRST_COMPLETED)
+
     @property
     def congested(self) -> bool:
         return self._inflight > HIGH_WATER

@@ -51,9 +51,11 @@ class Player:
         """The last segment starting at or before ``t``."""
         if self.starts is None:  # live session: headers only
             self.starts = [float(self._segment(i)[0]["t"]) for i in range(len(self.keys))]
+        # Strictly before t: a segment starting exactly at t may follow events stamped t,
+        # which belong after the seek point's snapshot, not inside it.
         index = 0
         for i, start in enumerate(self.starts):
-            if start <= t:
+            if start < t:
                 index = i
         return index
 
