@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from bastion.config import ConfigError, load_config, parse_duration, parse_listen
+from recorder.store import StoreError
 
 DEFAULT_GATEWAY = "http://127.0.0.1:8080"
 
@@ -25,6 +26,7 @@ def _setup_logging(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("botocore").setLevel(logging.WARNING)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -44,9 +46,16 @@ def main() -> None:
 @click.option("--ssh-listen", help="HOST:PORT of the SSH front door (default 127.0.0.1:2222).")
 @click.option("--http-listen", help="HOST:PORT of the HTTP API (default 127.0.0.1:8080).")
 @click.option("--audit-log", help="Audit log destination: a file, or - for stdout.")
+@click.option("--kube-listen", help="HOST:PORT of the Kubernetes front door (default 127.0.0.1:8443; it starts "
+              "when clusters are configured).")
+@click.option("--kube-cluster", "kube_clusters", multiple=True, metavar="NAME=KUBECONFIG",
+              help="With --dev: serve this cluster through the gateway (repeatable; everyone may use it).")
+@click.option("--state", "state_url", help="Where state goes: sqlite:///PATH (default DATA_DIR/state.db) or "
+              "postgresql://USER@HOST:PORT/DB (several replicas).")
 @click.option("-v", "--verbose", is_flag=True)
 def serve(config_path: Path | None, dev: bool, data_dir: Path | None, recordings: str | None,
-          ssh_listen: str | None, http_listen: str | None, audit_log: str | None, verbose: bool) -> None:
+          ssh_listen: str | None, http_listen: str | None, audit_log: str | None, verbose: bool,
+          kube_listen: str | None = None, kube_clusters: tuple[str, ...] = (), state_url: str | None = None) -> None:
     """Run the gateway."""
     from bastion.gateway import Gateway, dev_config
 
@@ -68,6 +77,18 @@ def serve(config_path: Path | None, dev: bool, data_dir: Path | None, recordings
                 config = replace(config, http_listen=parse_listen(http_listen))
             if audit_log:
                 config = replace(config, audit_log=audit_log)
+        if kube_listen:
+            config = replace(config, kube_listen=parse_listen(kube_listen))
+        if state_url:
+            from bastion.state import StateError, engine_url
+
+            try:
+                engine_url(state_url)
+            except StateError as exc:
+                raise click.BadParameter(str(exc), param_hint="--state") from None
+            config = replace(config, state_url=state_url)
+        if kube_clusters:
+            config = _dev_clusters(config, kube_clusters, dev)
     except ConfigError as exc:
         _config_problems(exc)
         sys.exit(2)
@@ -76,11 +97,29 @@ def serve(config_path: Path | None, dev: bool, data_dir: Path | None, recordings
     asyncio.run(_serve(Gateway, config))
 
 
+def _dev_clusters(config: Any, specs: tuple[str, ...], dev: bool) -> Any:
+    """--kube-cluster NAME=KUBECONFIG in --dev: the cluster, and a rule letting everyone use it."""
+    from bastion.config import AccessRule, ClusterConfig
+
+    if not dev:
+        raise ValueError("--kube-cluster is for --dev; in a config file write [[clusters]]")
+    clusters = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        kubeconfig = Path(path).expanduser().resolve()
+        if not sep or not name or not kubeconfig.is_file():
+            raise ValueError(f"--kube-cluster {spec!r}: expected NAME=KUBECONFIG with an existing file")
+        clusters.append(ClusterConfig(name=name, kubeconfig=kubeconfig))
+    rule = AccessRule(name="dev: everyone may use the clusters", subjects=("*",), targets=(),
+                      clusters=tuple(c.name for c in clusters))
+    return replace(config, clusters=(*config.clusters, *clusters), access=(*config.access, rule))
+
+
 async def _serve(gateway_cls: Any, config: Any) -> None:
     try:
         gw = gateway_cls(config)
         await gw.start()
-    except (OSError, RuntimeError, ValueError) as exc:
+    except (OSError, RuntimeError, ValueError, StoreError) as exc:
         click.echo(f"guarita: cannot start: {exc}", err=True)
         sys.exit(1)
     _print_welcome(gw)
@@ -95,6 +134,11 @@ def _print_welcome(gw: Any) -> None:
     fp = gw.host_key.get_fingerprint()
     lines = [f"guarita is listening: SSH {ssh_host}:{port}, HTTP API {http}  (host key {fp})",
              f"recordings: {gw.store.url}" + ("" if gw.store.write_once else "  (local folder: not write-once)")]
+    if getattr(gw, "kube_port", 0):
+        kube_host = c.kube_listen[0] if c.kube_listen[0] not in ("0.0.0.0", "::") else "127.0.0.1"
+        lines.append(f"Kubernetes: https://{kube_host}:{gw.kube_port}/clusters/NAME for "
+                     f"{', '.join(cl.name for cl in c.clusters)}  (kubeconfig: bastion kubeconfig --cluster NAME"
+                     f" --gateway {http})")
     if c.dev:
         gw_flag = "" if gw.http_port == 8080 else f" --gateway {http}"
         ssh = f"ssh -p {port} -o StrictHostKeyChecking=accept-new"
@@ -131,7 +175,8 @@ def check_config(config_path: Path) -> None:
         _config_problems(exc)
         sys.exit(2)
     click.echo(f"{config_path}: OK ({len(config.issuers)} issuer(s), {len(config.targets)} target(s), "
-               f"{len(config.access)} access rule(s); recordings to {config.recording.url})")
+               f"{len(config.access)} access rule(s), {len(config.approvals.rules)} approval rule(s); "
+               f"recordings to {config.recording.url})")
 
 
 # -- credentials -------------------------------------------------------------------------
@@ -194,20 +239,129 @@ def dev_token(sub: str, groups: tuple[str, ...], email: str | None, ttl: str, cl
     click.echo(_post(_gateway_url(gateway) + "/dev/token", body)["token"])
 
 
+NO_TOKEN = ("no token: set GUARITA_TOKEN, or GUARITA_TOKEN_FILE / --token-file, or GUARITA_CLIENT_ID + "
+            "GUARITA_CLIENT_SECRET + GUARITA_ISSUER for a client-credentials grant")
+
+
+def obtain_token(token_file: Path | None = None) -> str | None:
+    """read_token(), else a cached client-credentials token (see bastion.kube.client)."""
+    from bastion.kube.client import TokenError, client_credentials_token
+
+    value = read_token(token_file)
+    if value:
+        return value
+    try:
+        return client_credentials_token()
+    except TokenError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 @main.command()
 @click.option("--token-file", type=click.Path(path_type=Path), help="Read the token from this file.")
-def token(token_file: Path | None) -> None:
-    """Print the caller's OIDC token ($GUARITA_TOKEN or $GUARITA_TOKEN_FILE)."""
-    value = read_token(token_file)
+@click.option("--exec-credential", is_flag=True,
+              help="Print a kubectl ExecCredential (the kubeconfig's credential plugin uses this).")
+@click.argument("prompt", nargs=-1, required=False)
+def token(token_file: Path | None, exec_credential: bool = False, prompt: tuple[str, ...] = ()) -> None:
+    """Print the caller's OIDC token: $GUARITA_TOKEN, $GUARITA_TOKEN_FILE / --token-file, or a
+    client-credentials grant (GUARITA_CLIENT_ID, GUARITA_CLIENT_SECRET, GUARITA_ISSUER), cached
+    in ~/.cache/guarita/token.json until shortly before it expires. Any PROMPT argument is
+    ignored, so it also serves as SSH_ASKPASS helper."""
+    value = obtain_token(token_file)
     if not value:
-        raise click.ClickException("no token: set GUARITA_TOKEN, or GUARITA_TOKEN_FILE / --token-file")
+        raise click.ClickException(NO_TOKEN)
+    _warn_if_expired(value, token_file)
+    if exec_credential:
+        from bastion.kube.client import exec_credential as credential
+
+        click.echo(json.dumps(credential(value)))
+        return
     click.echo(value)
+
+
+def _warn_if_expired(value: str, token_file: Path | None) -> None:
+    """Say so on stderr (kubectl shows a credential plugin's stderr): the gateway will refuse it."""
+    import time
+
+    from bastion.kube.client import jwt_expiry
+
+    exp = jwt_expiry(value)
+    if exp is None or exp > time.time():
+        return
+    if token_file is not None:
+        where = f"in {token_file}"
+    elif os.environ.get("GUARITA_TOKEN"):
+        where = "in GUARITA_TOKEN"
+    elif os.environ.get("GUARITA_TOKEN_FILE"):
+        where = f"in {os.environ['GUARITA_TOKEN_FILE']}"
+    else:
+        where = "from the client-credentials grant"
+    click.echo(f"bastion token: warning: the token {where} expired {time.time() - exp:.0f}s ago; "
+               "get a fresh one", err=True)
+
+
+@main.command()
+@click.option("--cluster", required=True, help="Cluster name (as in the gateway's [[clusters]]).")
+@click.option("--server", help="Kubernetes front door, e.g. https://bastion:8443 (default: the --gateway host "
+              "and the front door's port).")
+@click.option("--gateway", help=f"Gateway HTTP API, to fetch the CA from (default $GUARITA_URL or {DEFAULT_GATEWAY}).")
+@click.option("--ca-file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="The front door's CA certificate (PEM), instead of fetching it from the gateway.")
+@click.option("--output", "-o", type=click.Path(path_type=Path),
+              help="Write (or merge into) this file instead of $KUBECONFIG / ~/.kube/config.")
+@click.option("--context", "context_name", help="Name of the context (default guarita-CLUSTER).")
+@click.option("--namespace", "-n", help="Default namespace of the context.")
+@click.option("--token-file", help="Have the credential plugin read the token from this file.")
+@click.option("--exec-command", default="bastion", show_default=True,
+              help="Command kubectl runs as credential plugin (words split like a shell).")
+@click.option("--no-switch", is_flag=True, help="Do not make it the current context.")
+def kubeconfig(cluster: str, server: str | None, gateway: str | None, ca_file: Path | None, output: Path | None,
+               context_name: str | None, namespace: str | None, token_file: str | None, exec_command: str,
+               no_switch: bool) -> None:
+    """Write a kubeconfig context that reaches CLUSTER through guarita."""
+    import shlex
+    from urllib.parse import urlsplit
+
+    from bastion.kube.client import build_entries, default_kubeconfig_path, merge_kubeconfig
+
+    gateway_url = _gateway_url(gateway)
+    kube_port = "8443"
+    if ca_file is not None:
+        ca_pem = ca_file.read_bytes()
+    else:
+        try:
+            with urllib.request.urlopen(gateway_url + "/v1/kube/ca", timeout=15) as response:
+                ca_pem = response.read()
+                kube_port = response.headers.get("Guarita-Kube-Port") or kube_port
+        except urllib.error.HTTPError as exc:
+            raise click.ClickException(f"{gateway_url}/v1/kube/ca: HTTP {exc.code} "
+                                       f"{exc.read()[:300].decode(errors='replace')}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise click.ClickException(f"cannot reach the gateway at {gateway_url}: {getattr(exc, 'reason', exc)} "
+                                       "(set --gateway, or give the CA with --ca-file)") from None
+    if b"BEGIN CERTIFICATE" not in ca_pem:
+        raise click.ClickException("the CA is not a PEM certificate")
+    if server is None:
+        host = urlsplit(gateway_url).hostname or "127.0.0.1"
+        server = f"https://{host}:{kube_port}"
+    if not server.startswith("https://"):
+        raise click.BadParameter("the front door is HTTPS only: https://HOST:PORT", param_hint="--server")
+    command = shlex.split(exec_command)
+    if not command:
+        raise click.BadParameter("empty command", param_hint="--exec-command")
+    context = context_name or f"guarita-{cluster}"
+    entries = build_entries(cluster, server, ca_pem, command, context, namespace, token_file)
+    path = (output or default_kubeconfig_path()).expanduser()
+    try:
+        merge_kubeconfig(path, entries, switch=not no_switch)
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"cannot write {path}: {exc}") from None
+    click.echo(f"context {context} -> {entries['cluster']['cluster']['server']} written to {path}", err=True)
 
 
 def askpass_main() -> None:
     """SSH_ASKPASS helper: OpenSSH runs it with the prompt as argument; it prints the token."""
     try:
-        value = read_token()
+        value = obtain_token()
     except click.ClickException as exc:
         print(f"bastion-askpass: {exc.message}", file=sys.stderr)
         sys.exit(1)
@@ -277,6 +431,140 @@ def keys(data_dir: Path, config_path: Path | None) -> None:
     click.echo(load_or_create_key(paths[2]).export_public_key().decode().strip())
     click.echo("# user CA (signs agents' certificates from `bastion ssh-cert`)")
     click.echo(load_or_create_key(paths[1]).export_public_key().decode().strip())
+
+
+# -- approvals ---------------------------------------------------------------------------
+
+
+def _api(method: str, url: str, token: str, body: dict[str, Any] | None = None) -> Any:
+    """One authenticated call to the gateway's HTTP API; errors become one clear line."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers={"Authorization": f"Bearer {token}"})
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            answer = json.loads(exc.read())
+            detail = f"{answer.get('message', '')} ({answer.get('error', exc.code)})"
+        except ValueError:
+            detail = str(exc.reason)
+        raise click.ClickException(f"refused, HTTP {exc.code}: {detail}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise click.ClickException(f"cannot reach the gateway at {url}: {reason} "
+                                   "(is `bastion serve` running? set --gateway or GUARITA_URL)") from None
+
+
+def _approver_token(token_file: Path | None) -> str:
+    value = read_token(token_file)
+    if not value:
+        raise click.ClickException("no token: set GUARITA_TOKEN, or GUARITA_TOKEN_FILE / --token-file "
+                                   "(your own OIDC token: decisions are made in your name)")
+    return value
+
+
+def _when(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    from datetime import datetime
+
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _show_request(r: dict[str, Any]) -> None:
+    requester = r["requester"].get("email") or r["requester"].get("subject")
+    where = f"{r['login']}@{r['target']}" if r.get("login") else r.get("target")
+    if r.get("namespace"):
+        where = f"{where} namespace {r['namespace']}" + (f" pod {r['pod']}" if r.get("pod") else "")
+    lines = [
+        f"request    {r['id']}  ({r['status']}" + (f": {r['status_reason']}" if r.get("status_reason") else "") + ")",
+        f"requester  {requester}  ({r['requester'].get('issuer')})",
+        f"where      {where} via {r['front_door']} ({r['kind']}), session {r['session']}",
+        f"command    {r['command']}",
+        f"rule       {r['rule']}" + (f": {r['message']}" if r.get("message") else ""),
+        f"approvers  {', '.join(r['approvers'])} ({r['min_approvals']} needed)",
+        f"created    {_when(r['created'])}   expires {_when(r['expires'])}   decided {_when(r.get('decided'))}",
+    ]
+    for d in r["decisions"]:
+        who = d["approver"].get("email") or d["approver"].get("subject")
+        lines.append(f"decision   {d['decision']} by {who} at {_when(d['created'])}: {d['reason']}")
+    click.echo("\n".join(lines))
+
+
+_gateway_option = click.option("--gateway", help=f"Gateway HTTP API (default $GUARITA_URL or {DEFAULT_GATEWAY}).")
+_token_file_option = click.option("--token-file", type=click.Path(path_type=Path),
+                                  help="Read your token from this file (default $GUARITA_TOKEN / $GUARITA_TOKEN_FILE).")
+
+
+@main.group()
+def approvals() -> None:
+    """List, show, approve and deny commands that wait for approval (with your own token)."""
+
+
+@approvals.command("list")
+@click.option("--status", default="pending", show_default=True,
+              type=click.Choice(["pending", "approved", "denied", "expired", "cancelled", "all"]))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_gateway_option
+@_token_file_option
+def approvals_list(status: str, as_json: bool, gateway: str | None, token_file: Path | None) -> None:
+    """Requests you may decide on (or made yourself)."""
+    answer = _api("GET", f"{_gateway_url(gateway)}/v1/approvals?status={status}", _approver_token(token_file))
+    rows = answer["approvals"]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo(f"no {'' if status == 'all' else status + ' '}approval requests", err=True)
+        return
+    import time as _time
+
+    now = _time.time()
+    for r in rows:
+        requester = r["requester"].get("email") or r["requester"].get("subject")
+        left = f"{max(0, int(r['expires'] - now))}s left" if r["status"] == "pending" else r["status"]
+        command = r["command"].replace("\n", " ⏎ ")
+        command = command if len(command) <= 60 else command[:57] + "..."
+        click.echo(f"{r['id']}  {left:>10}  {requester}  {r.get('target') or '-'}  {command}  "
+                   f"[approvers: {', '.join(r['approvers'])}]")
+
+
+@approvals.command("show")
+@click.argument("request_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_gateway_option
+@_token_file_option
+def approvals_show(request_id: str, as_json: bool, gateway: str | None, token_file: Path | None) -> None:
+    """Everything about one request."""
+    r = _api("GET", f"{_gateway_url(gateway)}/v1/approvals/{request_id}", _approver_token(token_file))
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+    else:
+        _show_request(r)
+
+
+def _decide_command(decision: str) -> Any:
+    @click.argument("request_id")
+    @click.option("--reason", required=True, help="Why: kept with the decision, shown to the requester and auditors.")
+    @_gateway_option
+    @_token_file_option
+    def command(request_id: str, reason: str, gateway: str | None, token_file: Path | None) -> None:
+        url = f"{_gateway_url(gateway)}/v1/approvals/{request_id}/{decision}"
+        r = _api("POST", url, _approver_token(token_file), {"reason": reason})
+        click.echo(f"request {r['id']}: {decision} recorded; status {r['status']}"
+                   + (f" ({sum(d['decision'] == 'approve' for d in r['decisions'])} of {r['min_approvals']} "
+                      "approvals)" if r["status"] == "pending" else ""))
+
+    command.__doc__ = ("Approve a request: the held command runs once enough approvers agreed." if decision == "approve"
+                       else "Deny a request: the held command does not run, and the requester sees your reason.")
+    return command
+
+
+approvals.command("approve")(_decide_command("approve"))
+approvals.command("deny")(_decide_command("deny"))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from bastion.approvals.rules import ApprovalPolicy, parse_policy
+
 DEFAULT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA")
 # Symmetric and unsigned algorithms can never be allowed: with HMAC, anyone holding the
 # issuer's *public* key could mint tokens.
@@ -99,6 +101,38 @@ class AccessRule:
     targets: tuple[str, ...] = ("*",)
     logins: tuple[str, ...] = ("*",)
     sftp: bool = False
+    # Kubernetes: clusters (globs) this rule grants, the namespaces in them, and whether
+    # port-forward (and the pods/services proxy) is allowed there. No clusters: no cluster.
+    clusters: tuple[str, ...] = ()
+    namespaces: tuple[str, ...] = ("*",)
+    port_forward: bool = False
+
+
+IN_CLUSTER_SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """A Kubernetes cluster served at ``/clusters/NAME`` on the kube front door.
+
+    The gateway reaches it with its own credentials: a kubeconfig (``context`` or its
+    current context), or the in-cluster service account (token and CA re-read as they
+    rotate), and acts as the caller through ``Impersonate-User`` / ``Impersonate-Group``.
+    """
+
+    name: str
+    kubeconfig: Path | None = None
+    context: str | None = None
+    in_cluster: bool = False
+    service_account_dir: Path = IN_CLUSTER_SA_DIR
+    # Time to connect to the API server, and to get its response headers, connecting included
+    # (watches and `logs -f` stream for as long as they like once the headers have arrived).
+    connect_timeout: float = 10.0
+    response_timeout: float = 60.0
+    # Prepended to the impersonated user and groups (e.g. "oidc:"), so that no identity
+    # can ever be mistaken for a Kubernetes built-in name.
+    user_prefix: str = ""
+    group_prefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -138,9 +172,30 @@ class Config:
     # Set only by --dev: the demo target is started by the gateway itself.
     demo_target: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    # Kubernetes front door (started when clusters are configured): always HTTPS, with
+    # kube_tls_cert/kube_tls_key, or a server certificate from the gateway's own CA
+    # (created in data_dir) valid for loopback, the host name and kube_server_names.
+    clusters: tuple[ClusterConfig, ...] = ()
+    kube_listen: tuple[str, int] = ("127.0.0.1", 8443)
+    kube_tls_cert: Path | None = None
+    kube_tls_key: Path | None = None
+    kube_server_names: tuple[str, ...] = ()
+    # State store URL (sqlite:///PATH or postgresql://...); empty: sqlite:///DATA_DIR/state.db.
+    state_url: str = ""
+    # This replica's stable name (default: host name + data_dir), to tell its earlier runs.
+    state_replica: str | None = None
+    # [[approvals]] rules, [approval_defaults] and [[webhooks]] (bastion/approvals/rules.py).
+    approvals: ApprovalPolicy = field(default_factory=ApprovalPolicy)
+
+    @property
+    def state(self) -> str:
+        return self.state_url or f"sqlite:///{self.data_dir / 'state.db'}"
 
     def target(self, name: str) -> TargetConfig | None:
         return next((t for t in self.targets if t.name == name), None)
+
+    def cluster(self, name: str) -> ClusterConfig | None:
+        return next((c for c in self.clusters if c.name == name), None)
 
 
 def env_allowed(name: str, allowlist: tuple[str, ...]) -> bool:
@@ -213,12 +268,14 @@ def load_config(path: Path, overrides: dict[str, Any] | None = None) -> Config:
 def parse_config(raw: dict[str, Any], base: Path, overrides: dict[str, Any] | None = None) -> Config:
     problems: list[tuple[str, str]] = []
     r = _Reader(problems, base)
-    r.unknown(raw, {"gateway", "recording", "ssh", "oidc", "targets", "access"}, "")
+    r.unknown(raw, {"gateway", "recording", "ssh", "oidc", "targets", "access", "clusters", "state", "approvals",
+                   "approval_defaults", "webhooks"}, "")
     overrides = overrides or {}
 
     gw = r.get(raw, "gateway", "", dict, {})
     r.unknown(gw, {"data_dir", "ssh_listen", "http_listen", "host_key", "user_ca_key", "target_ca_key",
-                   "audit_log", "tls_cert", "tls_key"}, "gateway.")
+                   "audit_log", "tls_cert", "tls_key", "kube_listen", "kube_tls_cert", "kube_tls_key",
+                   "kube_server_names"}, "gateway.")
     data_dir = overrides.get("data_dir") or r.path(gw, "data_dir", "gateway.", base / "guarita-data")
     assert data_dir is not None
     ssh_listen = _listen(r, gw, "ssh_listen", "127.0.0.1:2222")
@@ -245,6 +302,32 @@ def parse_config(raw: dict[str, Any], base: Path, overrides: dict[str, Any] | No
             problems.append((f"targets[{i}].name", f"duplicate target name {t.name!r}"))
         seen.add(t.name)
     access = tuple(_access(r, t, f"access[{i}].", i) for i, t in enumerate(_tables(r, raw, "access")))
+    clusters = tuple(_cluster(r, t, f"clusters[{i}].") for i, t in enumerate(_tables(r, raw, "clusters")))
+    seen_clusters: set[str] = set()
+    for i, c in enumerate(clusters):
+        if c.name in seen_clusters:
+            problems.append((f"clusters[{i}].name", f"duplicate cluster name {c.name!r}"))
+        seen_clusters.add(c.name)
+    kube_listen = _listen(r, gw, "kube_listen", "127.0.0.1:8443")
+    kube_tls_cert = r.path(gw, "kube_tls_cert", "gateway.")
+    kube_tls_key = r.path(gw, "kube_tls_key", "gateway.")
+    if bool(kube_tls_cert) != bool(kube_tls_key):
+        problems.append(("gateway.kube_tls_cert", "kube_tls_cert and kube_tls_key must be given together"))
+    for key, value in (("kube_tls_cert", kube_tls_cert), ("kube_tls_key", kube_tls_key)):
+        if value is not None and not value.exists():
+            problems.append((f"gateway.{key}", f"file {value} does not exist"))
+
+    state = r.get(raw, "state", "", dict, {})
+    r.unknown(state, {"url", "replica"}, "state.")
+    state_url = overrides.get("state") or r.get(state, "url", "state.", str, "")
+    if state_url:
+        from bastion.state import StateError, engine_url
+
+        try:
+            engine_url(state_url)
+        except StateError as exc:
+            problems.append(("state.url", str(exc)))
+    approvals = parse_policy(r, raw)
 
     if problems:
         raise ConfigError(problems)
@@ -264,6 +347,14 @@ def parse_config(raw: dict[str, Any], base: Path, overrides: dict[str, Any] | No
         cert_max_ttl=r.duration(ssh, "cert_max_ttl", "ssh.", 3600.0),
         tls_cert=tls_cert,
         tls_key=tls_key,
+        clusters=clusters,
+        kube_listen=kube_listen,
+        kube_tls_cert=kube_tls_cert,
+        kube_tls_key=kube_tls_key,
+        kube_server_names=r.strings(gw, "kube_server_names", "gateway."),
+        state_url=state_url,
+        state_replica=r.get(state, "replica", "state.", str, None),
+        approvals=approvals,
     )
 
 
@@ -385,8 +476,38 @@ def _target(r: _Reader, t: dict[str, Any], p: str) -> TargetConfig:
     )
 
 
+def _cluster(r: _Reader, t: dict[str, Any], p: str) -> ClusterConfig:
+    r.unknown(t, {"name", "kubeconfig", "context", "in_cluster", "service_account_dir", "connect_timeout",
+                  "response_timeout", "user_prefix", "group_prefix"}, p)
+    name = r.get(t, "name", p, str, "", required=True)
+    if name and not _NAME.match(name):
+        r.problems.append((f"{p}name", "letters, digits, '.', '_' and '-' only (it is part of the URL path "
+                           "/clusters/NAME)"))
+    kubeconfig = r.path(t, "kubeconfig", p)
+    in_cluster = r.get(t, "in_cluster", p, bool, False)
+    if in_cluster and kubeconfig is not None:
+        r.problems.append((f"{p}in_cluster", "give either kubeconfig = PATH or in_cluster = true, not both"))
+    elif not in_cluster and kubeconfig is None:
+        r.problems.append((p.rstrip("."), "set kubeconfig = PATH (the gateway's own credentials for this cluster) "
+                           "or in_cluster = true (its service account)"))
+    elif kubeconfig is not None and not kubeconfig.exists():
+        r.problems.append((f"{p}kubeconfig", f"file {kubeconfig} does not exist"))
+    context = r.get(t, "context", p, str, None)
+    if context is not None and in_cluster:
+        r.problems.append((f"{p}context", "only applies with kubeconfig = PATH"))
+    return ClusterConfig(
+        name=name, kubeconfig=kubeconfig, context=context, in_cluster=in_cluster,
+        service_account_dir=r.path(t, "service_account_dir", p, IN_CLUSTER_SA_DIR),  # type: ignore[arg-type]
+        connect_timeout=r.duration(t, "connect_timeout", p, 10.0),
+        response_timeout=r.duration(t, "response_timeout", p, 60.0),
+        user_prefix=r.get(t, "user_prefix", p, str, ""),
+        group_prefix=r.get(t, "group_prefix", p, str, ""),
+    )
+
+
 def _access(r: _Reader, t: dict[str, Any], p: str, index: int) -> AccessRule:
-    r.unknown(t, {"name", "subjects", "groups", "claims", "targets", "logins", "sftp"}, p)
+    r.unknown(t, {"name", "subjects", "groups", "claims", "targets", "logins", "sftp", "clusters", "namespaces",
+                  "port_forward"}, p)
     claims = r.get(t, "claims", p, dict, {})
     if not all(isinstance(v, str) for v in claims.values()):
         r.problems.append((f"{p}claims", "values must be strings (glob patterns)"))
@@ -395,9 +516,13 @@ def _access(r: _Reader, t: dict[str, Any], p: str, index: int) -> AccessRule:
         subjects=r.strings(t, "subjects", p),
         groups=r.strings(t, "groups", p),
         claims=tuple(sorted((str(k), str(v)) for k, v in claims.items())),
-        targets=r.strings(t, "targets", p, ("*",)),
+        # A rule written for clusters grants no SSH target unless it names targets too.
+        targets=r.strings(t, "targets", p, () if "clusters" in t else ("*",)),
         logins=r.strings(t, "logins", p, ("*",)),
         sftp=r.get(t, "sftp", p, bool, False),
+        clusters=r.strings(t, "clusters", p),
+        namespaces=r.strings(t, "namespaces", p, ("*",)),
+        port_forward=r.get(t, "port_forward", p, bool, False),
     )
     if not (rule.subjects or rule.groups or rule.claims):
         # Fail closed: a rule that names nobody must not silently mean everybody.

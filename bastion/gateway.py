@@ -12,16 +12,19 @@ from typing import TYPE_CHECKING
 
 import asyncssh
 
+from bastion.approvals.engine import ApprovalEngine
 from bastion.audit import AuditLog
 from bastion.config import Config, IssuerConfig, TargetConfig
 from bastion.identity.devissuer import DevIssuer
 from bastion.identity.oidc import TokenVerifier
 from bastion.identity.usercert import UserCA, load_or_create_key
+from bastion.state import StateError, open_state
 from recorder import Recorder, RecordingKey, open_store
 
 if TYPE_CHECKING:
     from aiohttp import web
 
+    from bastion.kube.frontdoor import KubeFrontDoor
     from bastion.ssh.demotarget import DemoTarget
 
 log = logging.getLogger("guarita")
@@ -42,12 +45,16 @@ class Gateway:
         rc = config.recording
         self.recorder = Recorder(self.store, rc.spool_dir, self.recording_key, segment_seconds=rc.segment_seconds,
                                  segment_bytes=rc.segment_bytes, flush_interval=rc.flush_interval,
-                                 failure_policy=rc.failure_policy)
+                                 failure_policy=rc.failure_policy, spool_budget=rc.spool_budget)
         self.dev_issuer: DevIssuer | None = None
         if config.dev:
             issuer = config.issuers[0]
             self.dev_issuer = DevIssuer(config.data_dir / "dev_issuer_key.pem", issuer.issuer, issuer.audience)
         self.verifier = TokenVerifier(config.issuers)
+        # State (approvals, commands index, live sessions; SQLite or PostgreSQL) and approvals.
+        self.state = open_state(config.state, replica_name=config.state_replica
+                                or f"{socket.gethostname()}:{config.data_dir}")
+        self.approvals = ApprovalEngine(self)
         self.demo: DemoTarget | None = None
         # Live SSH session channels by session id (for shutdown, locks and `sessions ls`).
         self.live_sessions: dict = {}
@@ -56,6 +63,9 @@ class Gateway:
         self.stopping = asyncio.Event()
         self.ssh_port = 0
         self.http_port = 0
+        # Kubernetes front door (bastion/kube), started only when clusters are configured.
+        self.kube: KubeFrontDoor | None = None
+        self.kube_port = 0
 
     async def start(self) -> None:
         from bastion.http.api import start_http
@@ -63,7 +73,13 @@ class Gateway:
 
         problems = await asyncio.to_thread(self.store.check)
         if problems:
-            raise RuntimeError(f"recordings store {self.store.url} is not usable: " + "; ".join(problems))
+            # One problem on one line; several as a list (each may contain ';' and commands).
+            detail = f" {problems[0]}" if len(problems) == 1 else "".join(f"\n  - {p}" for p in problems)
+            if self.config.recording.failure_policy == "strict":
+                raise RuntimeError(f"recordings store {self.store.url} is not usable:{detail}")
+            # best_effort: sessions go on; recordings wait in the spool until the store is fixed.
+            log.error("ALERT recordings store %s is not usable:%s (failure_policy = best_effort: starting "
+                      "anyway, recordings stay in the spool)", self.store.url, detail)
         if not self.store.write_once:
             log.warning("recordings go to %s, a local folder: NOT write-once (use s3:// with Object Lock in "
                         "production)", self.store.url)
@@ -72,11 +88,21 @@ class Gateway:
             self.audit.emit("recording.recovered", session=sid)
         if self.config.demo_target:
             await self._start_demo()
+        try:
+            await self.state.start()
+        except StateError as exc:
+            raise RuntimeError(str(exc)) from None
+        await self.approvals.start()
         self._http_runner, self.http_port = await start_http(self)
         await self.verifier.start()
         acceptor = await start_ssh(self)
         self._servers.append(acceptor)
         self.ssh_port = acceptor.sockets[0].getsockname()[1]
+        if self.config.clusters:
+            from bastion.kube.frontdoor import start_kube
+
+            self.kube = await start_kube(self)
+            self.kube_port = self.kube.port
 
     async def _start_demo(self) -> None:
         from bastion.ssh.demotarget import DemoTarget
@@ -95,7 +121,11 @@ class Gateway:
         from bastion.ssh.frontdoor import close_all_sessions
 
         await close_all_sessions(self, "gateway shutting down")
+        if self.kube is not None:
+            await self.kube.stop()  # after its sessions were ended, before the recorder closes
+        await self.approvals.stop()  # pending requests of sessions still waiting: cancelled
         await self.recorder.close()
+        await self.state.close()
         await self.verifier.close()
         if self._http_runner is not None:
             await self._http_runner.cleanup()

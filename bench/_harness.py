@@ -211,6 +211,22 @@ targets = ["{TARGET}"]
         self.close()
 
 
+def cpu_busy(seconds: float = 1.0) -> float:
+    """Share of the machine's CPU time that was busy over ``seconds`` (from /proc/stat)."""
+    def sample() -> tuple[int, int]:
+        f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(f), f[3] + f[4]
+    (t0, i0), _ = sample(), time.sleep(seconds)
+    t1, i1 = sample()
+    return 1 - (i1 - i0) / max(1, t1 - t0)
+
+
+def quiet_note() -> str:
+    busy = cpu_busy()
+    note = f"machine CPU busy before the run: {100 * busy:.0f}% of {os.cpu_count()} cores"
+    return note + ("  WARNING: other load, numbers will be noisy" if busy > 0.1 else "")
+
+
 def pct(values: list[float], p: float) -> float:
     """Nearest-rank percentile."""
     s = sorted(values)

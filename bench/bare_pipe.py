@@ -50,7 +50,8 @@ class Relay(asyncssh.SSHServerSession):
     def __init__(self) -> None:
         self.chan = self.up = self.conn = None
         self.cmd = self.term = None
-        self.eof = False  # EOF can arrive before the upstream channel is open
+        self.early: list[bytes] = []  # data and EOF can arrive before the upstream channel is open
+        self.eof = False
 
     def connection_made(self, chan) -> None:
         self.chan = chan
@@ -85,12 +86,17 @@ class Relay(asyncssh.SSHServerSession):
                                            encryption_algs=algs)
         kw = dict(term_type=self.term[0], term_size=self.term[1], term_modes=self.term[2]) if self.term else {}
         self.up, _ = await self.conn.create_session(lambda: Upstream(self), self.cmd, encoding=None, **kw)
+        for data in self.early:
+            self.up.write(data)
         if self.eof:
             self.up.write_eof()
         self.chan.resume_reading()
 
     def data_received(self, data: bytes, datatype) -> None:
-        self.up.write(data)
+        if self.up:
+            self.up.write(data)
+        else:
+            self.early.append(data)
 
     def eof_received(self) -> bool:
         if self.up:

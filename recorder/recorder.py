@@ -27,6 +27,7 @@ import logging
 import os
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -43,7 +44,7 @@ from recorder.segment import (
     segment_name,
 )
 from recorder.signing import RecordingKey
-from recorder.snapshot import ScreenTracker
+from recorder.snapshot import SNAPSHOT_BYTES, SNAPSHOT_EVERY, ScreenTracker
 from recorder.store import ObjectExists, RecordingStore, StoreError, session_prefix
 
 log = logging.getLogger("guarita.recorder")
@@ -55,6 +56,11 @@ SESSION_FORMAT = "guarita-session/1"
 HIGH_WATER = 16 * 1024 * 1024
 LOW_WATER = 4 * 1024 * 1024
 FRAME_BYTES = 256 * 1024
+# Upload retries back off from 0.2 s up to this: when the store comes back, uploads resume
+# within this many seconds without anyone doing anything.
+RETRY_MAX_DELAY = 15.0
+# Spooled objects the store refused because a different object already has their key.
+CONFLICTS_DIR = ".conflicts"
 
 
 class RecordingFailed(Exception):
@@ -75,7 +81,8 @@ class Recorder:
 
     def __init__(self, store: RecordingStore, spool_dir: Path, key: RecordingKey, *,
                  segment_seconds: float = 5.0, segment_bytes: int = 512 * 1024,
-                 flush_interval: float = 1.0, failure_policy: str = "strict") -> None:
+                 flush_interval: float = 1.0, failure_policy: str = "strict",
+                 spool_budget: int | None = None) -> None:
         self.store = store
         self.spool_dir = spool_dir
         self.key = key
@@ -83,9 +90,20 @@ class Recorder:
         self.segment_bytes = segment_bytes
         self.flush_interval = flush_interval
         self.failure_policy = failure_policy
+        self.spool_budget = spool_budget
         self.sessions: dict[str, SessionRecording] = {}
+        # Counters for metrics: failed upload attempts, objects waiting in the spool, and
+        # since when (time.time()) the store has been failing, None while uploads succeed.
         self.upload_errors = 0
         self.uploads_pending = 0
+        self.upload_conflicts = 0
+        self.store_down_since: float | None = None
+        self.last_upload_error: str | None = None
+        # Bytes in the spool, kept up to date as files are written and removed so that
+        # spool_full() is cheap enough to ask on every new session.
+        self._spool_used = 0
+        self._spool_lock = threading.Lock()
+        self._spool_resynced = 0.0
         self._uploads: asyncio.Queue[tuple[Path, str]] = asyncio.Queue()
         self._uploader: asyncio.Task[None] | None = None
 
@@ -94,6 +112,8 @@ class Recorder:
         Returns the ids of recovered sessions."""
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         recovered = await asyncio.to_thread(self._recover_all)
+        self._spool_used = await asyncio.to_thread(self._walk_spool)
+        self._spool_resynced = time.monotonic()
         self._uploader = asyncio.create_task(self._upload_loop(), name="recording-uploader")
         return recovered
 
@@ -124,6 +144,36 @@ class Recorder:
         return not self.uploads_pending
 
     def spool_bytes(self) -> int:
+        """Bytes in the spool (tracked, not measured: cheap)."""
+        return self._spool_used
+
+    def spool_full(self) -> bool:
+        """True when the spool holds more than its budget: the front door then refuses new
+        sessions (sessions already running go on). Cheap: compares a tracked counter; only
+        when over budget, at most every 5 s, the counter is checked against the disk."""
+        if self.spool_budget is None or self._spool_used <= self.spool_budget:
+            return False
+        now = time.monotonic()
+        if now - self._spool_resynced >= 5.0:
+            self._spool_resynced = now
+            with self._spool_lock:
+                self._spool_used = self._walk_spool()
+        return self._spool_used > self.spool_budget
+
+    def spool_full_reason(self) -> str:
+        """Why new sessions are refused, for the user and the log (call when spool_full())."""
+        why = (f"the recording spool {self.spool_dir} holds {_size(self._spool_used)}, over its budget of "
+               f"{_size(self.spool_budget or 0)}")
+        if self.store_down_since is not None:
+            why += f", because the recordings store has been unreachable since {iso(self.store_down_since)}"
+        return why + "; new sessions are refused until the recordings are uploaded"
+
+    def _spool_add(self, n: int) -> None:
+        if n:
+            with self._spool_lock:
+                self._spool_used = max(0, self._spool_used + n)
+
+    def _walk_spool(self) -> int:
         total = 0
         for dirpath, _, files in os.walk(self.spool_dir):
             for name in files:
@@ -146,12 +196,42 @@ class Recorder:
             while True:
                 try:
                     await asyncio.to_thread(self._upload_one, path, key)
-                    break
-                except (StoreError, OSError) as exc:
+                except _Conflict as exc:
+                    # The store answered, but retrying cannot help: set the object aside so
+                    # that it does not hold up every later upload.
                     self.upload_errors += 1
-                    log.warning("upload of %s to %s failed (%s); retrying in %.1fs", key, self.store.url, exc, delay)
+                    self.upload_conflicts += 1
+                    try:
+                        kept = await asyncio.to_thread(self._set_aside, path)
+                    except OSError:
+                        kept = path
+                    log.error("recording object %s NOT uploaded: %s; the spool copy is kept in %s", key, exc, kept)
+                except FileNotFoundError:
+                    log.error("spooled recording object %s vanished before its upload to %s (is the spool %s "
+                              "shared with another gateway?)", path, key, self.spool_dir)
+                    break
+                except Exception as exc:  # noqa: BLE001 - whatever it is, the uploader must not die
+                    self.upload_errors += 1
+                    self.last_upload_error = str(exc) if isinstance(exc, StoreError | OSError) else repr(exc)
+                    if self.store_down_since is None:
+                        # One warning per outage; the retries log at debug level only.
+                        self.store_down_since = time.time()
+                        log.warning("cannot upload recordings to %s: %s; sessions go on, their recordings wait "
+                                    "in the spool %s and uploads are retried until the store answers",
+                                    self.store.url, self.last_upload_error, self.spool_dir,
+                                    exc_info=not isinstance(exc, StoreError | OSError))
+                    else:
+                        log.debug("upload of %s still failing (%s); next try in %.1fs", key,
+                                  self.last_upload_error, delay)
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, 30.0)
+                    delay = min(delay * 2, RETRY_MAX_DELAY)
+                    continue
+                if self.store_down_since is not None:
+                    log.warning("recordings store %s answers again after %.1fs; uploading the %d objects "
+                                "waiting in the spool", self.store.url, time.time() - self.store_down_since,
+                                self.uploads_pending - 1)
+                    self.store_down_since = None
+                break
             self.uploads_pending -= 1
 
     def _upload_one(self, path: Path, key: str) -> None:
@@ -161,17 +241,33 @@ class Recorder:
         except ObjectExists:
             # A previous process uploaded it and died before deleting the spool copy.
             if self.store.get(key) != data:
-                raise StoreError(f"{key} already exists with different content; keeping {path}") from None
+                raise _Conflict(f"{key} already exists in {self.store.url} with different content") from None
         if path.name == "manifest.json":
+            size = _tree_bytes(path.parent)
             shutil.rmtree(path.parent, ignore_errors=True)
+            self._spool_add(-size)
         else:
             path.unlink()
+            self._spool_add(-len(data))
+
+    def _set_aside(self, path: Path) -> Path:
+        """Move a spooled object the store refused out of the session directory (a refused
+        manifest takes its whole directory, so that the next start does not re-seal it)."""
+        target_dir = self.spool_dir / CONFLICTS_DIR / path.parent.name
+        target_dir.mkdir(parents=True, exist_ok=True)
+        if path.name == "manifest.json":
+            for item in path.parent.iterdir():
+                os.replace(item, target_dir / item.name)
+            shutil.rmtree(path.parent, ignore_errors=True)
+            return target_dir
+        os.replace(path, target_dir / path.name)
+        return target_dir / path.name
 
     # -- recovery after a crash ----------------------------------------------------
 
     def _recover_all(self) -> list[str]:
         recovered = []
-        for session_dir in sorted(p for p in self.spool_dir.iterdir() if p.is_dir()):
+        for session_dir in sorted(p for p in self.spool_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
             try:
                 if self._recover_one(session_dir):
                     recovered.append(session_dir.name)
@@ -183,6 +279,10 @@ class Recorder:
         sid = session_dir.name
         prefix = session_prefix(sid)
         was_open = not (session_dir / "manifest.json").exists()
+        if was_open and not (session_dir / "meta.json").exists() and not any(session_dir.glob("seg-*")):
+            # Died between creating the directory and writing the metadata: nothing was recorded.
+            shutil.rmtree(session_dir, ignore_errors=True)
+            return False
         if was_open:
             meta = json.loads((session_dir / "meta.json").read_text())
             chain = _read_chain(session_dir)
@@ -221,6 +321,8 @@ class SessionRecording:
         self.markers: dict[str, int] = {}
         self._encoders = {c: ev.StreamEncoder(c) for c in ("o", "e", "i")}
         self._screen = ScreenTracker(*term) if term else None
+        self._snap_t = 0.0
+        self._snap_bytes = 0
         self._buf: list[bytes] = []
         self._buf_len = 0
         self._buf_events = 0
@@ -251,7 +353,8 @@ class SessionRecording:
         t = self.now()
         line = self._encoders[stream].encode(t, data)
         if self._screen is not None and stream == "o":
-            self._screen.feed(data.decode("utf-8", "replace"))
+            self._screen.feed(data)
+            self._snap_bytes += len(data)
         self._append(line, t)
 
     def input(self, data: bytes) -> None:
@@ -269,7 +372,13 @@ class SessionRecording:
 
     def resize(self, cols: int, rows: int) -> None:
         if self._screen is not None:
-            self._screen.resize(cols, rows)
+            screen, (tail, dropped) = self._screen, self._screen.take()
+
+            def apply_resize() -> None:
+                screen.apply(tail, dropped)
+                screen.resize(cols, rows)
+
+            self._submit(apply_resize, 0)
         t = self.now()
         self._append(ev.encode(t, "r", f"{cols}x{rows}"), t)
 
@@ -343,10 +452,15 @@ class SessionRecording:
         raw, n = self._take()
         t_end = self._last_t
         next_t = self._last_t
-        snapshot = None if final or self._screen is None else self._screen.snapshot()
+        # Snapshots cost emulator time: at most one per SNAPSHOT_EVERY seconds or SNAPSHOT_BYTES.
+        screen_tail = None
+        if not final and self._screen is not None and (
+                next_t - self._snap_t >= SNAPSHOT_EVERY or self._snap_bytes >= SNAPSHOT_BYTES):
+            screen_tail = self._screen.take()
+            self._snap_t, self._snap_bytes = next_t, 0
         self._seg_raw = 0
         self._seg_t = next_t
-        self._submit(lambda: self._op_seal(raw, n, t_end, final, snapshot, next_t, end), len(raw))
+        self._submit(lambda: self._op_seal(raw, n, t_end, final, screen_tail, next_t, end), len(raw))
 
     async def _tick(self) -> None:
         interval = self.recorder.flush_interval
@@ -401,30 +515,41 @@ class SessionRecording:
         meta = json.dumps(self.meta, ensure_ascii=False, indent=1).encode()
         for name in ("meta.json", "start.json"):
             _write_file(self.dir / name, meta)
+        self.recorder._spool_add(2 * len(meta))
         self.recorder_loop_call(lambda: self.recorder.queue_upload(self.dir / "start.json", self.prefix + "start.json"))
         self._writer = self._new_writer(0, None, 0.0, snapshot)
 
     def _new_writer(self, index: int, prev: str | None, t: float, snapshot: dict[str, Any] | None) -> SegmentWriter:
         path = self.dir / (segment_name(index) + ".open")
-        return SegmentWriter(path, index, make_header(self.id, index, prev, t, snapshot), t)
+        writer = SegmentWriter(path, index, make_header(self.id, index, prev, t, snapshot), t, snapshot is not None)
+        self.recorder._spool_add(writer.size)
+        return writer
 
     def _writer_append(self, raw: bytes, n: int, t_end: float, sync: bool) -> None:
         assert self._writer is not None
+        before = self._writer.size
         self._writer.append(raw, n, t_end, sync)
+        self.recorder._spool_add(self._writer.size - before)
 
-    def _op_seal(self, raw: bytes, n: int, t_end: float, final: bool, snapshot: dict[str, Any] | None,
+    def _op_seal(self, raw: bytes, n: int, t_end: float, final: bool, screen_tail: tuple[bytes, bool] | None,
                  next_t: float, end: dict[str, Any] | None) -> None:
+        snapshot = None
+        if screen_tail is not None and self._screen is not None:
+            self._screen.apply(*screen_tail)
+            snapshot = self._screen.snapshot()
         writer = self._writer
         assert writer is not None
+        before = writer.size
         writer.append(raw, n, t_end, sync=False)
+        self.recorder._spool_add(writer.size - before)
         name = segment_name(writer.index)
         record = writer.seal(self.dir / name)
         self._chain.append(record)
-        _append_chain(self.dir, record)
+        self.recorder._spool_add(_append_chain(self.dir, record))
         self.recorder_loop_call(lambda: self.recorder.queue_upload(self.dir / name, self.prefix + name))
         if final:
             self._writer = None
-            _write_manifest(self.dir, self.recorder.key, self.meta, end or {}, self._chain)
+            self.recorder._spool_add(_write_manifest(self.dir, self.recorder.key, self.meta, end or {}, self._chain))
             self.recorder_loop_call(
                 lambda: self.recorder.queue_upload(self.dir / "manifest.json", self.prefix + "manifest.json"))
         else:
@@ -441,20 +566,46 @@ class SessionRecording:
 # -- helpers shared by live sessions and recovery ----------------------------------------
 
 
-def _write_file(path: Path, data: bytes) -> None:
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n} bytes"
+
+
+class _Conflict(StoreError):
+    """The store holds a different object under this key: retrying cannot help."""
+
+
+def _tree_bytes(path: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _write_file(path: Path, data: bytes) -> int:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, path)
+    return len(data)
 
 
-def _append_chain(session_dir: Path, record: SegmentRecord) -> None:
-    with open(session_dir / "chain.jsonl", "a") as f:
-        f.write(json.dumps(record.to_dict()) + "\n")
+def _append_chain(session_dir: Path, record: SegmentRecord) -> int:
+    line = (json.dumps(record.to_dict()) + "\n").encode()
+    with open(session_dir / "chain.jsonl", "ab") as f:
+        f.write(line)
         f.flush()
         os.fsync(f.fileno())
+    return len(line)
 
 
 def _read_chain(session_dir: Path) -> list[SegmentRecord]:
@@ -483,7 +634,7 @@ def _record_from_file(path: Path, index: int) -> SegmentRecord:
     t_end = max([float(header["t"])] + [e.t for e in events])
     raw, _, _ = read_frames(data)
     return SegmentRecord(index, hashlib.sha256(data).hexdigest(), len(data), len(raw),
-                         float(header["t"]), t_end, len(events))
+                         float(header["t"]), t_end, len(events), header.get("snapshot") is not None)
 
 
 def _seal_recovered(session_dir: Path, sid: str, chain: list[SegmentRecord]) -> SegmentRecord:
@@ -527,6 +678,7 @@ def _resume_writer(writer: SegmentWriter, path: Path, index: int, kept: bytes, t
     writer.path = path
     writer.index = index
     writer.t_start = float(header["t"])
+    writer.snapshot = header.get("snapshot") is not None
     writer.t_end = t_last
     writer.raw_size = len(raw)
     writer.size = len(kept)
@@ -537,7 +689,7 @@ def _resume_writer(writer: SegmentWriter, path: Path, index: int, kept: bytes, t
 
 
 def _write_manifest(session_dir: Path, key: RecordingKey, meta: dict[str, Any], end: dict[str, Any],
-                    chain: list[SegmentRecord]) -> None:
+                    chain: list[SegmentRecord]) -> int:
     import base64
 
     body = {
@@ -550,4 +702,4 @@ def _write_manifest(session_dir: Path, key: RecordingKey, meta: dict[str, Any], 
         "signed_at": iso(time.time()),
     }
     manifest = {**body, "signature": key.sign(body)}
-    _write_file(session_dir / "manifest.json", json.dumps(manifest, ensure_ascii=False, indent=1).encode())
+    return _write_file(session_dir / "manifest.json", json.dumps(manifest, ensure_ascii=False, indent=1).encode())

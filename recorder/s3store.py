@@ -17,6 +17,7 @@ the recorder retries them, the gateway's start-up check and ``replay`` print the
 
 from __future__ import annotations
 
+import builtins
 import os
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -152,7 +153,7 @@ class S3Store:
         except BotoCoreError as exc:
             raise self._error(exc, prefix) from None
 
-    def check(self) -> list[str]:
+    def check(self) -> builtins.list[str]:  # (``list`` here is the method above)
         """What makes this bucket unfit for recordings, each with what to change (empty when fine)."""
         b = self.bucket
         try:
@@ -177,12 +178,12 @@ class S3Store:
             return [str(self._error(exc))]
         if not lock_enabled:
             problems.append(
-                f"bucket {b} does not have Object Lock enabled, so recordings could be deleted or overwritten: "
-                f"create a bucket with it (aws s3api create-bucket --bucket NAME --object-lock-enabled-for-bucket) "
-                f"and point the recordings URL there; on AWS S3 it can also be turned on for this bucket once "
-                f"versioning is enabled (aws s3api put-object-lock-configuration --bucket {b} "
-                f"--object-lock-configuration ObjectLockEnabled=Enabled), while MinIO and most S3-compatible "
-                f"stores accept it only when the bucket is created; once on it cannot be turned off")
+                f"bucket {b} does not have Object Lock enabled (recordings there could be deleted or "
+                f"overwritten): use a bucket created with it (aws s3api create-bucket --bucket NAME "
+                f"--object-lock-enabled-for-bucket); AWS S3 can also turn it on for this bucket once versioning "
+                f"is on (aws s3api put-object-lock-configuration --bucket {b} --object-lock-configuration "
+                f"ObjectLockEnabled=Enabled), but MinIO and most S3-compatible stores allow it only when the "
+                f"bucket is created; it cannot be turned off again")
         try:
             status = self.client.get_bucket_versioning(Bucket=b).get("Status")
         except ClientError as exc:

@@ -40,6 +40,8 @@ class SegmentRecord:
     t_start: float
     t_end: float
     events: int
+    # The header carries a screen snapshot: a player may start drawing here.
+    snapshot: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -47,7 +49,7 @@ class SegmentRecord:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SegmentRecord:
         return cls(int(d["index"]), str(d["sha256"]), int(d["size"]), int(d["raw_size"]),
-                   float(d["t_start"]), float(d["t_end"]), int(d["events"]))
+                   float(d["t_start"]), float(d["t_end"]), int(d["events"]), bool(d.get("snapshot")))
 
 
 def segment_name(index: int) -> str:
@@ -65,7 +67,8 @@ class SegmentWriter:
     """Appends compressed frames to ``path`` (a spool file), hashing as it goes. Blocking I/O:
     run it off the event loop."""
 
-    def __init__(self, path: Path, index: int, header: bytes, t_start: float) -> None:
+    def __init__(self, path: Path, index: int, header: bytes, t_start: float, snapshot: bool = False) -> None:
+        self.snapshot = snapshot
         self.path = path
         self.index = index
         self.t_start = t_start
@@ -96,7 +99,7 @@ class SegmentWriter:
         os.rename(self.path, sealed_path)
         _fsync_dir(sealed_path.parent)
         return SegmentRecord(self.index, self._hash.hexdigest(), self.size, self.raw_size,
-                             round(self.t_start, 6), round(self.t_end, 6), self.events)
+                             round(self.t_start, 6), round(self.t_end, 6), self.events, self.snapshot)
 
     def abandon(self) -> None:
         try:

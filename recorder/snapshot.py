@@ -1,60 +1,80 @@
-"""Terminal screen snapshots, so replay can seek to any segment without replaying from the start.
+"""Terminal screen snapshots, so replay can seek without replaying from the start.
 
-A pyte screen follows the terminal output. Feeding a Python emulator every byte would
-cap throughput at a few MB/s, so the tracker keeps only the output since the last
-snapshot, bounded to ``tail_limit`` bytes, and feeds it when a snapshot is taken. When
-more than that arrived, the screen is rebuilt from the tail alone: exact for anything
-that redraws or scrolls within the tail, approximate only for a screen region left
-untouched by the last ``tail_limit`` bytes (documented in docs/recording-format.md).
+A Python terminal emulator (pyte) handles well under 1 MB/s, while a gateway relays
+hundreds, so the emulator must stay off the hot path:
+
+* On the event loop, ``ScreenTracker.feed()`` only keeps the output since the last
+  snapshot, trimmed to ``tail_limit`` bytes (8 bytes per screen cell: enough to redraw
+  a full screen several times over).
+* In the recorder's worker thread, ``apply()`` feeds that tail to the emulator (after a
+  reset when older output was dropped) and ``snapshot()`` renders the screen.
+* The recorder takes a snapshot at most once per ``SNAPSHOT_EVERY`` seconds of session
+  or ``SNAPSHOT_BYTES`` of output; segments cut faster than that carry none, and the
+  player starts from the last segment that has one.
+
+When output was dropped, the screen is rebuilt from the tail alone: exact for anything
+that scrolls or redraws within it (shells, logs, full-screen programs), approximate only
+for a screen region left untouched by the last ``tail_limit`` bytes.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 import pyte
 
 _SGR_COLORS = {"black": 0, "red": 1, "green": 2, "brown": 3, "yellow": 3, "blue": 4, "magenta": 5, "cyan": 6, "white": 7}
+SNAPSHOT_EVERY = 1.0
+SNAPSHOT_BYTES = 4 * 1024 * 1024
 
 
 class ScreenTracker:
-    def __init__(self, cols: int, rows: int, tail_limit: int = 256 * 1024) -> None:
+    def __init__(self, cols: int, rows: int) -> None:
         self.cols, self.rows = max(cols, 1), max(rows, 1)
-        self.tail_limit = tail_limit
+        self.tail_limit = max(8 * self.cols * self.rows, 16 * 1024)
         self._screen = pyte.Screen(self.cols, self.rows)
-        self._stream = pyte.Stream(self._screen)
-        self._pending: list[str] = []
+        self._stream = pyte.ByteStream(self._screen)
+        self._pending: deque[bytes] = deque()
         self._pending_len = 0
+        self._dropped = False
 
-    def feed(self, text: str) -> None:
-        self._pending.append(text)
-        self._pending_len += len(text)
-        if self._pending_len > 2 * self.tail_limit:
-            self._trim()
+    # -- event loop side: cheap ---------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        self._pending.append(data)
+        self._pending_len += len(data)
+        while self._pending_len - len(self._pending[0]) > self.tail_limit:
+            self._pending_len -= len(self._pending.popleft())
+            self._dropped = True
+
+    def take(self) -> tuple[bytes, bool]:
+        """The output since the last take (its tail), and whether older output was dropped."""
+        tail, dropped = b"".join(self._pending), self._dropped
+        self._pending.clear()
+        self._pending_len = 0
+        self._dropped = False
+        if dropped:
+            tail = tail[-self.tail_limit:]
+            cut = tail.find(b"\n", 0, 4096)  # start on a line boundary, not inside an escape sequence
+            tail = tail[cut + 1:] if cut >= 0 else tail
+        return tail, dropped
+
+    # -- worker thread side: the emulator -------------------------------------------------
+
+    def apply(self, tail: bytes, dropped: bool) -> None:
+        if dropped:
+            self._screen.reset()
+        self._stream.feed(tail)
 
     def resize(self, cols: int, rows: int) -> None:
-        self._catch_up()
         self.cols, self.rows = max(cols, 1), max(rows, 1)
+        self.tail_limit = max(8 * self.cols * self.rows, 16 * 1024)
         self._screen.resize(self.rows, self.cols)
 
     def snapshot(self) -> dict[str, Any]:
-        self._catch_up()
         return {"cols": self.cols, "rows": self.rows, "cursor": [self._screen.cursor.x, self._screen.cursor.y],
                 "ansi": render(self._screen)}
-
-    def _trim(self) -> None:
-        joined = "".join(self._pending)[-self.tail_limit:]
-        self._pending = [joined]
-        self._pending_len = len(joined)
-        self._screen.reset()
-
-    def _catch_up(self) -> None:
-        if self._pending_len > self.tail_limit:
-            self._trim()
-        for chunk in self._pending:
-            self._stream.feed(chunk)
-        self._pending.clear()
-        self._pending_len = 0
 
 
 def render(screen: pyte.Screen) -> str:

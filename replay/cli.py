@@ -407,8 +407,7 @@ def progress_events(ctx: Context, summary: SessionSummary, label: str | None) ->
     keys = len((summary.manifest or {}).get("segments") or []) or 1
     bar: Any
     with click.progressbar(length=keys, label=label, file=sys.stderr) as bar:
-        for event in iter_events(ctx.store(), summary):
-            yield event
+        yield from iter_events(ctx.store(), summary)
         bar.update(keys)
 
 

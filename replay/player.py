@@ -59,11 +59,25 @@ class Player:
                 index = i
         return index
 
+    def _drawable(self, index: int) -> int:
+        """The nearest segment at or before ``index`` whose header has a screen snapshot
+        (segments cut in quick succession carry none: see recorder/snapshot.py)."""
+        records = (self.summary.manifest or {}).get("segments")
+        while index > 0:
+            if records and "snapshot" in records[index]:
+                has = bool(records[index]["snapshot"])
+            else:
+                has = self._segment(index)[0].get("snapshot") is not None
+            if has:
+                return index
+            index -= 1
+        return 0
+
     def events_from(self, t: float) -> Iterator[tuple[bool, Event | bytes]]:
         """(instant, item): the redraw for ``t`` first (instant), then timed events."""
         if not self.keys:
             return
-        first = self.segment_index(t)
+        first = self._drawable(self.segment_index(t))
         header, events = self._segment(first)
         snapshot = header.get("snapshot")
         if t > 0 or first > 0:

@@ -43,6 +43,9 @@ def verify_session(store: RecordingStore, summary: SessionSummary, trusted_key: 
     except NotFound:
         result.problems.append("no manifest: the session is still running, or was never sealed")
         return result
+    except StoreError as exc:
+        result.problems.append(f"manifest.json cannot be read: {exc}")
+        return result
     try:
         manifest = json.loads(raw_manifest)
         signature = manifest.pop("signature")
@@ -113,7 +116,11 @@ def _check_chain(store: RecordingStore, prefix: str, records: list[dict], sid: s
 
 def _check_extra_objects(store: RecordingStore, prefix: str, count: int, result: VerifyResult) -> None:
     expected = {prefix + segment_name(i) for i in range(count)}
-    extra = [k for k in store.list(prefix) if k[len(prefix):].startswith("seg-") and k not in expected]
+    try:
+        extra = [k for k in store.list(prefix) if k[len(prefix):].startswith("seg-") and k not in expected]
+    except StoreError as exc:
+        result.problems.append(f"cannot list {prefix}: {exc}")
+        return
     if extra:
         result.problems.append(f"store holds segments the manifest does not list: {', '.join(extra)}")
 

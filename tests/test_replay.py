@@ -32,7 +32,10 @@ def _generate(root: Path, lines: int = 3000, seed: int = 7) -> tuple[str, bytes]
         await recorder.start()
         rec = recorder.open_session({"target": "gen", "kind": "shell", "tty": True,
                                      "term": {"type": "xterm", "cols": 80, "rows": 24}}, term=(80, 24))
+        clock = [0.0]
+        rec.now = lambda: clock[0]  # type: ignore[method-assign]  # a session of lines/20 seconds
         for i in range(lines):
+            clock[0] += 0.05
             kind = rng.random()
             if kind < 0.02:
                 chunk = b"\x1b[H\x1b[2J"

@@ -82,6 +82,86 @@ async def whoami(request: web.Request, identity: Identity) -> web.Response:
     return web.json_response(identity.to_dict())
 
 
+async def kube_ca(request: web.Request) -> web.Response:
+    """The CA that signs the Kubernetes front door's certificate (public, like any CA
+    certificate: `bastion kubeconfig` puts it in the kubeconfig it writes)."""
+    gw: Gateway = request.app[GATEWAY_KEY]  # type: ignore[assignment]
+    kube = getattr(gw, "kube", None)
+    if kube is None or not kube.ca_pem:
+        return _error(404, "no_kube", "this gateway serves no Kubernetes clusters (configure [[clusters]])")
+    return web.Response(body=kube.ca_pem, content_type="application/x-pem-file",
+                        headers={"Guarita-Kube-Port": str(kube.port)})
+
+
+# -- approvals ------------------------------------------------------------------------------
+
+
+def _approval_json(row: dict[str, Any]) -> dict[str, Any]:
+    from bastion.approvals.webhooks import public_request
+
+    return public_request(row)
+
+
+@_authenticated
+async def approvals_list(request: web.Request, identity: Identity) -> web.Response:
+    """Requests the caller may act on (in an approver group) or made; ``?status=pending``."""
+    gw: Gateway = request.app[GATEWAY_KEY]  # type: ignore[assignment]
+    status = request.query.get("status") or None
+    if status == "all":
+        status = None
+    if status not in (None, "pending", "approved", "denied", "expired", "cancelled"):
+        return _error(400, "bad_status", "status must be pending, approved, denied, expired, cancelled or all")
+    try:
+        limit = max(1, min(int(request.query.get("limit") or 200), 1000))
+    except ValueError:
+        return _error(400, "bad_limit", "limit must be a number")
+    rows = await gw.approvals.state.list_requests(status=status, limit=limit)
+    visible = [_approval_json(r) for r in rows if gw.approvals.may_view(r, identity)]
+    return web.json_response({"approvals": visible})
+
+
+@_authenticated
+async def approvals_show(request: web.Request, identity: Identity) -> web.Response:
+    gw: Gateway = request.app[GATEWAY_KEY]  # type: ignore[assignment]
+    rid = request.match_info["id"]
+    row = await gw.approvals.state.get_request(rid)
+    if row is None:
+        return _error(404, "not_found", f"no approval request {rid!r}")
+    if not gw.approvals.may_view(row, identity):
+        return _error(403, "forbidden", f"{identity.display} is neither the requester nor in an approver group "
+                                        f"of request {rid}")
+    return web.json_response(_approval_json(row))
+
+
+async def _decide(request: web.Request, identity: Identity, decision: str) -> web.Response:
+    from bastion.approvals.engine import DecisionError
+
+    gw: Gateway = request.app[GATEWAY_KEY]  # type: ignore[assignment]
+    rid = request.match_info["id"]
+    try:
+        body = await request.json() if request.can_read_body else {}
+        if not isinstance(body, dict):
+            raise ValueError("not an object")
+        reason = str(body.get("reason") or "")
+    except ValueError:
+        return _error(400, "bad_request", 'send JSON {"reason": "why"}')
+    try:
+        row = await gw.approvals.decide(rid, identity, decision, reason)
+    except DecisionError as exc:
+        return _error(exc.status, exc.code, str(exc))
+    return web.json_response(_approval_json(row))
+
+
+@_authenticated
+async def approvals_approve(request: web.Request, identity: Identity) -> web.Response:
+    return await _decide(request, identity, "approve")
+
+
+@_authenticated
+async def approvals_deny(request: web.Request, identity: Identity) -> web.Response:
+    return await _decide(request, identity, "deny")
+
+
 async def dev_discovery(request: web.Request) -> web.Response:
     gw: Gateway = request.app[GATEWAY_KEY]  # type: ignore[assignment]
     assert gw.dev_issuer is not None
@@ -117,6 +197,11 @@ def build_app(gw: Gateway) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_post("/v1/ssh/cert", ssh_cert)
     app.router.add_get("/v1/whoami", whoami)
+    app.router.add_get("/v1/approvals", approvals_list)
+    app.router.add_get("/v1/approvals/{id}", approvals_show)
+    app.router.add_post("/v1/approvals/{id}/approve", approvals_approve)
+    app.router.add_post("/v1/approvals/{id}/deny", approvals_deny)
+    app.router.add_get("/v1/kube/ca", kube_ca)
     if gw.dev_issuer is not None:
         app.router.add_get("/dev/.well-known/openid-configuration", dev_discovery)
         app.router.add_get("/dev/jwks", dev_jwks)

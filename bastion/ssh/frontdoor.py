@@ -10,6 +10,7 @@ session pipeline, with flow control in both directions. No policy lives here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("guarita.ssh")
 
 EXIT_GATEWAY_ERROR = 255  # what OpenSSH itself exits with on a connection error
+EXIT_REFUSED = 1  # a command (or shell) refused by approval rules, denied, timed out or cancelled
+EARLY_INPUT_LIMIT = 1024 * 1024  # stdin kept while a command waits for approval, before pausing
 AUTH_BANNER = ("guarita: the credential was not accepted. Use a fresh OIDC token as the password, "
                "or a certificate from `bastion ssh-cert`.\r\n")
 
@@ -179,6 +182,10 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self.target_chan: asyncssh.SSHClientChannel | None = None
         self._paused: set[str] = set()
         self._closing = False
+        # Input that arrives while an approval gate holds the session (kept for the command).
+        self._early: list[bytes] | None = None
+        self._early_eof = False
+        self._lost = False
 
     # -- requests before the session starts ----------------------------------------------
 
@@ -216,17 +223,21 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         login, target_name = parse_username(self.chan.get_extra_info("username") or "")
         try:
             target, login = self._resolve(identity, login, target_name)
-            self.target_conn = await connect_target(target, login, identity, "pending", self.gw.target_ca)
+            if self.gw.recorder.spool_full():
+                raise TargetError("recording_spool_full", self.gw.recorder.spool_full_reason())
+            connecting = asyncio.ensure_future(connect_target(target, login, identity, "pending", self.gw.target_ca))
+            if not await self._gate(self._session_info(identity, target.name, login), connecting):
+                return
+            self.target_conn = await connecting
         except TargetError as exc:
             self.gw.audit.emit("session.refused", reason=exc.reason, detail=str(exc), source=self.server.source,
                                subject=identity.subject, target=target_name, login=login, kind=self.kind,
                                command=self.command)
+            if self.session is not None:  # opened by the approval gate: it ends here
+                await self.session.end(EXIT_GATEWAY_ERROR, reason=str(exc))
             self._fail(str(exc))
             return
-        info = SessionInfo(front_door="ssh", identity=identity, source=self.server.source, target=target.name,
-                           login=login, kind=self.kind, command=self.command, subsystem=self.subsystem,
-                           term=self.term[0] if self.term else None,
-                           size=(self.term[1][0], self.term[1][1]) if self.term else None)
+        info = self._session_info(identity, target.name, login)
         try:
             await self._start_target_session(info)
         except (asyncssh.Error, OSError) as exc:
@@ -236,7 +247,65 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             self._fail(f"target {target.name} refused the session: {reason}")
             return
         self.gw.live_sessions[self.session.id] = self  # type: ignore[union-attr]
+        self._flush_early()
         self.chan.resume_reading()
+
+    def _session_info(self, identity: Identity, target_name: str, login: str) -> SessionInfo:
+        return SessionInfo(front_door="ssh", identity=identity, source=self.server.source, target=target_name,
+                           login=login, kind=self.kind, command=self.command, subsystem=self.subsystem,
+                           term=self.term[0] if self.term else None,
+                           size=(self.term[1][0], self.term[1][1]) if self.term else None)
+
+    async def _gate(self, info: SessionInfo, connecting: asyncio.Future[Any]) -> bool:
+        """The approval gate before anything runs on the target: an exec command or the opening
+        of a shell that rules refuse or hold for approval. The session (and its recording)
+        starts here, so the request and the decision are in it. The connection to the target
+        (``connecting``) is made meanwhile, so an approved command starts at once; no session
+        is opened on it before the decision, and it is closed if the answer is no.
+        True: go on and open the target session."""
+        approvals = getattr(self.gw, "approvals", None)
+        if approvals is None or not approvals.gates_opening(info):
+            return True
+        try:
+            allowed = await self._decide_opening(info)
+        except BaseException:
+            allowed = False
+            raise
+        finally:
+            if not allowed:
+                connecting.add_done_callback(_close_unused)
+                connecting.cancel()
+        return allowed
+
+    async def _decide_opening(self, info: SessionInfo) -> bool:
+        assert self.chan is not None
+        self.session = Session(self.gw, info)
+        self.session.write_client = self.chan.write_stderr
+        self.gw.live_sessions[self.session.id] = self
+        self._early = []
+        if self.kind == "exec":
+            result = await self.session.gate_exec(self.command or "")
+        else:
+            result = await self.session.gate_shell()
+        if self._lost or self._closing:
+            return False
+        if result.allowed:
+            return True
+        self.gw.live_sessions.pop(self.session.id, None)
+        with contextlib.suppress(OSError, asyncssh.Error):
+            self.chan.exit(EXIT_REFUSED)
+        await self.session.end(EXIT_REFUSED, reason=result.reason)
+        return False
+
+    def _flush_early(self) -> None:
+        """Stdin that arrived during the approval wait goes to the command now."""
+        early, self._early = self._early, None
+        if self.target_chan is None or self.session is None:
+            return
+        for chunk in early or ():
+            self.target_chan.write(self.session.from_client(chunk))
+        if self._early_eof:
+            self.target_chan.write_eof()
 
     def _resolve(self, identity: Identity, login: str | None, target_name: str) -> tuple[Any, str]:
         target = self.gw.config.target(target_name)
@@ -260,7 +329,8 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         assert self.chan is not None and self.target_conn is not None
         env = {k: v for k, v in (self.chan.get_environment() or {}).items()
                if env_allowed(k, self.gw.config.env_allowlist)}
-        self.session = Session(self.gw, info)
+        if self.session is None:  # else the approval gate opened it
+            self.session = Session(self.gw, info)
         kwargs: dict[str, Any] = {"env": env, "encoding": None}
         if self.term:
             kwargs.update(term_type=self.term[0], term_size=self.term[1], term_modes=self.term[2])
@@ -273,6 +343,9 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             await self.session.end(None, reason="target refused the session")
             raise
         self.session.recording.on_failure = self._recording_failed
+        # The approval gate of an interactive session writes to the terminal and releases held input.
+        self.session.write_client = self.chan.write
+        self.session.write_target = self.target_chan.write
 
     def _fail(self, message: str) -> None:
         assert self.chan is not None
@@ -302,12 +375,21 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
 
     def data_received(self, data: bytes, datatype: int | None) -> None:
         if self.target_chan is None or self.session is None:
+            if self._early is not None and self.session is not None:  # held by the approval gate
+                if b"\x03" in data and self.session.approval_cancel is not None:
+                    self.session.cancel_approval("cancelled with Ctrl-C")
+                else:
+                    self._early.append(data)
+                    if sum(map(len, self._early)) > EARLY_INPUT_LIMIT and self.chan is not None:
+                        self.chan.pause_reading()  # resumed once the target is open
             return
         self.target_chan.write(self.session.from_client(data))
 
     def eof_received(self) -> bool:
         if self.target_chan is not None:
             self.target_chan.write_eof()
+        elif self._early is not None:
+            self._early_eof = True
         return True  # keep our side open: the target still sends output and the exit status
 
     def break_received(self, msec: int) -> bool:
@@ -334,6 +416,7 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self._resume_target("agent")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
         if self.target_chan is not None:
             self.target_chan.close()
         if self.target_conn is not None:
@@ -392,6 +475,14 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self.gw.live_sessions.pop(self.session.id, None)
         if self.target_conn is not None:
             self.target_conn.close()
+
+
+def _close_unused(future: asyncio.Future[Any]) -> None:
+    """A target connection opened for a command that was then refused: close it."""
+    if future.cancelled():
+        return
+    if future.exception() is None:
+        future.result().close()
 
 
 class TargetChannel(asyncssh.SSHClientSession):  # type: ignore[type-arg]

@@ -1,0 +1,252 @@
+"""Reconstructs the command line of an interactive terminal, the way Warpgate's command
+detector and JumpServer's parser do: a terminal emulator (pyte) is fed with the
+*server's* output, and the keystrokes are used only for three things: where the user
+started typing (the prompt boundary), Enter and Ctrl-C.
+
+* The prompt boundary is the cursor position (and the text left of it: the prompt) when
+  the first key after the last Enter or Ctrl-C is typed.
+* On Enter, the command is the text on screen from the prompt boundary to the end of the
+  input, following soft-wrapped rows; rows that a multi-line (bracketed) paste put on
+  screen are kept as separate lines. Because the screen is read, what the shell *shows*
+  is what counts: history recall (the shell redraws the line), tab completion (the
+  completion is echoed), backspace and cursor editing are all handled for free.
+* When the shell reprinted the prompt elsewhere (a completion listing, Ctrl-L, scrolling),
+  the last row at or above the cursor that starts with the prompt text is used; when no
+  prompt is found, the whole logical line at the cursor, less the last known prompt.
+* While a full-screen program runs (alternate screen, ``ESC [ ? 1049 h``) nothing is
+  parsed; the normal screen is restored when it exits.
+
+pyte is far too slow to see every byte of a large ``cat``: output is buffered and only fed
+to the emulator when a key needs the screen, bounded to the last ``tail_limit``
+characters (what a command line can depend on is the tail of the output). The alternate
+screen switches are found with a regex over the raw text, so they are never missed.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+import time
+from typing import Any
+
+import pyte
+
+_ALT = re.compile(r"\x1b\[\?(?:1049|1047|47)([hl])")
+_ESC_TAIL = re.compile(r"\x1b[\[\]?0-9;]*$")
+
+
+class CommandDetector:
+    def __init__(self, cols: int, rows: int, tail_limit: int = 64 * 1024) -> None:
+        self.cols, self.rows = max(cols, 2), max(rows, 2)
+        self.tail_limit = tail_limit
+        self.screen = pyte.Screen(self.cols, self.rows)
+        self.stream = pyte.Stream(self.screen)
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._pending: list[str] = []
+        self._pending_len = 0
+        self._carry = ""
+        self.alt_screen = False
+        self._saved: tuple[dict[int, dict[int, Any]], int, int] | None = None
+        # (row, column, prompt text) when the user started typing; "blind" when they typed
+        # before any output followed the last Enter (type-ahead, pasted lines).
+        self.boundary: tuple[int, int, str] | None = None
+        self.blind = False
+        self.last_prompt = ""
+        self.last_output = 0.0
+        self.last_enter = 0.0
+        # The lines so far of a command continued with a backslash-newline (set by the gate).
+        self.continuation = ""
+
+    # -- server output -----------------------------------------------------------------
+
+    def output(self, data: bytes) -> None:
+        self.last_output = time.monotonic()
+        text = self._carry + self._decoder.decode(data)
+        self._carry = ""
+        tail = _ESC_TAIL.search(text[-12:])
+        if tail:  # an escape sequence cut in two: keep its start for the next chunk
+            self._carry = tail.group(0)
+            text = text[: len(text) - len(self._carry)]
+        if "\x1b[?" not in text or not _ALT.search(text):
+            if not self.alt_screen:
+                self._add(text)
+            return
+        pos = 0
+        for match in _ALT.finditer(text):
+            if not self.alt_screen:
+                self._add(text[pos:match.start()])
+            if match.group(1) == "h" and not self.alt_screen:
+                self._enter_alt()
+            elif match.group(1) == "l" and self.alt_screen:
+                self._leave_alt()
+            pos = match.end()
+        if not self.alt_screen:
+            self._add(text[pos:])
+
+    def resize(self, cols: int, rows: int) -> None:
+        self._catch_up()
+        self.cols, self.rows = max(cols, 2), max(rows, 2)
+        self.screen.resize(self.rows, self.cols)
+
+    def _add(self, text: str) -> None:
+        if not text:
+            return
+        self._pending.append(text)
+        self._pending_len += len(text)
+        if self._pending_len > 2 * self.tail_limit:
+            self._trim()
+
+    def _trim(self) -> None:
+        joined = "".join(self._pending)[-self.tail_limit:]
+        self._pending = [joined]
+        self._pending_len = len(joined)
+        self.screen.reset()
+
+    def _catch_up(self) -> None:
+        if self._pending_len > self.tail_limit:
+            self._trim()
+        for chunk in self._pending:
+            self.stream.feed(chunk)
+        self._pending.clear()
+        self._pending_len = 0
+
+    def _enter_alt(self) -> None:
+        self._catch_up()
+        buffer = {y: dict(row) for y, row in self.screen.buffer.items()}
+        self._saved = (buffer, self.screen.cursor.x, self.screen.cursor.y)
+        self.alt_screen = True
+        self.boundary = None
+
+    def _leave_alt(self) -> None:
+        self.alt_screen = False
+        if self._saved is not None:
+            buffer, x, y = self._saved
+            self.screen.buffer.clear()
+            for row_y, row in buffer.items():
+                self.screen.buffer[row_y].update(row)
+            self.screen.cursor.x, self.screen.cursor.y = x, y
+            self._saved = None
+        self.boundary = None
+
+    # -- keys ------------------------------------------------------------------------------
+
+    def keys(self, data: bytes) -> None:
+        """Keys forwarded to the server (never an Enter: see :meth:`enter`)."""
+        if self.alt_screen or not data:
+            return
+        if b"\x03" in data:  # Ctrl-C: the shell abandons the line
+            self.boundary = None
+            self.continuation = ""
+            data = data[data.rindex(b"\x03") + 1:]
+            if not data:
+                return
+        if self.boundary is None:
+            self.blind = self.last_output < self.last_enter
+            self._catch_up()
+            x, y = self.screen.cursor.x, self.screen.cursor.y
+            prompt = self.screen.display[y][:x] if not self.blind else ""
+            self.boundary = (y, x, prompt)
+            if prompt.strip() and not self.blind:
+                self.last_prompt = prompt
+
+    def enter(self) -> None:
+        """An Enter went to the server: the next key starts a new command line."""
+        self.boundary = None
+        self.last_enter = time.monotonic()
+
+    def cancel(self) -> None:
+        self.boundary = None
+        self.continuation = ""
+
+    def continue_after(self, line: str) -> None:
+        """Called with each line that went to the shell: a trailing backslash continues it."""
+        self.continuation = self.continuation + line[:-1] if line.endswith("\\") else ""
+
+    def joined(self, line: str) -> str:
+        """``line`` with the lines it continues (``''`` when it continues none)."""
+        return self.continuation + line if self.continuation else ""
+
+    # -- the command line ----------------------------------------------------------------
+
+    def command(self) -> str:
+        """The command line on screen now (several lines for a multi-line paste), '' when
+        nothing was typed since the last Enter or a full-screen program runs."""
+        if self.alt_screen or self.boundary is None:
+            return ""
+        self._catch_up()
+        rows = self.screen.display
+        cy = min(self.screen.cursor.y, self.rows - 1)
+        y0, x0, prompt = self.boundary
+        start: tuple[int, int] | None = None
+        if not self.blind and prompt.strip():
+            for r in range(cy, -1, -1):
+                if rows[r][:x0] == prompt:
+                    start = (r, x0)
+                    break
+        elif not self.blind and y0 <= cy:
+            start = (y0, x0)
+        if start is None:  # no prompt to anchor on: the logical line at the cursor
+            r = cy
+            while r > 0 and _full(rows[r - 1]):
+                r -= 1
+            start = (r, 0)
+        r0, x = start
+        end = r0
+        while end + 1 < len(rows) and _full(rows[end]):
+            end += 1
+        end = max(end, cy)
+        parts: list[str] = []
+        for i in range(r0, end + 1):
+            seg = rows[i][x if i == r0 else 0:]
+            if i < end and _full(rows[i]):
+                parts.append(seg)
+            else:
+                parts.append(seg.rstrip() + ("\n" if i < end else ""))
+        text = "".join(parts)
+        if start[1] == 0 and self.last_prompt.strip():
+            stripped = self.last_prompt.strip()
+            if text.lstrip().startswith(stripped):
+                text = text.lstrip()[len(stripped):]
+        return "\n".join(line.strip() for line in text.strip().split("\n") if line.strip())
+
+
+def _full(row: str) -> bool:
+    return bool(row) and row[-1] != " "
+
+
+class LineEditor:
+    """What the user typed since the last Enter, with the simple line-editing keys applied
+    (backspace, Ctrl-U, Ctrl-W) and other control keys and escape sequences dropped.
+
+    Used as a second opinion when the screen cannot be trusted yet (the shell has not
+    echoed the line: type-ahead behind a running command, pasted lines)."""
+
+    _ESC = re.compile(r"\x1b(\[[0-9;?]*[ -/]*[@-~]|O.|[^\[O])")
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def keys(self, data: bytes) -> None:
+        s = self._ESC.sub("", self._decoder.decode(data).replace("\x1b[200~", "").replace("\x1b[201~", ""))
+        for ch in s:
+            if ch in ("\x7f", "\x08"):
+                if self.text:
+                    self.text.pop()
+            elif ch in ("\x15", "\x03"):
+                self.text.clear()
+            elif ch == "\x17":
+                while self.text and self.text[-1] == " ":
+                    self.text.pop()
+                while self.text and self.text[-1] != " ":
+                    self.text.pop()
+            elif ch == "\t" or ch >= " ":
+                self.text.append(" " if ch == "\t" else ch)
+            elif ch in "\r\n":
+                self.text.append("\n")
+
+    def line(self) -> str:
+        return "\n".join(part.strip() for part in "".join(self.text).split("\n") if part.strip())
+
+    def clear(self) -> None:
+        self.text.clear()

@@ -1,0 +1,234 @@
+"""The approval gate of an interactive terminal session.
+
+Keys go upstream at once, except an Enter: it is held until the command line it would
+run is known (:class:`~bastion.approvals.detector.CommandDetector` reads it from the
+screen once the echo of what was typed has arrived) and decided. Allowed: the Enter goes
+on. Needs approval: the user is told the request id and the approvers, every key is
+dropped except Ctrl-C (which cancels), and the Enter goes on only once approved. Refused,
+timed out or cancelled: the remote line is cleared (Ctrl-E Ctrl-U), the user is told why,
+and whatever followed the Enter (the rest of a paste) is discarded.
+
+Input that arrives while an Enter is held is queued behind it, so a pasted block is
+released line by line, each line checked in turn. A line typed before the shell showed
+its prompt (behind a running command) is checked on the typed text too, since the screen
+cannot show it yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from typing import TYPE_CHECKING
+
+from bastion.approvals.detector import CommandDetector, LineEditor
+
+if TYPE_CHECKING:
+    from bastion.approvals.engine import ApprovalEngine
+    from bastion.session import Session
+
+# The echo of typed keys counts as complete once the output has been quiet this long ...
+QUIET = 0.025
+# ... and is given up on after this long (a prompt that does not echo: the typed text is
+# then checked too).
+MAX_SETTLE = 0.4
+CLEAR_LINE = b"\x05\x15"  # Ctrl-E Ctrl-U: end of line, kill to its start (readline, zle, most REPLs)
+_ENTER = re.compile(rb"[\r\n]")
+_PASTE_MARK = re.compile(rb"\x1b\[20([01])~")
+
+
+class InteractiveGate:
+    def __init__(self, session: Session, engine: ApprovalEngine, cols: int, rows: int) -> None:
+        self.session = session
+        self.engine = engine
+        self.det = CommandDetector(cols, rows)
+        self.editor = LineEditor()
+        self.waiting = False
+        self.last_key = 0.0
+        self._queue = bytearray()
+        self._task: asyncio.Task[None] | None = None
+        self._in_paste = False
+        self._hidden = False
+        self._dropped = 0
+        self._interrupted = False
+        self._output = asyncio.Event()
+
+    # -- from the front door, through the Session ---------------------------------------------
+
+    def output(self, data: bytes) -> None:
+        self.det.output(data)
+        self._output.set()
+
+    def resize(self, cols: int, rows: int) -> None:
+        self.det.resize(cols, rows)
+
+    def drop(self, data: bytes) -> None:
+        """Input while a request waits: dropped, but Ctrl-C cancels the request."""
+        if b"\x03" in data:
+            self.session.cancel_approval("cancelled with Ctrl-C")
+        self._dropped += len(data) - data.count(b"\x03")
+
+    def input(self, data: bytes, hidden: bool = False) -> bytes:
+        """Keys from the agent; returns what goes upstream now (the rest is held)."""
+        if self._task is not None:  # an Enter is held: keep order behind it
+            if b"\x03" in data:
+                self._interrupted = True
+                self._queue.clear()
+                return b""
+            self._queue += data
+            return b""
+        if self.det.alt_screen:
+            return data  # a full-screen program: not parsed
+        i = self._find_enter(data)
+        if i < 0:
+            self._keys(data)
+            return data
+        head = data[:i]
+        self._keys(head)
+        self._queue += data[i:]
+        self._hidden = hidden
+        self._task = asyncio.create_task(self._drain(), name=f"approval-gate-{self.session.id}")
+        return head
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _find_enter(self, data: bytes | bytearray) -> int:
+        """Index of the first Enter outside a bracketed paste, or -1."""
+        if not self._in_paste and b"\x1b[20" not in data:
+            m = _ENTER.search(data)
+            return m.start() if m else -1
+        in_paste = self._in_paste
+        pos = 0
+        while True:
+            mark = _PASTE_MARK.search(data, pos)
+            stop = mark.start() if mark else len(data)
+            if not in_paste:
+                m = _ENTER.search(data, pos, stop)
+                if m:
+                    return m.start()
+            if mark is None:
+                return -1
+            in_paste = mark.group(1) == b"0"
+            pos = mark.end()
+
+    def _keys(self, data: bytes, send: bool = False) -> None:
+        if not data:
+            return
+        for mark in _PASTE_MARK.finditer(data):
+            self._in_paste = mark.group(1) == b"0"
+        self.det.keys(data)
+        self.editor.keys(data)
+        self.last_key = time.monotonic()
+        if send:
+            self.session.send_upstream(data)
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                if self.det.alt_screen:
+                    rest = bytes(self._queue)
+                    self._queue.clear()
+                    self.session.send_upstream(rest)
+                    break
+                enter = bytes(self._queue[:1])
+                del self._queue[:1]
+                allowed, reason = await self._decide()
+                self.det.enter()
+                self.editor.clear()
+                if allowed:
+                    self.session.send_upstream(enter)
+                else:
+                    await self._refuse(reason)
+                    continue
+                if self._queue:
+                    i = self._find_enter(self._queue)
+                    chunk = bytes(self._queue if i < 0 else self._queue[:i])
+                    del self._queue[:len(chunk)]
+                    self._keys(chunk, send=True)
+        finally:
+            self._task = None
+
+    async def _decide(self) -> tuple[bool, str]:
+        hidden, self._hidden = self._hidden, False
+        typed = self.editor.line()
+        if self.det.boundary is None and not typed:
+            return True, ""  # an empty line
+        settled = await self._settle(typed)
+        if self._interrupted:
+            self._interrupted = False
+            return False, "cancelled with Ctrl-C before the command was sent"
+        if self.det.alt_screen:
+            return True, ""
+        screen = self.det.command()
+        if not screen and not typed:
+            return True, ""
+        # The typed text is a second opinion only where the screen cannot be trusted; when the
+        # terminal did not echo (a password), it is checked but never recorded unless it matches.
+        also = (typed,) if typed and typed != screen and (not settled or self.det.blind or not screen) else ()
+        if self.det.joined(screen):  # the rest of a line continued with a backslash
+            also = (*also, self.det.joined(screen))
+        self.waiting = True
+        self._dropped = 0
+        try:
+            result = await self.engine.check(self.session, screen, "interactive", also=also,
+                                             record=not (hidden and not screen))
+        finally:
+            self.waiting = False
+            if self._dropped:
+                self.session.marker("input-dropped", length=self._dropped,
+                                    reason="typed while a command waited for approval")
+        if result.allowed:
+            if result.outcome == "approved":
+                self.session.say(f"guarita: {result.reason}")
+            self.det.continue_after(screen)
+            return True, ""
+        self.det.continuation = ""
+        return False, result.reason
+
+    async def _settle(self, typed: str) -> bool:
+        """Wait until the echo of what was typed has arrived (see QUIET, MAX_SETTLE)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + MAX_SETTLE
+        while True:
+            last_output = self.det.last_output
+            if last_output > self.last_key:
+                if time.monotonic() - last_output >= QUIET:
+                    return True
+                if typed and self.det.command().endswith(typed):
+                    return True
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            self._output.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._output.wait(), min(remaining, QUIET))
+
+    async def _refuse(self, reason: str) -> None:
+        """Clear the remote line, tell the user why, drop the rest of a paste, show a prompt."""
+        discarded = len(self._queue)
+        self._queue.clear()
+        self.session.send_upstream(CLEAR_LINE)
+        tail = f" ({discarded} bytes typed or pasted after it were discarded)" if discarded else ""
+        self.session.say(f"guarita: {reason}{tail}")
+        # Let the shell erase its line (on the row under the message), then show its prompt
+        # again there: the shell and the user's terminal agree on the cursor once more.
+        sent = time.monotonic()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + MAX_SETTLE
+        while loop.time() < deadline:
+            if self.det.last_output > sent and time.monotonic() - self.det.last_output >= QUIET:
+                break
+            self._output.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._output.wait(), QUIET)
+        self.det.enter()
+        self.editor.clear()
+        if self.det.last_prompt:
+            self.session.to_client(b"\r" + self.det.last_prompt.encode())

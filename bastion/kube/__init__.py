@@ -1,0 +1,1 @@
+"""The Kubernetes front door: kubectl through guarita (see docs/kubernetes.md)."""

@@ -1,0 +1,313 @@
+"""The Kubernetes front door: ``kubectl`` -> ``https://bastion:8443/clusters/NAME/...``.
+
+HTTPS only. Each request: the path is checked (``/clusters/NAME/`` and nothing that
+could be read two ways), the caller's bearer JWT is verified, policy decides whether
+this identity may reach this cluster and namespace, every client ``Authorization`` and
+``Impersonate-*`` header is dropped, and the request goes to the API server with the
+gateway's own credentials plus ``Impersonate-User`` / ``Impersonate-Group``. Bodies
+stream both ways without buffering (watches, ``logs -f``). ``exec``, ``attach`` and
+``portforward`` are handed to bastion.kube.exec. Every refusal is a ``Status`` object
+kubectl prints; nothing here ever answers with a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from bastion.config import ClusterConfig
+from bastion.identity import AuthError, Identity
+from bastion.kube.policy import PathError, authorize_kube, parse_path, reachable_clusters
+from bastion.kube.status import status_response, wants_text_errors
+from bastion.kube.tls import ensure_server_cert, server_context, server_names
+from bastion.kube.upstream import ClusterUpstream, UpstreamConfigError
+
+if TYPE_CHECKING:
+    from bastion.gateway import Gateway
+    from bastion.kube.policy import KubeRequest
+
+log = logging.getLogger("guarita.kube")
+
+BEARER_PROTOCOL = "base64url.bearer.authorization.k8s.io."
+# Request headers never forwarded: hop-by-hop ones, the caller's credentials, and every
+# header that asks the API server to act as someone else or trusts a front proxy.
+_DROP_REQUEST = {"connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
+                 "te", "trailer", "transfer-encoding", "upgrade", "host", "authorization", "cookie",
+                 "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "forwarded", "x-real-ip",
+                 "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
+                 "sec-websocket-protocol", "content-length"}
+_DROP_PREFIXES = ("impersonate-", "x-remote-")
+_DROP_RESPONSE = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "trailer",
+                  "te", "set-cookie"}
+
+
+class Refused(Exception):
+    """A request the gateway answers itself with a Status."""
+
+    def __init__(self, code: int, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+
+
+def smuggled_headers(headers: Any) -> list[str]:
+    """Names of client headers that try to impersonate or pose as a front proxy."""
+    return sorted({k for k in headers if k.lower().startswith(_DROP_PREFIXES)})
+
+
+def forward_headers(headers: Any) -> CIMultiDict[str]:
+    listed = {h.strip().lower() for v in headers.getall("Connection", []) for h in v.split(",")}
+    out: CIMultiDict[str] = CIMultiDict()
+    for key, value in headers.items():
+        low = key.lower()
+        if low in _DROP_REQUEST or low in listed or low.startswith(_DROP_PREFIXES):
+            continue
+        out.add(key, value)
+    return out
+
+
+def impersonation(cluster: ClusterConfig, identity: Identity) -> list[tuple[str, str]]:
+    """``Impersonate-User`` and one ``Impersonate-Group`` per group of the identity."""
+    user = cluster.user_prefix + identity.subject
+    if not cluster.user_prefix and user.startswith("system:"):
+        raise Refused(403, f"guarita: the subject {identity.subject!r} starts with 'system:', a prefix Kubernetes "
+                           "reserves for itself; set user_prefix on the cluster to use it")
+    values = [("Impersonate-User", user)]
+    for group in identity.groups:
+        name = cluster.group_prefix + group
+        if not cluster.group_prefix and name.startswith("system:"):
+            continue  # never let an identity provider's group name become a Kubernetes built-in group
+        values.append(("Impersonate-Group", name))
+    for _, value in values:
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+            raise Refused(403, "guarita: the identity's subject or groups contain control characters")
+    return values
+
+
+def bearer_token(request: web.BaseRequest) -> str | None:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    # Browser clients cannot set headers on a WebSocket: the API server accepts the token
+    # as a subprotocol "base64url.bearer.authorization.k8s.io.<base64url token>".
+    for proto in _header_list(request.headers, "Sec-WebSocket-Protocol"):
+        if proto.startswith(BEARER_PROTOCOL):
+            encoded = proto[len(BEARER_PROTOCOL):]
+            try:
+                return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
+            except (binascii.Error, UnicodeDecodeError):
+                return None
+    return None
+
+
+def _header_list(headers: Any, name: str) -> list[str]:
+    return [p.strip() for v in headers.getall(name, []) for p in v.split(",") if p.strip()]
+
+
+def source_of(request: web.BaseRequest) -> str:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    return f"{peer[0]}:{peer[1]}" if peer else (request.remote or "?")
+
+
+class KubeFrontDoor:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gw = gateway
+        self.upstreams = {c.name: ClusterUpstream(c) for c in gateway.config.clusters}
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+        self.ca_pem: bytes = b""
+        self.relays: set[Any] = set()  # live port-forward relays (closed at shutdown)
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        config = self.gw.config
+        for name, upstream in self.upstreams.items():
+            try:
+                await upstream.start()
+            except UpstreamConfigError as exc:
+                raise RuntimeError(f"cluster {name}: {exc}") from None
+        if config.kube_tls_cert and config.kube_tls_key:
+            cert, key = config.kube_tls_cert, config.kube_tls_key
+            self.ca_pem = cert.read_bytes()
+        else:
+            names = server_names(config.kube_listen[0], config.kube_server_names)
+            cert, key, self.ca_pem = await asyncio.to_thread(ensure_server_cert, config.data_dir, names)
+        context = server_context(cert, key)
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app, access_log=None, handler_cancellation=True, auto_decompress=False,
+                                    max_line_size=65536, max_field_size=65536, shutdown_timeout=2.0)
+        await self.runner.setup()
+        host, port = config.kube_listen
+        site = web.TCPSite(self.runner, host, port, ssl_context=context)
+        await site.start()
+        server = site._server  # noqa: SLF001 - the only way to learn the port when 0 was asked
+        sockets = getattr(server, "sockets", None)
+        self.port = sockets[0].getsockname()[1] if sockets else port
+
+    async def stop(self) -> None:
+        for relay in list(self.relays):
+            await relay.close("gateway shutting down")
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        for upstream in self.upstreams.values():
+            await upstream.close()
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # -- every request ------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
+        source = source_of(request)
+        try:
+            req = parse_path(request.raw_path)
+        except PathError as exc:
+            self.gw.audit.emit("kube.refused", reason="bad_path", path=request.raw_path[:300], source=source,
+                               detail=str(exc))
+            return status_response(400, f"guarita: {exc}")
+        text = wants_text_errors(request.headers.get("Accept", ""), req.discovery)
+        token = bearer_token(request)
+        try:
+            if token is None:
+                raise AuthError("missing_token", "no bearer token")
+            identity = await self.gw.verifier.verify(token, method="bearer")
+        except AuthError as exc:
+            self.gw.audit.emit("auth.failure", method="bearer", front_door="kube", source=source,
+                               cluster=req.cluster, reason=exc.reason, detail=str(exc))
+            return status_response(401, _auth_message(exc), text=text)
+        smuggled = smuggled_headers(request.headers)
+        if smuggled:
+            # Dropped below either way; the attempt itself belongs in the audit log.
+            self.gw.audit.emit("kube.impersonation_stripped", subject=identity.subject, source=source,
+                               cluster=req.cluster, headers=smuggled)
+        try:
+            response = await self._dispatch(request, identity, req, source)
+        except Refused as exc:
+            response = status_response(exc.code, str(exc), exc.reason, text=text)
+        if not isinstance(response, web.WebSocketResponse):
+            self.gw.audit.emit("kube.request", subject=identity.subject, source=source, cluster=req.cluster,
+                               method=request.method, path=req.raw_path[:500], namespace=req.namespace,
+                               resource=req.resource, status=response.status,
+                               duration=round(time.monotonic() - started, 3))
+        return response
+
+    async def _dispatch(self, request: web.Request, identity: Identity, req: KubeRequest,
+                        source: str) -> web.StreamResponse:
+        cluster = self.gw.config.cluster(req.cluster)
+        if cluster is None:
+            known = reachable_clusters(self.gw.config, identity)
+            hint = f" (clusters you may use: {', '.join(known)})" if known else ""
+            raise Refused(404, f"guarita: no cluster named {req.cluster!r}{hint}")
+        decision = authorize_kube(self.gw.config, identity, req)
+        if not decision.allowed:
+            event = "kube.portforward.denied" if req.needs_port_forward else "kube.denied"
+            self.gw.audit.emit(event, subject=identity.subject, source=source, cluster=req.cluster,
+                               namespace=req.namespace, method=request.method, path=req.raw_path[:500],
+                               reason=decision.reason, ports=request.query.getall("ports", None))
+            raise Refused(403, decision.reason)
+        upstream = self.upstreams[cluster.name]
+        from bastion.kube import exec as kexec
+
+        if req.streaming in ("exec", "attach"):
+            return await kexec.handle_exec(self, request, identity, req, cluster, upstream, source)
+        if req.streaming == "portforward":
+            return await kexec.handle_portforward(self, request, identity, req, cluster, upstream, source)
+        if "upgrade" in request.headers.get("Connection", "").lower() or request.headers.get("Upgrade"):
+            raise Refused(400, "guarita: protocol upgrades (WebSocket, SPDY) are relayed only for exec, attach and "
+                               "port-forward")
+        return await self.proxy(request, identity, req, cluster, upstream)
+
+    # -- plain requests, watches and logs ------------------------------------------------
+
+    async def proxy(self, request: web.Request, identity: Identity, req: KubeRequest, cluster: ClusterConfig,
+                    upstream: ClusterUpstream) -> web.StreamResponse:
+        creds = upstream.current()
+        headers = forward_headers(request.headers)
+        for key, value in (*creds.auth_headers().items(), *impersonation(cluster, identity)):
+            headers.add(key, value)
+        headers["X-Forwarded-For"] = request.remote or ""
+        query = request.raw_path.partition("?")[2]
+        url = URL(creds.server + req.raw_path + (f"?{query}" if query else ""), encoded=True)
+        body: Any = None
+        if request.body_exists:
+            body = request.content.iter_chunked(256 * 1024)
+            if request.content_length is not None:
+                headers["Content-Length"] = str(request.content_length)
+        assert upstream.session is not None
+        try:
+            async with asyncio.timeout(cluster.response_timeout):
+                resp = await upstream.session.request(request.method, url, headers=headers, data=body,
+                                                      ssl=creds.ssl, server_hostname=creds.server_hostname,
+                                                      allow_redirects=False)
+        except TimeoutError:
+            raise Refused(504, f"guarita: the API server of cluster {cluster.name!r} did not answer within "
+                               f"{cluster.response_timeout:g}s") from None
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise Refused(502, f"guarita: the API server of cluster {cluster.name!r} has a certificate the "
+                               f"gateway does not trust: {exc.certificate_error}") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise Refused(502, f"guarita: cannot reach the API server of cluster {cluster.name!r}: "
+                               f"{_short(exc)}") from None
+        try:
+            out = web.StreamResponse(status=resp.status, reason=resp.reason)
+            for key, value in resp.headers.items():
+                if key.lower() not in _DROP_RESPONSE:
+                    out.headers.add(key, value)
+            await out.prepare(request)
+            try:
+                async for chunk in resp.content.iter_any():
+                    await out.write(chunk)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                # Headers are gone already: the only honest signal left is a cut connection.
+                log.info("cluster %s: upstream stream ended: %s", cluster.name, _short(exc))
+                if request.transport is not None:
+                    request.transport.close()
+                return out
+            await out.write_eof()
+            return out
+        finally:
+            resp.release()
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.split())[:300]
+
+
+def _auth_message(exc: AuthError) -> str:
+    if exc.reason == "missing_token":
+        return ("guarita: no bearer token: use a kubeconfig from `bastion kubeconfig`, whose credential plugin "
+                "is `bastion token --exec-credential`")
+    if exc.reason == "expired":
+        return "guarita: the bearer token has expired: get a fresh one"
+    return "guarita: the bearer token was not accepted"
+
+
+async def start_kube(gateway: Gateway) -> KubeFrontDoor:
+    door = KubeFrontDoor(gateway)
+    try:
+        await door.start()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await door.stop()
+        raise
+    return door

@@ -1,0 +1,293 @@
+"""Approvals without processes: rule parsing and matching, the interactive command
+detector fed with real terminal byte sequences, and the state store on SQLite."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bastion.approvals.detector import CommandDetector, LineEditor
+from bastion.approvals.rules import ApprovalPolicy, Context, parse_policy
+from bastion.config import ConfigError, _Reader
+from bastion.identity import Identity
+from bastion.state import Conflict, NotFound, open_state
+
+ALICE = Identity(issuer="https://idp", subject="alice", groups=("dev",), claims={"repository": "org/app"})
+BOB = Identity(issuer="https://idp", subject="bob", groups=("sre",))
+
+
+def policy(raw: dict[str, Any]) -> ApprovalPolicy:
+    problems: list[tuple[str, str]] = []
+    result = parse_policy(_Reader(problems, Path(".")), raw)
+    if problems:
+        raise ConfigError(problems)
+    return result
+
+
+def ctx(identity: Identity = ALICE, door: str = "ssh", target: str = "db-1", namespace: str | None = None) -> Context:
+    return Context(identity=identity, front_door=door, target=target, namespace=namespace)
+
+
+# -- rules -----------------------------------------------------------------------------------
+
+
+def test_first_match_wins_and_default_applies() -> None:
+    p = policy({"approvals": [
+        {"name": "ls ok", "pattern": r"^ls\b", "action": "allow"},
+        {"name": "rm", "pattern": r"\brm\s+-\w*r", "approvers": ["sre"]},
+        {"name": "all ls", "pattern": "ls", "action": "deny"},
+    ], "approval_defaults": {"action": "allow"}})
+    assert p.command_verdict(ctx(), "ls -l").rule_name == "ls ok"
+    assert p.command_verdict(ctx(), "cd / && rm -rf data").action == "approve"
+    assert p.command_verdict(ctx(), "echo ls").action == "deny"
+    assert p.command_verdict(ctx(), "uptime").action == "allow"
+    assert p.command_verdict(ctx(), "uptime").rule is None
+
+
+def test_argv_prefix_matches_each_simple_command() -> None:
+    p = policy({"approvals": [{"name": "drop", "argv_prefix": ["psql", "-c"], "approvers": ["dba"]},
+                              {"name": "kubectl delete", "argv_prefix": ["kubectl", "delete"], "action": "deny"}]})
+    for command in ("psql -c 'drop table x'", "cd /tmp; psql -c x", "sudo psql -c x", "env A=1 psql -c y",
+                    "/usr/bin/psql -c z", "true && psql   -c  w"):
+        assert p.command_verdict(ctx(), command).action == "approve", command
+    assert p.command_verdict(ctx(), "psql -l").action == "allow"
+    assert p.command_verdict(ctx(door="kube"), "x", argv=["kubectl", "delete", "pod"]).action == "deny"
+
+
+def test_scopes() -> None:
+    p = policy({"approvals": [
+        {"name": "prod dbs for dev", "pattern": "psql", "targets": ["db-*"], "groups": ["dev"], "approvers": ["sre"]},
+        {"name": "kube prod ns", "pattern": "rm", "clusters": ["prod"], "namespaces": ["pay*"], "action": "deny"},
+        {"name": "ci repo", "pattern": "deploy", "claims": {"repository": "org/*"}, "action": "deny"},
+    ]})
+    assert p.command_verdict(ctx(), "psql").action == "approve"
+    assert p.command_verdict(ctx(target="web-1"), "psql").action == "allow"
+    assert p.command_verdict(ctx(BOB), "psql").action == "allow"
+    assert p.command_verdict(ctx(door="kube", target="prod", namespace="payments"), "rm x").action == "deny"
+    assert p.command_verdict(ctx(door="kube", target="prod", namespace="web"), "rm x").action == "allow"
+    assert p.command_verdict(ctx(door="ssh", target="prod"), "rm x").action == "allow"
+    assert p.command_verdict(ctx(), "deploy now").action == "deny"
+    assert p.command_verdict(ctx(BOB), "deploy now").action == "allow"
+
+
+def test_shell_rules() -> None:
+    p = policy({"approvals": [{"name": "agents", "groups": ["dev"], "shell": "approve", "approvers": ["sre"]}],
+                "approval_defaults": {"shell": "deny"}})
+    assert p.shell_verdict(ctx()).action == "approve"
+    assert p.shell_verdict(ctx(BOB)).action == "deny"
+    assert p.command_verdict(ctx(), "anything").action == "allow"  # shell rules never match commands
+
+
+def test_normalised_spellings_match() -> None:
+    p = policy({"approvals": [{"name": "rm", "pattern": r"rm -rf /", "action": "deny"}]})
+    for command in ('rm  -rf   /', "rm '-rf' /", 'rm "-rf" /', "ｒｍ -rf /"):
+        assert p.command_verdict(ctx(), command).action == "deny", command
+
+
+@pytest.mark.parametrize("raw, key, message", [
+    ({"approvals": [{"pattern": "rm (-rf"}]}, "approvals[0].pattern", "invalid regular expression"),
+    ({"approvals": [{"pattern": "x", "action": "maybe", "approvers": ["a"]}]}, "approvals[0].action", "must be one of"),
+    ({"approvals": [{"pattern": "x"}]}, "approvals[0].approvers", "needs approver groups"),
+    ({"approvals": [{"pattern": "x", "argv_prefix": ["x"], "approvers": ["a"]}]}, "approvals[0]", "exactly one of"),
+    ({"approvals": [{"pattern": "x", "approvers": ["a"], "min_approvals": 0}]}, "approvals[0].min_approvals", ""),
+    ({"approvals": [{"pattern": "x", "approvers": ["a"], "timeout": "forever"}]}, "approvals[0].timeout", ""),
+    ({"approvals": [{"pattern": "x", "approvers": ["a"], "colour": "red"}]}, "approvals[0].colour", "unknown key"),
+    ({"approval_defaults": {"action": "approve"}}, "approval_defaults.approvers", ""),
+    ({"webhooks": [{"url": "ftp://x", "format": "teams"}]}, "webhooks[0].url", ""),
+    ({"approvals": {"pattern": "x"}}, "approvals", "[[approvals]]"),
+])
+def test_bad_rules_name_the_key(raw: dict[str, Any], key: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        policy(raw)
+    assert any(k == key and message in m for k, m in info.value.problems), info.value.problems
+
+
+# -- detector -------------------------------------------------------------------------------
+
+
+def type_keys(d: CommandDetector, keys: bytes, echo: bytes | None = None) -> None:
+    d.keys(keys)
+    d.output(keys if echo is None else echo)
+
+
+def prompt(d: CommandDetector, text: bytes = b"[gw]$ ") -> None:
+    d.output(b"\r\n" + text)
+
+
+def test_detector_typed_backspace_history_and_ctrl_c() -> None:
+    d = CommandDetector(80, 24)
+    d.output(b"Welcome\r\n")
+    prompt(d)
+    for ch in b"rm -rf /tnp":
+        type_keys(d, bytes([ch]))
+    type_keys(d, b"\x7f\x7f", b"\x08\x1b[K\x08\x1b[K")  # bash erases with BS + EL
+    type_keys(d, b"mp")
+    assert d.command() == "rm -rf /tmp"
+    d.enter()
+    prompt(d)
+    type_keys(d, b"\x1b[A", b"rm -rf /tmp")  # history: the shell draws the line
+    assert d.command() == "rm -rf /tmp"
+    type_keys(d, b"\x03", b"^C")
+    assert d.command() == ""
+    prompt(d)
+    type_keys(d, b"ls")
+    assert d.command() == "ls"
+
+
+def test_detector_soft_wrap_and_tab_listing() -> None:
+    d = CommandDetector(30, 10)
+    prompt(d)
+    line = b"echo " + b"a" * 40 + b" && rm -rf /x"
+    type_keys(d, line)
+    assert d.command() == line.decode()
+    d.enter()
+    d.output(b"\r\n")
+    prompt(d)
+    type_keys(d, b"cat /etc/pa")
+    type_keys(d, b"\t\t", b"\r\npasswd  passwd-\r\n[gw]$ cat /etc/passwd")
+    assert d.command() == "cat /etc/passwd"
+
+
+def test_detector_cursor_moved_left_and_clear_screen() -> None:
+    d = CommandDetector(40, 10)
+    prompt(d)
+    type_keys(d, b"echo hi")
+    type_keys(d, b"\x1b[D\x1b[D", b"\x08\x08")
+    assert d.command() == "echo hi"
+    type_keys(d, b"\x0c", b"\x1b[H\x1b[2J[gw]$ echo hi\x08\x08")  # Ctrl-L redraws at the top
+    assert d.command() == "echo hi"
+
+
+def test_detector_alternate_screen_is_not_parsed() -> None:
+    d = CommandDetector(40, 10)
+    prompt(d)
+    type_keys(d, b"vim x")
+    d.enter()
+    d.output(b"\r\n\x1b[?1049h\x1b[H\x1b[2J~\r\n~ rm -rf /\r\n")
+    assert d.alt_screen
+    d.keys(b":wq")
+    assert d.command() == ""
+    d.output(b"\x1b[?10")  # a switch cut in two chunks
+    d.output(b"49l")
+    assert not d.alt_screen
+    prompt(d)
+    type_keys(d, b"ls")
+    assert d.command() == "ls"
+
+
+def test_detector_blind_typeahead_and_bracketed_paste() -> None:
+    d = CommandDetector(60, 10)
+    prompt(d)
+    type_keys(d, b"sleep 1")
+    d.enter()
+    d.keys(b"rm -rf /x")  # typed before the shell answered: no prompt to anchor on
+    assert d.blind
+    d.output(b"\r\n[gw]$ rm -rf /x")
+    assert d.command() == "rm -rf /x"
+    d.enter()
+    d.output(b"\r\n")
+    prompt(d)
+    type_keys(d, b"\x1b[200~echo a\recho b\x1b[201~", b"echo a\r\necho b")
+    assert d.command() == "echo a\necho b"
+
+
+def test_detector_large_output_is_bounded() -> None:
+    d = CommandDetector(80, 24, tail_limit=4096)
+    prompt(d)
+    type_keys(d, b"cat big")
+    d.enter()
+    for _ in range(200):
+        d.output(b"x" * 1000 + b"\r\n")
+    assert d._pending_len <= 2 * 4096
+    prompt(d)
+    type_keys(d, b"uptime")
+    assert d.command() == "uptime"
+
+
+def test_line_editor() -> None:
+    e = LineEditor()
+    e.keys(b"rm -rf /tmpx\x7f \x17ls\x1b[D -l")
+    assert e.line() == "rm -rf ls -l"
+    e.keys(b"\x15echo ok")
+    assert e.line() == "echo ok"
+
+
+# -- state store ------------------------------------------------------------------------------
+
+
+def request_values(**kw: Any) -> dict[str, Any]:
+    return {"session_id": "s1", "requester": ALICE.to_dict(), "requester_issuer": ALICE.issuer,
+            "requester_subject": ALICE.subject, "front_door": "ssh", "kind": "exec", "target": "db-1",
+            "command": "rm -rf /", "rule": "r", "approver_groups": ["sre"], "min_approvals": 2,
+            "expires": time.time() + 60, **kw}
+
+
+def test_state_store_sqlite(tmp_path: Path) -> None:
+    async def main() -> None:
+        st = open_state(f"sqlite:///{tmp_path}/state.db", "test")
+        await st.start()
+        try:
+            r = await st.create_request(request_values())
+            assert r["status"] == "pending" and len(r["id"]) == 10
+            a = await st.decide(r["id"], {"issuer": "i", "subject": "bob"}, "approve", "one")
+            assert a["status"] == "pending"
+            with pytest.raises(Conflict):
+                await st.decide(r["id"], {"issuer": "i", "subject": "bob"}, "approve", "again")
+            waiter = asyncio.create_task(st.wait_request(r["id"], 10))
+            await asyncio.sleep(0)
+            t0 = time.monotonic()
+            await st.decide(r["id"], {"issuer": "i", "subject": "carol"}, "approve", "two")
+            done = await waiter
+            assert done["status"] == "approved" and time.monotonic() - t0 < 0.5
+            assert [d["approver"]["subject"] for d in done["decisions"]] == ["bob", "carol"]
+            with pytest.raises(Conflict):
+                await st.decide(r["id"], {"issuer": "i", "subject": "dave"}, "deny", "late")
+            with pytest.raises(NotFound):
+                await st.decide("nope", {"issuer": "i", "subject": "dave"}, "deny", "x")
+            # Timeouts and cancels never turn into approvals.
+            r2 = await st.create_request(request_values(min_approvals=1))
+            assert (await st.wait_request(r2["id"], 0.05))["status"] == "pending"
+            assert (await st.finish_request(r2["id"], "expired", "slow"))["status"] == "expired"
+            with pytest.raises(Conflict):
+                await st.decide(r2["id"], {"issuer": "i", "subject": "bob"}, "approve", "late")
+            # A request of a replica that is gone is expired at the next sweep.
+            r3 = await st.create_request(request_values(replica_id="dead-replica"))
+            assert [x["id"] for x in await st.expire_orphans()] == [r3["id"]]
+            assert (await st.get_request(r3["id"]))["status_reason"].startswith("the gateway holding")
+            await st.add_command("s1", 1.5, "ls -l", "allowed")
+            assert [c["command"] for c in await st.search_commands("ls")] == ["ls -l"]
+            await st.add_live_session({"id": "s1", "identity": ALICE.to_dict(), "subject": "alice",
+                                       "front_door": "ssh", "target": "db-1"})
+            await st.update_live_sessions([("s1", 10, 20)])
+            assert [(s["id"], s["bytes_out"]) for s in await st.list_live_sessions()] == [("s1", 20)]
+        finally:
+            await st.close()
+        # A restart keeps every request, pending ones of the earlier run become expired.
+        st2 = open_state(f"sqlite:///{tmp_path}/state.db", "test")
+        await st2.start()
+        try:
+            r4 = await st2.create_request(request_values())
+            await st2.close()
+            st3 = open_state(f"sqlite:///{tmp_path}/state.db", "test")
+            await st3.start()
+            assert [x["id"] for x in await st3.expire_orphans()] == [r4["id"]]
+            assert len(await st3.list_requests()) == 4
+            await st3.close()
+        finally:
+            await st2.close()
+
+    asyncio.run(main())
+
+
+def test_state_url_errors() -> None:
+    from bastion.state import StateError, engine_url
+
+    assert engine_url("sqlite:////tmp/x.db")[0] == "sqlite"
+    assert engine_url("postgresql://u@h:5432/db")[1].startswith("postgresql+asyncpg://")
+    for bad in ("mysql://x/y", "sqlite://", "nonsense"):
+        with pytest.raises(StateError):
+            engine_url(bad)
