@@ -266,11 +266,6 @@ def test_stdin_eof_reaches_the_target(gateway: GatewayProcess, oidc: OIDCProvide
     assert stream_bytes(events, "o") == r.stdout
 
 
-@pytest.mark.xfail(strict=True, raises=subprocess.TimeoutExpired, reason=(
-    "product bug: bastion/ssh/frontdoor.py AgentChannel.session_started() pauses the channel, "
-    "but asyncssh calls resume_reading() right after session_started() returns, so stdin data "
-    "and EOF that arrive before the target session is open reach data_received()/eof_received() "
-    "with target_chan None and are dropped: 'ssh gw wc -c < file' hangs forever"))
 def test_stdin_sent_at_once_is_not_lost(gateway: GatewayProcess, oidc: OIDCProvider,
                                         targets: Targets) -> None:
     r = run_ssh([*dest(gateway, f"{targets.login}@web-key"), "wc -c"], token=oidc.token("agent-sre"),

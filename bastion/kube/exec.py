@@ -273,6 +273,9 @@ class KubeStream:
             self.session.recording.on_failure = self._recording_failed
             self.gw.live_sessions[self.session.id] = self
             await self._run_session()
+        except asyncio.CancelledError:  # the client went away (aiohttp cancels the handler)
+            self._end_reason = self._end_reason or "client disconnected"
+            raise
         except Exception:  # after the upgrade the only way to tell kubectl is a Status
             log.exception("kube %s on %s/%s/%s failed", self.kind, self.cluster.name, self.req.namespace,
                           self.req.name)

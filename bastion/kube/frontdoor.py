@@ -45,7 +45,7 @@ _DROP_REQUEST = {"connection", "keep-alive", "proxy-connection", "proxy-authenti
                  "te", "trailer", "transfer-encoding", "upgrade", "host", "authorization", "cookie",
                  "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "forwarded", "x-real-ip",
                  "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
-                 "sec-websocket-protocol", "content-length"}
+                 "sec-websocket-protocol", "content-length", "expect"}
 _DROP_PREFIXES = ("impersonate-", "x-remote-")
 _DROP_RESPONSE = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "trailer",
                   "te", "set-cookie"}

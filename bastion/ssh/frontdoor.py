@@ -183,7 +183,9 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self._paused: set[str] = set()
         self._closing = False
         # Input that arrives while an approval gate holds the session (kept for the command).
-        self._early: list[bytes] | None = None
+        # Stdin and EOF that arrive before the target session is open (asyncssh resumes
+        # reading right after session_started, whatever we asked): kept, then replayed.
+        self._early: list[bytes] | None = []
         self._early_eof = False
         self._lost = False
 
@@ -282,7 +284,6 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self.session = Session(self.gw, info)
         self.session.write_client = self.chan.write_stderr
         self.gw.live_sessions[self.session.id] = self
-        self._early = []
         if self.kind == "exec":
             result = await self.session.gate_exec(self.command or "")
         else:
@@ -375,8 +376,8 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
 
     def data_received(self, data: bytes, datatype: int | None) -> None:
         if self.target_chan is None or self.session is None:
-            if self._early is not None and self.session is not None:  # held by the approval gate
-                if b"\x03" in data and self.session.approval_cancel is not None:
+            if self._early is not None:  # target not open yet, or a command waits for approval
+                if b"\x03" in data and self.session is not None and self.session.approval_cancel is not None:
                     self.session.cancel_approval("cancelled with Ctrl-C")
                 else:
                     self._early.append(data)

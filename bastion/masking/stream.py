@@ -1,0 +1,572 @@
+"""Masking a terminal byte stream incrementally, with a bounded held-back tail.
+
+The model
+---------
+The output of a terminal is split into *visible* bytes and *escape sequences* (CSI
+``ESC [ ... final``, and two/three-byte escapes such as ``ESC ( B`` or ``ESC ]``). Escape
+sequences are invisible to detection: ``123.\\x1b[31m456\\x1b[0m.789-09`` is seen as
+``123.456.789-09``; they are kept in the output while the visible characters around them
+are replaced. The payload of an OSC (window title, hyperlink) is visible text.
+
+The visible bytes form *segments*. A segment ends (a value can never span the break):
+
+* where more than ``escape_gap`` bytes of escape sequences separate two visible bytes,
+* on entering or leaving the alternate screen (``ESC [ ? 1049 h`` / ``l``, also 1047 and
+  47), when ``passthrough_alt_screen`` is on: everything shown on the alternate screen
+  (vim, less, top...) passes through untouched and unscanned,
+* at every :meth:`StreamMasker.flush`.
+
+In each segment, values are found left to right: at each step the leftmost valid value
+wins (ties: the longer, then the detector listed first), and the search resumes after
+it. A value is not masked if one of the 32 bytes before it is a NUL or another C0
+control byte that text does not use (binary data). Bytes that are not UTF-8 never take
+part in a built-in match and are never rewritten.
+
+Streaming
+---------
+:meth:`StreamMasker.feed` emits every byte whose fate is decided and holds back a tail
+that could still become (part of) a value, so that for any chunking of a stream,
+``feed(c1) + feed(c2) + ... + flush()`` equals ``feed(whole) + flush()``, and the
+:class:`Masked` records are the same. The held tail never exceeds :attr:`hold_limit`
+bytes: ``(R + 2) * (escape_gap + 1) + 39`` where ``R`` is the most characters any
+detector examines from a value's start (the longest value plus its look-ahead), 39 the
+longest escape sequence recognised. In practice the tail is the trailing run of
+characters that could still belong to a value (a few bytes at a shell prompt).
+Multibyte UTF-8 characters are never split between two outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from bisect import bisect_right
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from bastion.masking.detectors import DIGIT_FAMILY, EMAIL_FAMILY, Detector
+
+ESC_MAX = 39  # ESC [ + 32 parameter bytes + 4 intermediate bytes + final byte
+DEFAULT_ESCAPE_GAP = 32
+BINARY_WINDOW = 32
+_DENSE_ZONE = 256  # starts checked per regex call when candidates are back to back
+
+_ESC_RE = re.compile(rb"\x1b(?:\[[\x30-\x3f]{0,32}[\x20-\x2f]{0,4}[\x40-\x7e]|[\x20-\x2f]{0,4}[\x30-\x5a\x5c-\x7e])")
+_ESC_PREFIX = re.compile(rb"\x1b(?:\[[\x30-\x3f]{0,32}[\x20-\x2f]{0,4}|[\x20-\x2f]{0,4})")
+_ALT_ENTER = frozenset((b"\x1b[?1049h", b"\x1b[?1047h", b"\x1b[?47h"))
+_ALT_EXIT = re.compile(rb"\x1b\[\?(?:1049|1047|47)l|\x1bc")
+_BINARY = re.compile(rb"[\x00-\x06\x0e-\x1a\x1c-\x1f]")
+
+# Shape of the visible text for the cheap pre-filter: digits -> '0', '-', '/' and ' ' ->
+# '-', '.' stays, letters and '_' -> 'a', anything else -> 'x'. Every value a built-in
+# numeric detector accepts contains one of _LITERALS in this shape: a run of 8 digits,
+# two groups of 4 digits with one separator, or ".ddd" + separator + two digits (the
+# tail of a formatted CPF or CNPJ). Clean text is skipped with three bytes.find() calls.
+_SHAPE = bytearray(b"x" * 256)
+for _c in b"0123456789":
+    _SHAPE[_c] = ord("0")
+for _c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_":
+    _SHAPE[_c] = ord("a")
+for _c in b"-/ ":
+    _SHAPE[_c] = ord("-")
+_SHAPE[ord(".")] = ord(".")
+SHAPE = bytes(_SHAPE)
+_LITERALS = (b"00000000", b"0000-0000", b".000-00")
+_ZEROS = re.compile(rb"0+")
+_NONE = 1 << 62
+
+
+@dataclass(frozen=True)
+class Masked:
+    """One masked value: what found it, where it was, its keyed hash, what replaced it.
+
+    ``offset`` is the byte offset of the value's first character in the original stream
+    and ``length`` the number of original bytes from there to its last character
+    (escape sequences inside the value included). The value itself is never kept:
+    ``hmac`` is hex HMAC-SHA256(secret, normalised value) (CPF/CNPJ/card: digits only;
+    phones: ``+55...``/``+...``; e-mail: lower case; custom: the text as found).
+    """
+
+    detector: str
+    offset: int
+    length: int
+    hmac: str
+    replacement: str
+
+
+@dataclass
+class _Seg:
+    v: bytes  # visible bytes; v[:start] is context already emitted
+    start: int
+    runs: list[tuple[int, int, int]]  # (v offset, buffer offset, length) of visible runs
+    vstarts: list[int]
+
+    def orig(self, d: int) -> int:
+        i = bisect_right(self.vstarts, d) - 1
+        v0, o0, _ = self.runs[i]
+        return o0 + (d - v0)
+
+    def pieces(self, q: int, e: int) -> list[tuple[int, int]]:
+        """Buffer ranges holding visible bytes v[q:e]."""
+        out = []
+        i = bisect_right(self.vstarts, q) - 1
+        while q < e:
+            v0, o0, n = self.runs[i]
+            stop = min(e, v0 + n)
+            out.append((o0 + q - v0, o0 + stop - v0))
+            q = stop
+            i += 1
+        return out
+
+
+@dataclass
+class _Cand:
+    q: int
+    e: int
+    rank: int  # position of the detector in the masker's list
+    norm: str
+
+
+class StreamMasker:
+    """Masks personal data in a byte stream fed in arbitrary chunks (see module doc).
+
+    ``hold_limit`` bounds the held-back tail in bytes; the tolerated run of escape
+    sequences between two characters of one value (``escape_gap``, default 32 bytes) is
+    derived from it. ValueError if it is too small to hold the longest value.
+    """
+
+    def __init__(self, detectors: Sequence[Detector], secret: bytes, *,
+                 hold_limit: int | None = None, passthrough_alt_screen: bool = True) -> None:
+        if not secret:
+            raise ValueError("the HMAC secret is empty")
+        self.detectors = list(detectors)
+        names = [d.name for d in self.detectors]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate detector names in {names}")
+        self._hmac = hmac.new(secret, digestmod=hashlib.sha256)
+        self._pass_alt = passthrough_alt_screen
+        self._digits = [(i, d) for i, d in enumerate(self.detectors) if d.family == "digits"]
+        self._emails = [(i, d) for i, d in enumerate(self.detectors) if d.family == "email"]
+        self._customs = [(i, d) for i, d in enumerate(self.detectors) if d.family == "custom"]
+        self._union = (re.compile(b"|".join(b"(?:" + p.pattern + b")" for _, d in self._digits
+                                            for p in d.patterns)) if self._digits else None)
+        self._email_re = (re.compile(b"|".join(b"(?:" + p.pattern + b")" for _, d in self._emails
+                                               for p in d.patterns)) if self._emails else None)
+        self._w_digits = max((d.max_length for _, d in self._digits), default=0)
+        self._r_digits = max((d.reach for _, d in self._digits), default=0)
+        self._r_email = max((d.reach for _, d in self._emails), default=0)
+        self._r_custom = max((d.reach for _, d in self._customs), default=0)
+        self._reach = max(self._r_digits, self._r_email, self._r_custom, 1)
+        self._ctx_len = max([BINARY_WINDOW] + [d.behind for d in self.detectors]) + 1
+        if hold_limit is None:
+            self.escape_gap = DEFAULT_ESCAPE_GAP
+        else:
+            self.escape_gap = (hold_limit - ESC_MAX) // (self._reach + 2) - 1
+            if self.escape_gap < 0:
+                raise ValueError(f"hold_limit {hold_limit} is too small for these detectors: "
+                                 f"at least {self._reach + 2 + ESC_MAX} bytes")
+        # Stream state.
+        self._buf = b""  # held-back original bytes
+        self._offset = 0  # offset of _buf[0] in the original stream
+        self._ctx = b""  # visible bytes of the open segment just before _buf
+        self._gap = 0  # escape bytes since the last visible byte
+        self._broken = False  # the segment was already closed during this gap
+        self._alt = False  # on the alternate screen (passing through)
+
+    # -- public API ------------------------------------------------------------------------
+
+    @property
+    def hold_limit(self) -> int:
+        """The most bytes :meth:`feed` ever holds back."""
+        return (self._reach + 2) * (self.escape_gap + 1) + ESC_MAX
+
+    @property
+    def holding(self) -> bool:
+        """Bytes are held back: call :meth:`flush` after a few ms of silence."""
+        return bool(self._buf)
+
+    @property
+    def held(self) -> int:
+        return len(self._buf)
+
+    @property
+    def position(self) -> int:
+        """Bytes of the original stream emitted (or masked) so far."""
+        return self._offset
+
+    def feed(self, data: bytes) -> tuple[bytes, list[Masked]]:
+        """Mask ``data``; returns what may be emitted now and the values masked in it."""
+        if not data:
+            return b"", []
+        self._buf = self._buf + data if self._buf else bytes(data)
+        return self._run(final=False)
+
+    def flush(self) -> tuple[bytes, list[Masked]]:
+        """Release the held tail (after a few ms of silence, and at the end of the stream).
+
+        A flush ends the current segment: a value split across it is not found.
+        """
+        out = self._run(final=True) if self._buf else (b"", [])
+        self._ctx = b""
+        self._gap = 0
+        self._broken = False
+        return out
+
+    # -- one round ------------------------------------------------------------------------
+
+    def _run(self, final: bool) -> tuple[bytes, list[Masked]]:
+        buf = self._buf
+        if not self._alt and b"\x1b" not in buf:
+            ctx = self._ctx
+            segs = [_Seg(ctx + buf, len(ctx), [(len(ctx), 0, len(buf))], [len(ctx)])]
+            tok_end, state = len(buf), (0, False, False)
+        else:
+            segs, tok_end, state = self._tokenize(buf, final)
+
+        edits: list[tuple[int, int, bytes]] = []
+        masked: list[Masked] = []
+        last = segs[-1]
+        d_last = len(last.v)
+        for k, seg in enumerate(segs):
+            is_last = k == len(segs) - 1
+            limit = self._limit(seg.v, seg.start) if is_last and not final else len(seg.v)
+            found, decided = self._scan(seg.v, seg.start, limit)
+            for c in found:
+                self._apply(seg, c, edits, masked)
+            if is_last:
+                d_last = decided
+
+        # Where to cut: before the first undecided visible byte of the open segment (never
+        # inside a UTF-8 character), or at the end of what was tokenised.
+        v = last.v
+        if not final:
+            d_last = _utf8_boundary(v, d_last, last.start)
+        if d_last < len(v):
+            cut = last.orig(d_last)
+            self._gap, self._broken, self._alt = 0, False, False
+            self._ctx = v[max(0, d_last - self._ctx_len):d_last]
+        else:
+            cut = tok_end
+            self._gap, self._broken, self._alt = state
+            self._ctx = b"" if (state[1] or state[2]) else v[-self._ctx_len:]
+
+        if edits:
+            parts = []
+            pos = 0
+            for o, oe, rep in edits:
+                parts.append(buf[pos:o])
+                parts.append(rep)
+                pos = oe
+            parts.append(buf[pos:cut])
+            out = b"".join(parts)
+        else:
+            out = buf[:cut] if cut < len(buf) else buf
+        self._buf = buf[cut:]
+        self._offset += cut
+        return out, masked
+
+    def _apply(self, seg: _Seg, c: _Cand, edits: list[tuple[int, int, bytes]],
+               masked: list[Masked]) -> None:
+        det = self.detectors[c.rank]
+        rep = det.replacement.apply(seg.v[c.q:c.e])
+        pieces = seg.pieces(c.q, c.e)
+        if len(pieces) == 1:
+            edits.append((pieces[0][0], pieces[0][1], rep))
+        else:  # escape sequences inside the value stay where they are
+            i = 0
+            for n, (o, oe) in enumerate(pieces):
+                take = rep[i:] if n == len(pieces) - 1 else rep[i:i + (oe - o)]
+                i += len(take)
+                edits.append((o, oe, take))
+        h = self._hmac.copy()
+        h.update(c.norm.encode())
+        masked.append(Masked(det.name, self._offset + pieces[0][0], pieces[-1][1] - pieces[0][0],
+                             h.hexdigest(), rep.decode("utf-8", "replace")))
+
+    # -- tokenising: visible bytes and escape sequences -------------------------------------
+
+    def _tokenize(self, buf: bytes, final: bool) -> tuple[list[_Seg], int, tuple[int, bool, bool]]:
+        gap, broken, alt = self._gap, self._broken, self._alt
+        max_gap = self.escape_gap
+        segs: list[_Seg] = []
+        parts = [self._ctx]
+        vlen = start = len(self._ctx)
+        runs: list[tuple[int, int, int]] = []
+
+        def close() -> None:
+            nonlocal parts, vlen, start, runs
+            segs.append(_Seg(b"".join(parts), start, runs, [r[0] for r in runs]))
+            parts, vlen, start, runs = [], 0, 0, []
+
+        n = len(buf)
+        i = 0
+        while i < n:
+            if alt:
+                m = _ALT_EXIT.search(buf, i)
+                if m is None:
+                    keep = -1 if final else buf.rfind(b"\x1b", max(i, n - 8))
+                    end = n if keep < 0 else keep
+                    gap += end - i
+                    i = end
+                    break
+                gap += m.end() - i
+                i = m.end()
+                alt = False
+                continue
+            j = buf.find(b"\x1b", i)
+            if j < 0:
+                j = n
+            if j > i:
+                runs.append((vlen, i, j - i))
+                parts.append(buf[i:j])
+                vlen += j - i
+                gap, broken = 0, False
+                i = j
+                continue
+            m = _ESC_RE.match(buf, j)
+            if m is not None:
+                end = m.end()
+                gap += end - j
+                if self._pass_alt and end - j <= 8 and buf[j:end] in _ALT_ENTER:
+                    alt = True
+                    if not broken:
+                        close()
+                        broken = True
+                elif not broken and gap > max_gap:
+                    close()
+                    broken = True
+                i = end
+                continue
+            if not final and _ESC_PREFIX.fullmatch(buf, j):
+                break  # an escape sequence cut by the end of the data: wait for the rest
+            runs.append((vlen, j, 1))  # a lone ESC is an ordinary (control) byte
+            parts.append(b"\x1b")
+            vlen += 1
+            gap, broken = 0, False
+            i = j + 1
+        close()
+        return segs, i, (gap, broken, alt)
+
+    # -- finding values -------------------------------------------------------------------
+
+    def _limit(self, v: bytes, pos: int) -> int:
+        """First start in the open segment that more data could still turn into a value."""
+        n = len(v)
+        u = n
+        for reach, family in ((self._r_digits, DIGIT_FAMILY), (self._r_email, EMAIL_FAMILY)):
+            if reach:
+                window = v[max(0, n - reach):]
+                run = len(window) - len(window.rstrip(family))
+                u = min(u, max(n - reach + 1, n - run))
+        if self._r_custom:
+            u = min(u, n - self._r_custom + 1)
+        return max(u, pos)
+
+    def _scan(self, v: bytes, pos: int, limit: int) -> tuple[list[_Cand], int]:
+        """Values starting in v[pos:limit], and the first undecided position."""
+        if limit <= pos:
+            return [], pos
+        sources: list[_Source] = []
+        if self._union is not None:
+            sources.append(_DigitSource(self, v, limit))
+        if self._email_re is not None and v.find(b"@", pos) >= 0:
+            sources.append(_EmailSource(self, v, limit))
+        for rank, det in self._customs:
+            sources.append(_CustomSource(self, v, limit, rank, det))
+        found: list[_Cand] = []
+        p = pos
+        while sources:
+            best: _Cand | None = None
+            for src in sources:
+                c = src.next(p)
+                if c is not None and (best is None or (c.q, c.q - c.e, c.rank) < (best.q, best.q - best.e, best.rank)):
+                    best = c
+            if best is None:
+                break
+            found.append(best)
+            p = best.e
+        return found, max(limit, p)
+
+    def _binary_before(self, v: bytes, q: int) -> bool:
+        return _BINARY.search(v, max(0, q - BINARY_WINDOW), q) is not None
+
+    def _best_at(self, v: bytes, q: int, dets: list[tuple[int, Detector]]) -> _Cand | None:
+        best: _Cand | None = None
+        for rank, det in dets:
+            r = det.match_at(v, q)
+            if r is not None and (best is None or r[0] > best.e):
+                best = _Cand(q, r[0], rank, r[1])
+        if best is not None and self._binary_before(v, q):
+            return None
+        return best
+
+
+class _Source:
+    def next(self, p: int) -> _Cand | None:
+        raise NotImplementedError
+
+
+class _ZoneSource(_Source):
+    """Candidates near cheap "hits"; the regex runs only in small zones around them.
+
+    Invariant: every value starts at most ``width`` bytes before a hit, and no value
+    starts in [pos, cursor) except ``cached``.
+    """
+
+    width = 0
+    reach = 0
+
+    def __init__(self, masker: StreamMasker, v: bytes, limit: int) -> None:
+        self.m = masker
+        self.v = v
+        self.limit = limit
+        self.cursor = 0
+        self.cached: _Cand | None = None
+
+    def hit(self, cursor: int) -> int:
+        raise NotImplementedError
+
+    def candidate(self, q: int) -> _Cand | None:
+        raise NotImplementedError
+
+    def next(self, p: int) -> _Cand | None:
+        if self.cached is not None:
+            if self.cached.q >= p:
+                return self.cached
+            self.cached = None
+        cursor = max(self.cursor, p)
+        v, limit, regex = self.v, self.limit, self.regex
+        while True:
+            h = self.hit(cursor)
+            if h - self.width >= limit:
+                self.cursor = _NONE
+                return None
+            zs = max(cursor, h - self.width)
+            ze = min(h + _DENSE_ZONE if h <= cursor + 1 else h, limit - 1)
+            if zs > ze:
+                self.cursor = _NONE
+                return None
+            endpos = min(len(v), ze + self.reach)
+            m = regex.search(v, zs, endpos)
+            while m is not None and m.start() <= ze:
+                q = m.start()
+                c = self.candidate(q)
+                if c is not None:
+                    self.cursor = q
+                    self.cached = c
+                    return c
+                m = regex.search(v, q + 1, endpos)
+            cursor = ze + 1
+
+    regex: re.Pattern[bytes]
+
+
+class _DigitSource(_ZoneSource):
+    def __init__(self, masker: StreamMasker, v: bytes, limit: int) -> None:
+        super().__init__(masker, v, limit)
+        assert masker._union is not None
+        self.regex = masker._union
+        self.width = masker._w_digits
+        self.reach = masker._r_digits
+        self.shape = v.translate(SHAPE)
+        self.hits = [-1, -1, -1]
+
+    def hit(self, cursor: int) -> int:
+        shape = self.shape
+        hits = self.hits
+        for k in range(3):
+            x = hits[k]
+            if x < cursor:
+                x = shape.find(_LITERALS[k], cursor)
+                if k == 0:
+                    # A run of 8+ digits glued to a letter (hex ids) can be in no value.
+                    while x > 0 and shape[x - 1] != 0x30:
+                        end = _ZEROS.match(shape, x).end()  # type: ignore[union-attr]
+                        if shape[x - 1] != 0x61 and (end >= len(shape) or shape[end] != 0x61):
+                            break
+                        x = shape.find(_LITERALS[0], end)
+                hits[k] = x if x >= 0 else _NONE
+        return min(hits)
+
+    def candidate(self, q: int) -> _Cand | None:
+        return self.m._best_at(self.v, q, self.m._digits)
+
+
+class _EmailSource(_ZoneSource):
+    def __init__(self, masker: StreamMasker, v: bytes, limit: int) -> None:
+        super().__init__(masker, v, limit)
+        assert masker._email_re is not None
+        self.regex = masker._email_re
+        self.width = 64  # the local part: at most 64 characters before the '@'
+        self.reach = masker._r_email
+        self.at = -1
+
+    def hit(self, cursor: int) -> int:
+        if self.at < cursor:
+            x = self.v.find(b"@", cursor)
+            self.at = x if x >= 0 else _NONE
+        return self.at
+
+    def candidate(self, q: int) -> _Cand | None:
+        return self.m._best_at(self.v, q, self.m._emails)
+
+
+class _CustomSource(_Source):
+    def __init__(self, masker: StreamMasker, v: bytes, limit: int, rank: int, det: Detector) -> None:
+        self.m = masker
+        self.v = v
+        self.limit = limit
+        self.rank = rank
+        self.det = det
+        self.cursor = 0
+        self.cached: _Cand | None = None
+
+    def next(self, p: int) -> _Cand | None:
+        if self.cached is not None:
+            if self.cached.q >= p:
+                return self.cached
+            self.cached = None
+        q0 = max(self.cursor, p)
+        v = self.v
+        while q0 < self.limit:
+            starts = [m.start() for pat in self.det.patterns if (m := pat.search(v, q0)) is not None]
+            if not starts or min(starts) >= self.limit:
+                break
+            q = min(starts)
+            r = self.det.match_at(v, q)
+            if r is not None and r[0] > q and _utf8_whole(v, q, r[0]) and not self.m._binary_before(v, q):
+                self.cursor = q
+                self.cached = _Cand(q, r[0], self.rank, r[1])
+                return self.cached
+            q0 = q + 1
+        self.cursor = _NONE
+        return None
+
+
+def _utf8_whole(v: bytes, q: int, e: int) -> bool:
+    """v[q:e] starts and ends on character boundaries (custom patterns may match any byte)."""
+    if 0x80 <= v[q] < 0xC0 or (e < len(v) and 0x80 <= v[e] < 0xC0):
+        return False
+    return True
+
+
+def _utf8_boundary(v: bytes, d: int, floor: int) -> int:
+    """``d``, moved back to the start of a UTF-8 character that v[:d] would cut."""
+    for k in (1, 2, 3):
+        if d - k < floor:
+            return d
+        b = v[d - k]
+        if b < 0x80:
+            return d
+        if b >= 0xC0:
+            need = 2 if b < 0xE0 else 3 if b < 0xF0 else 4
+            return d - k if need > k else d
+    return d
+
+
+def mask_bytes(detectors: Sequence[Detector], secret: bytes, data: bytes) -> tuple[bytes, list[Masked]]:
+    """Mask a whole byte string (feed + flush)."""
+    m = StreamMasker(detectors, secret)
+    out, found = m.feed(data)
+    tail, more = m.flush()
+    return out + tail, found + more
