@@ -141,15 +141,19 @@ def kgw(oidc: OIDCProvider, oidc_short: OIDCProvider, standin: KubeAPIStandIn,
 
 @pytest.fixture(scope="module")
 def kubeconfigs(kgw: KubeGateway, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One kubeconfig per cluster, each written by `bastion kubeconfig` (read-only afterwards)."""
+    """One kubeconfig per cluster, each written by `bastion kubeconfig` (read-only afterwards;
+    in-process: test_kubeconfig_has_server_ca_and_exec_plugin runs the real command)."""
+    from click.testing import CliRunner
+
+    from bastion.cli import main
+
     out = {}
     folder = tmp_path_factory.mktemp("kubeconfigs")
     for name in ("prod", "old", "slow", "down", "certs", "incluster", "nosuch"):
         path = folder / f"{name}.yaml"
-        result = subprocess.run([*bastion_bin(), "kubeconfig", "--cluster", name, "--gateway", kgw.http_url,
-                                 "--output", str(path), "--exec-command", shlex.join(bastion_bin())],
-                                capture_output=True, text=True, timeout=60, env=kube_env(folder))
-        assert result.returncode == 0, result.stderr
+        result = CliRunner().invoke(main, ["kubeconfig", "--cluster", name, "--gateway", kgw.http_url,
+                                           "--output", str(path), "--exec-command", shlex.join(bastion_bin())])
+        assert result.exit_code == 0, result.output
         out[name] = path
     return out
 

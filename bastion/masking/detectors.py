@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from re import _constants as _sre  # type: ignore[attr-defined]
 from re import _parser as _sre_parse  # type: ignore[attr-defined]
+from typing import cast
 
 STYLES = ("redact", "keep_last", "tag", "fixed")
 LENGTH_PRESERVING_STYLES = ("redact", "keep_last")
@@ -394,7 +395,7 @@ def _item(op: object, av: object, problems: list[str]) -> _Node:
             product=sum(s.product for s in subs),
         )
     if op in (_sre.MAX_REPEAT, _sre.MIN_REPEAT, getattr(_sre, "POSSESSIVE_REPEAT", None)):
-        lo, hi, sub = av  # type: ignore[misc]
+        lo, hi, sub = cast(tuple[int, int, list[tuple[object, object]]], av)
         inner = _walk(list(sub), problems)
         if hi is _sre.MAXREPEAT or hi >= 65535:
             problems.append("unbounded repetition (*, +, {n,}): use a bounded {m,n}")
@@ -411,7 +412,7 @@ def _item(op: object, av: object, problems: list[str]) -> _Node:
             product=min(_power(inner.product, hi) * width_choices, 10**12),
         )
     if op in (_sre.ASSERT, _sre.ASSERT_NOT):
-        direction, sub = av  # type: ignore[misc]
+        direction, sub = cast(tuple[int, list[tuple[object, object]]], av)
         inner = _walk(list(sub), problems)
         if direction == 1:
             return _Node(reach=inner.reach, product=inner.product)
