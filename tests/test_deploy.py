@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import importlib.util
 import json
 import os
 import platform
@@ -155,7 +156,13 @@ def test_dockerfile_is_multi_stage_small_and_unprivileged() -> None:
     assert "GUARITA_HEALTH_URL" in single["HEALTHCHECK"] and "urllib" in single["HEALTHCHECK"]
     for word, rest in ins:
         assert not (word == "ADD" and "://" in rest), "no ADD of URLs"
-    # Dependencies only from the hash-pinned lock, wheels only (no compiler needed).
+    # The dependency layer is built from the lock alone, before any source is copied (so
+    # it is cached across code changes), and only from the hash-pinned lock, wheels only.
+    build = parts[0]
+    deps_at = next(i for i, (w, r) in enumerate(build) if w == "RUN" and "install.sh deps" in r)
+    app_at = next(i for i, (w, r) in enumerate(build) if w == "RUN" and "install.sh app" in r)
+    first_source = next(i for i, (w, r) in enumerate(build) if w == "COPY" and r.split()[0] in ("bastion", "pyproject.toml"))
+    assert deps_at < first_source < app_at
     install = (DEPLOY / "docker" / "install.sh").read_text()
     assert "--require-hashes" in install and "--only-binary=:all:" in install and "requirements.lock" in install
 
@@ -244,7 +251,8 @@ def test_image_install_script_builds_a_venv_that_runs_every_module(tmp_path: Pat
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
     env["PIP_CONFIG_FILE"] = os.devnull
     venv = tmp_path / "venv"
-    run(["sh", str(src / "deploy/docker/install.sh"), str(venv), str(src)], env=env, timeout=600)
+    for step in ("deps", "app"):
+        run(["sh", str(src / "deploy/docker/install.sh"), step, str(venv), str(src)], env=env, timeout=600)
     assert not (venv / "bin" / "pip").exists(), "pip is removed from the image's venv"
     imports = (
         "import importlib, pkgutil\n"
@@ -738,11 +746,10 @@ def test_helm_rendered_config_and_keys_work_with_bastion(case: str, tmp_path: Pa
         # Existing secrets: stand in with keys bastion makes itself, and init.py's certificate.
         run([*BASTION, "keys", "--data-dir", str(keys_dir)])
         shutil.copy(keys_dir / "user_ca_key", keys_dir / "ssh_host_ed25519_key")
-        sys.path.insert(0, str(DEPLOY / "compose"))
-        try:
-            import init  # type: ignore[import-not-found]
-        finally:
-            sys.path.pop(0)
+        spec = importlib.util.spec_from_file_location("guarita_compose_init", DEPLOY / "compose" / "init.py")
+        assert spec and spec.loader
+        init = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(init)
         init.self_signed(tls_dir / "tls.crt", tls_dir / "tls.key", ["localhost"])
     local = text.replace("/etc/guarita/keys", str(keys_dir)).replace("/etc/guarita/tls", str(tls_dir))
     local = local.replace("/var/lib/guarita", str(tmp_path / "data"))

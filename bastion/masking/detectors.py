@@ -47,7 +47,13 @@ MAX_PATTERN_WIDTH = 256
 MAX_BACKTRACK_PRODUCT = 100_000
 MAX_LOOKBEHIND = 32
 
-_ALNUM = frozenset(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+_ALNUM_BYTES = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_ALNUM = frozenset(_ALNUM_BYTES)
+# Letters, digits and non-ASCII bytes -> '*'; separators unchanged.
+_STAR = bytes(0x2A if (b in _ALNUM or b >= 0x80) else b for b in range(256))
+_NOT_DIGITS = bytes(b for b in range(256) if not 0x30 <= b <= 0x39)
+# Luhn: the doubled digit's digit sum, for '0'..'9'.
+_LUHN_DOUBLE = bytes.maketrans(b"0123456789", bytes([0, 2, 4, 6, 8, 1, 3, 5, 7, 9]))
 _TAG_TEXT = re.compile(r"^[\x20-\x7e]{1,64}$")
 
 
@@ -91,25 +97,24 @@ class Replacement:
             return self.tag.encode()
         if self.style == "fixed":
             return self.fixed.encode()
-        keep = 0
+        out = value.translate(_STAR)
         if self.style == "keep_last":
-            count = sum(1 for b in value if b in _ALNUM)
+            count = len(value) - len(value.translate(None, _ALNUM_BYTES))
             keep = min(self.keep_last, count // 2)
-        out = bytearray(value)
-        for i in range(len(out) - 1, -1, -1):
-            b = out[i]
-            if b in _ALNUM:
-                if keep:
-                    keep -= 1
-                else:
-                    out[i] = 0x2A  # '*'
-            elif b >= 0x80:  # custom detectors may match non-ASCII letters
-                out[i] = 0x2A
+            if keep:
+                buf = bytearray(out)
+                i = len(value)
+                while keep:
+                    i -= 1
+                    if value[i] in _ALNUM:
+                        buf[i] = value[i]
+                        keep -= 1
+                out = bytes(buf)
         if not value.isascii():
             # A multibyte character became several '*': drop continuation bytes so one
             # character stays one '*' (its display width in most scripts).
-            return _collapse_multibyte(value, bytes(out))
-        return bytes(out)
+            return _collapse_multibyte(value, out)
+        return out
 
 
 def _collapse_multibyte(original: bytes, masked: bytes) -> bytes:
@@ -126,19 +131,25 @@ def _collapse_multibyte(original: bytes, masked: bytes) -> bytes:
 
 
 def _digits(value: bytes) -> str:
-    return "".join(chr(b) for b in value if 0x30 <= b <= 0x39)
+    return value.translate(None, _NOT_DIGITS).decode()
+
+
+def _weighted(digits: str, weights: Sequence[int]) -> int:
+    return sum(d * w for d, w in zip(digits.encode(), weights, strict=False)) - 48 * sum(weights[:len(digits)])
+
+
+_CPF_W1 = (10, 9, 8, 7, 6, 5, 4, 3, 2)
+_CPF_W2 = (11, 10, 9, 8, 7, 6, 5, 4, 3, 2)
 
 
 def cpf_check_digits(first9: str) -> str:
-    s = sum(int(d) * w for d, w in zip(first9, range(10, 1, -1), strict=True))
-    d1 = (s * 10 % 11) % 10
-    s = sum(int(d) * w for d, w in zip(first9 + str(d1), range(11, 1, -1), strict=True))
-    d2 = (s * 10 % 11) % 10
+    d1 = (_weighted(first9, _CPF_W1) * 10 % 11) % 10
+    d2 = ((_weighted(first9, _CPF_W2) + 2 * d1) * 10 % 11) % 10
     return f"{d1}{d2}"
 
 
 def cpf_valid(digits: str) -> bool:
-    return (len(digits) == 11 and digits.isdigit() and len(set(digits)) > 1
+    return (len(digits) == 11 and digits.isdigit() and digits != digits[0] * 11
             and cpf_check_digits(digits[:9]) == digits[9:])
 
 
@@ -147,28 +158,23 @@ _CNPJ_W2 = (6, 5, 4, 3, 2, 9, 8, 7, 6, 5, 4, 3, 2)
 
 
 def cnpj_check_digits(first12: str) -> str:
-    r = sum(int(d) * w for d, w in zip(first12, _CNPJ_W1, strict=True)) % 11
+    r = _weighted(first12, _CNPJ_W1) % 11
     d1 = 0 if r < 2 else 11 - r
-    r = sum(int(d) * w for d, w in zip(first12 + str(d1), _CNPJ_W2, strict=True)) % 11
+    r = (_weighted(first12, _CNPJ_W2) + 2 * d1) % 11
     d2 = 0 if r < 2 else 11 - r
     return f"{d1}{d2}"
 
 
 def cnpj_valid(digits: str) -> bool:
-    return (len(digits) == 14 and digits.isdigit() and len(set(digits)) > 1
+    return (len(digits) == 14 and digits.isdigit() and digits != digits[0] * 14
             and cnpj_check_digits(digits[:12]) == digits[12:])
 
 
 def luhn_valid(digits: str) -> bool:
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = ord(ch) - 48
-        if i % 2:
-            d *= 2
-            if d > 9:
-                d -= 9
-        total += d
-    return total % 10 == 0
+    b = digits.encode()
+    odd = b[-1::-2]
+    even = b[-2::-2]
+    return (sum(odd) - 48 * len(odd) + sum(even.translate(_LUHN_DOUBLE))) % 10 == 0
 
 
 def card_iin_known(digits: str) -> bool:
@@ -214,7 +220,7 @@ def _normalise_cnpj(value: bytes) -> str | None:
 
 def _normalise_card(value: bytes) -> str | None:
     d = _digits(value)
-    if not 13 <= len(d) <= 19 or len(set(d)) == 1:
+    if not 13 <= len(d) <= 19 or d == d[0] * len(d):
         return None
     return d if card_iin_known(d) and luhn_valid(d) else None
 
@@ -254,7 +260,7 @@ def _normalise_phone_br(value: bytes) -> str | None:
 
 def _normalise_e164(value: bytes) -> str | None:
     d = _digits(value)
-    if len(set(d)) == 1:
+    if d == d[0] * len(d):
         return None
     return "+" + d
 
@@ -482,10 +488,23 @@ class Detector:
     behind: int
     source: str = ""  # the regular expression, for display
 
+    def __post_init__(self) -> None:
+        # One regex call per candidate start: the alternatives in order, each in a named
+        # group so the one that matched is known.
+        combined = b"|".join(b"(?P<_p%d>%s)" % (i, p.pattern) for i, p in enumerate(self.patterns))
+        object.__setattr__(self, "_combined", re.compile(combined))
+
     def match_at(self, text: bytes, start: int, endpos: int | None = None) -> tuple[int, str] | None:
         """``(end, normalised)`` of this detector's value starting at ``start``, or None."""
         end_limit = len(text) if endpos is None else endpos
-        for pat in self.patterns:
+        m = self._combined.match(text, start, end_limit)  # type: ignore[attr-defined]
+        if m is None:
+            return None
+        norm = self.normalise(m.group())
+        if norm is not None:
+            return m.end(), norm
+        first = int(m.lastgroup[2:]) + 1
+        for pat in self.patterns[first:]:
             m = pat.match(text, start, end_limit)
             if m is None:
                 continue

@@ -72,11 +72,14 @@ for _c in b"-/ ":
 _SHAPE[ord(".")] = ord(".")
 SHAPE = bytes(_SHAPE)
 _LITERALS = (b"00000000", b"0000-0000", b".000-00")
-_ZEROS = re.compile(rb"0+")
+# The first literal as a regex: runs of 8+ digits glued to no letter (in C, so the many
+# digit runs inside hex ids cost no Python work). Such a run is whole inside any value
+# that contains part of it, and values never touch a letter.
+_DIGIT_RUN = re.compile(rb"00000000(?<![a0]00000000)0*+(?!a)")
 _NONE = 1 << 62
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Masked:
     """One masked value: what found it, where it was, its keyed hash, what replaced it.
 
@@ -108,6 +111,9 @@ class _Seg:
 
     def pieces(self, q: int, e: int) -> list[tuple[int, int]]:
         """Buffer ranges holding visible bytes v[q:e]."""
+        if len(self.runs) == 1:
+            v0, o0, _ = self.runs[0]
+            return [(o0 + q - v0, o0 + e - v0)]
         out = []
         i = bisect_right(self.vstarts, q) - 1
         while q < e:
@@ -148,8 +154,13 @@ class StreamMasker:
         self._digits = [(i, d) for i, d in enumerate(self.detectors) if d.family == "digits"]
         self._emails = [(i, d) for i, d in enumerate(self.detectors) if d.family == "email"]
         self._customs = [(i, d) for i, d in enumerate(self.detectors) if d.family == "custom"]
-        self._union = (re.compile(b"|".join(b"(?:" + p.pattern + b")" for _, d in self._digits
-                                            for p in d.patterns)) if self._digits else None)
+        # All numeric patterns in one regex; the group that matched names the first detector
+        # (in priority order) that can match at that start.
+        self._union = (re.compile(b"|".join(b"(?P<d%dp%d>%s)" % (j, k, p.pattern)
+                                            for j, (_, d) in enumerate(self._digits)
+                                            for k, p in enumerate(d.patterns))) if self._digits else None)
+        self._bin_v: bytes | None = None
+        self._bin_any = False
         self._email_re = (re.compile(b"|".join(b"(?:" + p.pattern + b")" for _, d in self._emails
                                                for p in d.patterns)) if self._emails else None)
         self._w_digits = max((d.max_length for _, d in self._digits), default=0)
@@ -263,6 +274,7 @@ class StreamMasker:
             out = buf[:cut] if cut < len(buf) else buf
         self._buf = buf[cut:]
         self._offset += cut
+        self._bin_v = None
         return out, masked
 
     def _apply(self, seg: _Seg, c: _Cand, edits: list[tuple[int, int, bytes]],
@@ -388,7 +400,10 @@ class StreamMasker:
         return found, max(limit, p)
 
     def _binary_before(self, v: bytes, q: int) -> bool:
-        return _BINARY.search(v, max(0, q - BINARY_WINDOW), q) is not None
+        if v is not self._bin_v:  # one scan per segment, and only once it has a value
+            self._bin_v = v
+            self._bin_any = _BINARY.search(v) is not None
+        return self._bin_any and _BINARY.search(v, max(0, q - BINARY_WINDOW), q) is not None
 
     def _best_at(self, v: bytes, q: int, dets: list[tuple[int, Detector]]) -> _Cand | None:
         best: _Cand | None = None
@@ -426,7 +441,7 @@ class _ZoneSource(_Source):
     def hit(self, cursor: int) -> int:
         raise NotImplementedError
 
-    def candidate(self, q: int) -> _Cand | None:
+    def candidate(self, m: re.Match[bytes]) -> _Cand | None:
         raise NotImplementedError
 
     def next(self, p: int) -> _Cand | None:
@@ -450,7 +465,7 @@ class _ZoneSource(_Source):
             m = regex.search(v, zs, endpos)
             while m is not None and m.start() <= ze:
                 q = m.start()
-                c = self.candidate(q)
+                c = self.candidate(m)
                 if c is not None:
                     self.cursor = q
                     self.cached = c
@@ -474,22 +489,18 @@ class _DigitSource(_ZoneSource):
     def hit(self, cursor: int) -> int:
         shape = self.shape
         hits = self.hits
-        for k in range(3):
-            x = hits[k]
-            if x < cursor:
+        if hits[0] < cursor:
+            m = _DIGIT_RUN.search(shape, cursor)
+            hits[0] = m.start() if m is not None else _NONE
+        for k in (1, 2):
+            if hits[k] < cursor:
                 x = shape.find(_LITERALS[k], cursor)
-                if k == 0:
-                    # A run of 8+ digits glued to a letter (hex ids) can be in no value.
-                    while x > 0 and shape[x - 1] != 0x30:
-                        end = _ZEROS.match(shape, x).end()  # type: ignore[union-attr]
-                        if shape[x - 1] != 0x61 and (end >= len(shape) or shape[end] != 0x61):
-                            break
-                        x = shape.find(_LITERALS[0], end)
                 hits[k] = x if x >= 0 else _NONE
         return min(hits)
 
-    def candidate(self, q: int) -> _Cand | None:
-        return self.m._best_at(self.v, q, self.m._digits)
+    def candidate(self, m: re.Match[bytes]) -> _Cand | None:
+        first = int(m.lastgroup[1:m.lastgroup.index("p")])  # type: ignore[index,union-attr]
+        return self.m._best_at(self.v, m.start(), self.m._digits[first:])
 
 
 class _EmailSource(_ZoneSource):
@@ -507,8 +518,8 @@ class _EmailSource(_ZoneSource):
             self.at = x if x >= 0 else _NONE
         return self.at
 
-    def candidate(self, q: int) -> _Cand | None:
-        return self.m._best_at(self.v, q, self.m._emails)
+    def candidate(self, m: re.Match[bytes]) -> _Cand | None:
+        return self.m._best_at(self.v, m.start(), self.m._emails)
 
 
 class _CustomSource(_Source):

@@ -39,7 +39,7 @@ REPLICA_DEAD_AFTER = 20.0
 _ID_ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"  # no 0/o, 1/l/i: ids are typed by people
 
 
-class StateError(Exception):
+class StateError(RuntimeError):
     """The state database cannot be used; the message says which and why."""
 
 

@@ -1,24 +1,36 @@
 #!/bin/sh
-# Builds guarita's virtualenv: the pinned, hash-checked dependencies from
-# deploy/requirements.lock, then guarita itself without dependencies.
+# Builds guarita's virtualenv in two steps, so that an image build caches the first:
 #
-#   install.sh VENV SOURCE_DIR
+#   install.sh deps VENV SOURCE_DIR   the pinned, hash-checked dependencies from
+#                                     SOURCE_DIR/deploy/requirements.lock (wheels only)
+#   install.sh app  VENV SOURCE_DIR   guarita itself, without dependencies; then
+#                                     `pip check` and pip's removal from the venv
 #
-# Used by deploy/Dockerfile (build stage) and by tests/test_deploy.py, so the test runs
-# exactly what the image build runs. Wheels only (--only-binary): nothing is compiled,
-# so the build stage needs no compiler either.
+# Used by deploy/Dockerfile (build stage), by tests/test_deploy.py (so the test runs
+# exactly what the image build runs) and for a plain host (docs/operations.md). Wheels
+# only (--only-binary): nothing is compiled, so no compiler is needed anywhere.
 set -eu
-venv=$1
-src=$2
+step=$1
+venv=$2
+src=$3
+pip="$venv/bin/python -m pip --no-cache-dir --disable-pip-version-check --quiet"
 
-python3 -m venv "$venv"
-"$venv/bin/python" -m pip install --no-cache-dir --disable-pip-version-check --quiet \
-    --require-hashes --only-binary=:all: --no-deps -r "$src/deploy/requirements.lock"
-# guarita itself: no dependencies (all of them came from the lock above); the build
-# backend (setuptools) is fetched into an isolated build environment and discarded.
-"$venv/bin/python" -m pip install --no-cache-dir --disable-pip-version-check --quiet \
-    --no-deps "$src"
-# Fails the build if the lock misses a dependency of guarita's.
-"$venv/bin/python" -m pip check
-# pip is not needed at run time.
-"$venv/bin/python" -m pip uninstall --quiet --yes pip
+case "$step" in
+  deps)
+    python3 -m venv "$venv"
+    $pip install --require-hashes --only-binary=:all: --no-deps -r "$src/deploy/requirements.lock"
+    ;;
+  app)
+    # The build backend (setuptools) is fetched into an isolated build environment and
+    # discarded; guarita's dependencies all came from the lock in the deps step.
+    $pip install --no-deps "$src"
+    # Fails the build if the lock misses a dependency of guarita's.
+    $pip check
+    # pip is not needed at run time.
+    $pip uninstall --yes pip
+    ;;
+  *)
+    echo "usage: install.sh deps|app VENV SOURCE_DIR" >&2
+    exit 2
+    ;;
+esac
