@@ -41,6 +41,8 @@ class SessionInfo:
     term: str | None = None
     size: tuple[int, int] | None = None  # (cols, rows) when a PTY was requested
     extra: dict[str, Any] = field(default_factory=dict)
+    # Chosen before the target is contacted, so the target's own log can name it.
+    session_id: str | None = None
 
     def metadata(self) -> dict[str, Any]:
         meta: dict[str, Any] = {
@@ -162,7 +164,7 @@ class Session:
         self.gateway = gateway
         self.info = info
         self.started = time.time()
-        self.recording = gateway.recorder.open_session(info.metadata(), term=info.size)
+        self.recording = gateway.recorder.open_session(info.metadata(), term=info.size, session_id=info.session_id)
         self.id = self.recording.id
         self._echo = EchoTracker(self.recording) if info.size else None
         self.ended = False

@@ -325,8 +325,19 @@ def test_compose_services_images_and_init_containers() -> None:
     assert gw_deps["postgres"]["condition"] == "service_healthy"
     assert gw_deps["guarita-init"]["condition"] == "service_completed_successfully"
     assert services["gateway"]["stop_signal"] == "SIGTERM"
-    for name in ("gateway", "postgres", "minio", "keycloak"):
-        assert "healthcheck" in services[name] or name == "gateway", f"{name}: a healthcheck for --wait"
+    # --wait waits for these to be healthy (the gateway's healthcheck is the image's).
+    for name in ("postgres", "keycloak"):
+        assert "healthcheck" in services[name], f"{name}: a healthcheck for --wait"
+    # Compose interpolates $VAR in the file: a shell variable must be written $$VAR.
+    for name, svc in services.items():
+        for key in ("command", "entrypoint"):
+            for part in svc.get(key) or []:
+                assert not re.search(r"(?<!\$)\$(?!\$)", part.replace("$$", "")), f"{name}.{key}: write $ as $$"
+        for part in (svc.get("healthcheck") or {}).get("test", []):
+            assert "$" not in part.replace("$$", ""), f"{name}.healthcheck: write $ as $$"
+    # The one-shot scripts are valid sh once compose has turned $$ into $.
+    script = services["minio-init"]["command"][0].replace("$$", "$")
+    run(["sh", "-n", "-c", script])
 
 
 def test_compose_files_agree_with_each_other() -> None:
@@ -813,6 +824,19 @@ def test_helm_values_are_all_documented_and_all_used() -> None:
             undocumented.append(".".join(path))
     assert not undocumented, f"values without a comment above them: {undocumented}"
     assert not unused, f"values no template uses: {unused}"
+
+
+@pytest.mark.parametrize("case", sorted(HELM_CASES))
+def test_helm_install_dry_run_renders_notes(case: str) -> None:
+    """`helm install --dry-run=client` renders NOTES.txt (helm template does not)."""
+    helm = tool("helm")
+    proc = run([helm, "install", "gw", str(CHART), "--dry-run=client", "--namespace", "access", *HELM_CASES[case]])
+    notes = proc.stdout.split("NOTES:", 1)[1]
+    assert "bastion keys --config /etc/guarita/config/guarita.toml" in notes
+    assert "ssh -p 2222 LOGIN@TARGET@ADDRESS" in notes
+    assert ("bastion kubeconfig --cluster in-cluster" in notes) == (case != "single-sqlite-no-cluster")
+    assert ("self-signed" in notes) == (case != "production")
+    assert ("SQLite" in notes) == (case == "single-sqlite-no-cluster")
 
 
 def test_helm_notes_and_helpers_exist() -> None:

@@ -217,9 +217,10 @@ def test_exec_on_ca_target_with_default_login(gateway: GatewayProcess, oidc: OID
     assert r.stdout == f"{targets.login}\nvia-ca\n".encode()
     start = gateway.wait_audit("session.start", mark, command="id -un; echo via-ca")
     assert (start["target"], start["login"]) == ("web-ca", targets.login)
-    # The per-session certificate's key id names the agent in the target's own log.
+    # The per-session certificate's key id names the agent and the recording in the target's own log.
+    key_id = f"ID guarita:agent-sre:{start['session']}"
     log = wait_for(lambda: [line for line in targets.web_ca.log_text().splitlines()
-                            if "Accepted publickey" in line and "ID guarita:agent-sre" in line],
+                            if "Accepted publickey" in line and key_id in line],
                    10, "certificate key id in the sshd log")
     assert "CERT" in log[-1]
 

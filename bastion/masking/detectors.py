@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import operator
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -135,7 +136,7 @@ def _digits(value: bytes) -> str:
 
 
 def _weighted(digits: str, weights: Sequence[int]) -> int:
-    return sum(d * w for d, w in zip(digits.encode(), weights, strict=False)) - 48 * sum(weights[:len(digits)])
+    return sum(map(operator.mul, digits.encode(), weights)) - 48 * sum(weights[:len(digits)])
 
 
 _CPF_W1 = (10, 9, 8, 7, 6, 5, 4, 3, 2)

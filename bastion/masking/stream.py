@@ -77,6 +77,9 @@ _LITERALS = (b"00000000", b"0000-0000", b".000-00")
 # that contains part of it, and values never touch a letter.
 _DIGIT_RUN = re.compile(rb"00000000(?<![a0]00000000)0*+(?!a)")
 _NONE = 1 << 62
+# Supersets of where values may start (see _NUM_L and the e-mail pattern in detectors).
+_NUM_START = re.compile(rb"(?<![0-9A-Za-z_+])[0-9(+]")
+_EMAIL_START = re.compile(rb"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -462,18 +465,19 @@ class _ZoneSource(_Source):
                 self.cursor = _NONE
                 return None
             endpos = min(len(v), ze + self.reach)
-            m = regex.search(v, zs, endpos)
-            while m is not None and m.start() <= ze:
-                q = m.start()
-                c = self.candidate(m)
-                if c is not None:
-                    self.cursor = q
-                    self.cached = c
-                    return c
-                m = regex.search(v, q + 1, endpos)
+            for s in self.starts.finditer(v, zs, ze + 1):
+                q = s.start()
+                m = regex.match(v, q, endpos)
+                if m is not None:
+                    c = self.candidate(m)
+                    if c is not None:
+                        self.cursor = q
+                        self.cached = c
+                        return c
             cursor = ze + 1
 
-    regex: re.Pattern[bytes]
+    regex: re.Pattern[bytes]  # all the family's patterns
+    starts: re.Pattern[bytes]  # where a value of the family may start (a superset)
 
 
 class _DigitSource(_ZoneSource):
@@ -481,6 +485,7 @@ class _DigitSource(_ZoneSource):
         super().__init__(masker, v, limit)
         assert masker._union is not None
         self.regex = masker._union
+        self.starts = _NUM_START
         self.width = masker._w_digits
         self.reach = masker._r_digits
         self.shape = v.translate(SHAPE)
@@ -508,6 +513,7 @@ class _EmailSource(_ZoneSource):
         super().__init__(masker, v, limit)
         assert masker._email_re is not None
         self.regex = masker._email_re
+        self.starts = _EMAIL_START
         self.width = 64  # the local part: at most 64 characters before the '@'
         self.reach = masker._r_email
         self.at = -1

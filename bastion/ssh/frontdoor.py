@@ -22,6 +22,7 @@ from bastion.identity import AuthError, Identity
 from bastion.policy import authorize, reachable_targets
 from bastion.session import Session, SessionInfo
 from bastion.ssh.upstream import TargetError, connect_target
+from recorder.recorder import new_session_id
 
 if TYPE_CHECKING:
     from bastion.gateway import Gateway
@@ -187,6 +188,7 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         # reading right after session_started, whatever we asked): kept, then replayed.
         self._early: list[bytes] | None = []
         self._early_eof = False
+        self._session_id = new_session_id()
         self._lost = False
 
     # -- requests before the session starts ----------------------------------------------
@@ -227,7 +229,8 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             target, login = self._resolve(identity, login, target_name)
             if self.gw.recorder.spool_full():
                 raise TargetError("recording_spool_full", self.gw.recorder.spool_full_reason())
-            connecting = asyncio.ensure_future(connect_target(target, login, identity, "pending", self.gw.target_ca))
+            connecting = asyncio.ensure_future(
+                connect_target(target, login, identity, self._session_id, self.gw.target_ca))
             if not await self._gate(self._session_info(identity, target.name, login), connecting):
                 return
             self.target_conn = await connecting
@@ -256,7 +259,8 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         return SessionInfo(front_door="ssh", identity=identity, source=self.server.source, target=target_name,
                            login=login, kind=self.kind, command=self.command, subsystem=self.subsystem,
                            term=self.term[0] if self.term else None,
-                           size=(self.term[1][0], self.term[1][1]) if self.term else None)
+                           size=(self.term[1][0], self.term[1][1]) if self.term else None,
+                           session_id=self._session_id)
 
     async def _gate(self, info: SessionInfo, connecting: asyncio.Future[Any]) -> bool:
         """The approval gate before anything runs on the target: an exec command or the opening
