@@ -7,9 +7,11 @@ identity, the source address and the reason, at the moment it happens.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -20,6 +22,8 @@ class AuditLog:
     def __init__(self, destination: str = "-") -> None:
         self.destination = destination
         self._lock = threading.Lock()
+        # Called with (event, fields) for every event (bastion/metrics.py counts them).
+        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
         if destination == "-":
             self._out: IO[str] = sys.stdout
         else:
@@ -33,6 +37,11 @@ class AuditLog:
         with self._lock:
             self._out.write(line + "\n")
             self._out.flush()
+        for listener in self.listeners:
+            try:
+                listener(event, record)
+            except Exception:  # a listener's bug must never break the audit stream
+                logging.getLogger("guarita.audit").exception("audit listener failed on %s", event)
 
     def close(self) -> None:
         if self._out is not sys.stdout:

@@ -21,12 +21,11 @@ from recorder.store import StoreError
 DEFAULT_GATEWAY = "http://127.0.0.1:8080"
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("asyncssh").setLevel(logging.WARNING)
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    logging.getLogger("botocore").setLevel(logging.WARNING)
+def _setup_logging(verbose: bool, log_format: str = "auto") -> str:
+    """The gateway's log on stderr: JSON lines, or text on a terminal (bastion/logs.py)."""
+    from bastion.logs import setup_logging
+
+    return setup_logging(log_format, verbose)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -53,13 +52,18 @@ def main() -> None:
 @click.option("--state", "state_url", help="Where state goes: sqlite:///PATH (default DATA_DIR/state.db) or "
               "postgresql://USER@HOST:PORT/DB (several replicas).")
 @click.option("-v", "--verbose", is_flag=True)
+@click.option("--log-format", type=click.Choice(["auto", "json", "text"]), default="auto", show_default=True,
+              envvar="GUARITA_LOG_FORMAT", help="The log on stderr: JSON lines, or text; auto: text on a terminal, "
+              "JSON otherwise.")
 def serve(config_path: Path | None, dev: bool, data_dir: Path | None, recordings: str | None,
           ssh_listen: str | None, http_listen: str | None, audit_log: str | None, verbose: bool,
-          kube_listen: str | None = None, kube_clusters: tuple[str, ...] = (), state_url: str | None = None) -> None:
-    """Run the gateway."""
+          kube_listen: str | None = None, kube_clusters: tuple[str, ...] = (), state_url: str | None = None,
+          log_format: str = "auto") -> None:
+    """Run the gateway. SIGTERM drains it (gateway.drain_grace), SIGHUP reloads its rules."""
     from bastion.gateway import Gateway, dev_config
 
-    _setup_logging(verbose)
+    chosen_format = _setup_logging(verbose, log_format)
+    reload_source: tuple[Path, dict[str, Any], dict[str, Any]] | None = None
     if bool(config_path) == dev:
         raise click.UsageError("give either --config FILE or --dev")
     try:
@@ -70,7 +74,11 @@ def serve(config_path: Path | None, dev: bool, data_dir: Path | None, recordings
                                 recordings=recordings, audit_log=audit_log)
         else:
             assert config_path is not None
-            config = load_config(config_path, overrides={"data_dir": data_dir, "recordings": recordings})
+            overrides = {"data_dir": data_dir, "recordings": recordings, "state": state_url}
+            config = load_config(config_path, overrides=overrides)
+            import tomllib
+
+            reload_source = (config_path, overrides, tomllib.loads(config_path.read_text()))
             if ssh_listen:
                 config = replace(config, ssh_listen=parse_listen(ssh_listen))
             if http_listen:
@@ -94,7 +102,7 @@ def serve(config_path: Path | None, dev: bool, data_dir: Path | None, recordings
         sys.exit(2)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    asyncio.run(_serve(Gateway, config))
+    asyncio.run(_serve(Gateway, config, reload_source, json_log=chosen_format == "json"))
 
 
 def _dev_clusters(config: Any, specs: tuple[str, ...], dev: bool) -> Any:
@@ -115,18 +123,21 @@ def _dev_clusters(config: Any, specs: tuple[str, ...], dev: bool) -> Any:
     return replace(config, clusters=(*config.clusters, *clusters), access=(*config.access, rule))
 
 
-async def _serve(gateway_cls: Any, config: Any) -> None:
+async def _serve(gateway_cls: Any, config: Any, reload_source: tuple[Path, dict[str, Any], dict[str, Any]] | None = None,
+                 json_log: bool = False) -> None:
     try:
         gw = gateway_cls(config)
+        if reload_source is not None:  # what SIGHUP reads again (bastion/lifecycle.py)
+            gw.config_file, gw.config_overrides, gw.config_raw = reload_source
         await gw.start()
     except (OSError, RuntimeError, ValueError, StoreError) as exc:
         click.echo(f"guarita: cannot start: {exc}", err=True)
         sys.exit(1)
-    _print_welcome(gw)
+    _print_welcome(gw, json_log)
     await gw.run_forever()
 
 
-def _print_welcome(gw: Any) -> None:
+def _print_welcome(gw: Any, json_log: bool = False) -> None:
     c = gw.config
     ssh_host = c.ssh_listen[0] if c.ssh_listen[0] not in ("0.0.0.0", "::") else "127.0.0.1"
     port = gw.ssh_port
@@ -156,6 +167,12 @@ def _print_welcome(gw: Any) -> None:
             f"  replay ls --data-dir {c.data_dir}",
             f"  replay cat ID --data-dir {c.data_dir}",
         ]
+    if json_log:  # one JSON line each, like the rest of the log
+        welcome = logging.getLogger("guarita")
+        for line in lines:
+            if line.strip():
+                welcome.info("%s", line.strip(), extra={"ssh_port": port, "http_port": gw.http_port})
+        return
     click.echo("\n".join(lines), err=True)
 
 
@@ -163,6 +180,19 @@ def _config_problems(exc: ConfigError) -> None:
     click.echo("guarita: the configuration has problems:", err=True)
     for key, message in exc.problems:
         click.echo(f"  {key}: {message}", err=True)
+
+
+@main.command("config-reference")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Write it to this file (docs/configuration.md).")
+def config_reference(output: Path | None) -> None:
+    """Print the configuration reference (every key, markdown), generated from the code."""
+    from bastion.config_reference import render
+
+    text = render()
+    if output is not None:
+        output.write_text(text)
+    else:
+        click.echo(text, nl=False)
 
 
 @main.command("check-config")
@@ -239,19 +269,21 @@ def dev_token(sub: str, groups: tuple[str, ...], email: str | None, ttl: str, cl
     click.echo(_post(_gateway_url(gateway) + "/dev/token", body)["token"])
 
 
-NO_TOKEN = ("no token: set GUARITA_TOKEN, or GUARITA_TOKEN_FILE / --token-file, or GUARITA_CLIENT_ID + "
-            "GUARITA_CLIENT_SECRET + GUARITA_ISSUER for a client-credentials grant")
+NO_TOKEN = ("no token: run `bastion login`, or set GUARITA_TOKEN, or GUARITA_TOKEN_FILE / --token-file, or "
+            "GUARITA_CLIENT_ID + GUARITA_CLIENT_SECRET + GUARITA_ISSUER for a client-credentials grant")
 
 
 def obtain_token(token_file: Path | None = None) -> str | None:
-    """read_token(), else a cached client-credentials token (see bastion.kube.client)."""
+    """read_token(), else a cached client-credentials token (see bastion.kube.client), else
+    the token of `bastion login` (refreshed when needed, see bastion.login)."""
     from bastion.kube.client import TokenError, client_credentials_token
+    from bastion.login import cached_token
 
     value = read_token(token_file)
     if value:
         return value
     try:
-        return client_credentials_token()
+        return client_credentials_token() or cached_token()
     except TokenError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -262,10 +294,11 @@ def obtain_token(token_file: Path | None = None) -> str | None:
               help="Print a kubectl ExecCredential (the kubeconfig's credential plugin uses this).")
 @click.argument("prompt", nargs=-1, required=False)
 def token(token_file: Path | None, exec_credential: bool = False, prompt: tuple[str, ...] = ()) -> None:
-    """Print the caller's OIDC token: $GUARITA_TOKEN, $GUARITA_TOKEN_FILE / --token-file, or a
-    client-credentials grant (GUARITA_CLIENT_ID, GUARITA_CLIENT_SECRET, GUARITA_ISSUER), cached
-    in ~/.cache/guarita/token.json until shortly before it expires. Any PROMPT argument is
-    ignored, so it also serves as SSH_ASKPASS helper."""
+    """Print the caller's OIDC token: $GUARITA_TOKEN, $GUARITA_TOKEN_FILE / --token-file, a
+    client-credentials grant (GUARITA_CLIENT_ID, GUARITA_CLIENT_SECRET, GUARITA_ISSUER), or your
+    `bastion login` (refreshed with its refresh token), cached in ~/.cache/guarita/token.json
+    until shortly before it expires. Any PROMPT argument is ignored, so it also serves as
+    SSH_ASKPASS helper."""
     value = obtain_token(token_file)
     if not value:
         raise click.ClickException(NO_TOKEN)
@@ -384,9 +417,9 @@ def ssh_cert(key_path: Path, token_file: Path | None, ttl: str, gateway: str | N
     """Exchange your OIDC token for an SSH certificate, so plain `ssh -i KEY` works."""
     import asyncssh
 
-    value = read_token(token_file)
+    value = obtain_token(token_file)
     if not value:
-        raise click.ClickException("no token: set GUARITA_TOKEN, or GUARITA_TOKEN_FILE / --token-file")
+        raise click.ClickException(NO_TOKEN)
     key_path = key_path.expanduser()
     if key_path.exists():
         key = asyncssh.read_private_key(str(key_path))
@@ -459,10 +492,10 @@ def _api(method: str, url: str, token: str, body: dict[str, Any] | None = None) 
 
 
 def _approver_token(token_file: Path | None) -> str:
-    value = read_token(token_file)
+    value = obtain_token(token_file)
     if not value:
-        raise click.ClickException("no token: set GUARITA_TOKEN, or GUARITA_TOKEN_FILE / --token-file "
-                                   "(your own OIDC token: decisions are made in your name)")
+        raise click.ClickException("no token: run `bastion login`, or set GUARITA_TOKEN, or GUARITA_TOKEN_FILE / "
+                                   "--token-file (your own OIDC token: decisions are made in your name)")
     return value
 
 
@@ -565,6 +598,16 @@ def _decide_command(decision: str) -> Any:
 
 approvals.command("approve")(_decide_command("approve"))
 approvals.command("deny")(_decide_command("deny"))
+
+
+# login / logout / whoami, lock / unlock, sessions (bastion/cli_identity.py)
+def _register_identity_commands() -> None:
+    from bastion import cli_identity
+
+    cli_identity.register(main, sys.modules[__name__])
+
+
+_register_identity_commands()
 
 
 if __name__ == "__main__":

@@ -106,6 +106,41 @@ class AccessRule:
     clusters: tuple[str, ...] = ()
     namespaces: tuple[str, ...] = ("*",)
     port_forward: bool = False
+    # Session limits (bastion/session.py): what happens when the credential a session started
+    # with expires ("end", "warn": tell the user and go on, "allow": go on), the cap for
+    # warn/allow (max_session, from the session's start), and idle / total duration limits.
+    on_expiry: str = "end"
+    max_session: float = 8 * 3600.0
+    idle_timeout: float | None = None
+    max_duration: float | None = None
+
+
+@dataclass(frozen=True)
+class RoleMembers:
+    """Who holds a role: any matching subject (or e-mail) or group glob."""
+
+    subjects: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Roles:
+    """Roles on the HTTP API: operators lock, unlock and kill sessions; auditors read locks and
+    live sessions. Approvers come from the approval rules."""
+
+    operators: RoleMembers = field(default_factory=RoleMembers)
+    auditors: RoleMembers = field(default_factory=RoleMembers)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per identity (subject), per replica: so a runaway agent cannot exhaust the gateway.
+    0 turns a limit off."""
+
+    max_sessions_per_subject: int = 64
+    sessions_per_minute: int = 600
+    # How often each replica re-reads locks and kill requests when no notification came.
+    lock_poll_interval: float = 1.0
 
 
 IN_CLUSTER_SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
@@ -186,6 +221,14 @@ class Config:
     state_replica: str | None = None
     # [[approvals]] rules, [approval_defaults] and [[webhooks]] (bastion/approvals/rules.py).
     approvals: ApprovalPolicy = field(default_factory=ApprovalPolicy)
+    # Operations (bastion/lifecycle.py, bastion/http/api.py): how long live sessions may go on
+    # after SIGTERM, and whether /metrics needs a token (None: only when roles are configured
+    # and the HTTP API is not on loopback).
+    drain_grace: float = 30.0
+    metrics_public: bool | None = None
+    # [roles] (operators, auditors) and [limits] (per-identity session limits), issue 8.
+    roles: Roles = field(default_factory=Roles)
+    limits: Limits = field(default_factory=Limits)
 
     @property
     def state(self) -> str:
@@ -269,13 +312,13 @@ def parse_config(raw: dict[str, Any], base: Path, overrides: dict[str, Any] | No
     problems: list[tuple[str, str]] = []
     r = _Reader(problems, base)
     r.unknown(raw, {"gateway", "recording", "ssh", "oidc", "targets", "access", "clusters", "state", "approvals",
-                   "approval_defaults", "webhooks"}, "")
+                   "approval_defaults", "webhooks", "roles", "limits"}, "")
     overrides = overrides or {}
 
     gw = r.get(raw, "gateway", "", dict, {})
     r.unknown(gw, {"data_dir", "ssh_listen", "http_listen", "host_key", "user_ca_key", "target_ca_key",
                    "audit_log", "tls_cert", "tls_key", "kube_listen", "kube_tls_cert", "kube_tls_key",
-                   "kube_server_names"}, "gateway.")
+                   "kube_server_names", "drain_grace", "metrics_public"}, "gateway.")
     data_dir = overrides.get("data_dir") or r.path(gw, "data_dir", "gateway.", base / "guarita-data")
     assert data_dir is not None
     ssh_listen = _listen(r, gw, "ssh_listen", "127.0.0.1:2222")
@@ -328,6 +371,13 @@ def parse_config(raw: dict[str, Any], base: Path, overrides: dict[str, Any] | No
         except StateError as exc:
             problems.append(("state.url", str(exc)))
     approvals = parse_policy(r, raw)
+    roles = _roles(r, r.get(raw, "roles", "", dict, {}))
+    limits = _limits(r, r.get(raw, "limits", "", dict, {}))
+    drain_grace = r.duration(gw, "drain_grace", "gateway.", 30.0)
+    if not 0 <= drain_grace <= 3600:
+        problems.append(("gateway.drain_grace", "must be between 0s and 1h (keep the platform's stop timeout "
+                         "above it: terminationGracePeriodSeconds, TimeoutStopSec)"))
+    metrics_public = r.get(gw, "metrics_public", "gateway.", bool, None)
 
     if problems:
         raise ConfigError(problems)
@@ -355,6 +405,10 @@ def parse_config(raw: dict[str, Any], base: Path, overrides: dict[str, Any] | No
         state_url=state_url,
         state_replica=r.get(state, "replica", "state.", str, None),
         approvals=approvals,
+        drain_grace=drain_grace,
+        metrics_public=metrics_public,
+        roles=roles,
+        limits=limits,
     )
 
 
@@ -507,7 +561,12 @@ def _cluster(r: _Reader, t: dict[str, Any], p: str) -> ClusterConfig:
 
 def _access(r: _Reader, t: dict[str, Any], p: str, index: int) -> AccessRule:
     r.unknown(t, {"name", "subjects", "groups", "claims", "targets", "logins", "sftp", "clusters", "namespaces",
-                  "port_forward"}, p)
+                  "port_forward", "on_expiry", "max_session", "idle_timeout", "max_duration"}, p)
+    on_expiry = r.get(t, "on_expiry", p, str, "end")
+    if on_expiry not in ("end", "warn", "allow"):
+        r.problems.append((f"{p}on_expiry", f"must be 'end', 'warn' or 'allow', got {on_expiry!r}"))
+        on_expiry = "end"
+    limits = {key: _positive_duration(r, t, key, p) for key in ("max_session", "idle_timeout", "max_duration")}
     claims = r.get(t, "claims", p, dict, {})
     if not all(isinstance(v, str) for v in claims.values()):
         r.problems.append((f"{p}claims", "values must be strings (glob patterns)"))
@@ -523,8 +582,290 @@ def _access(r: _Reader, t: dict[str, Any], p: str, index: int) -> AccessRule:
         clusters=r.strings(t, "clusters", p),
         namespaces=r.strings(t, "namespaces", p, ("*",)),
         port_forward=r.get(t, "port_forward", p, bool, False),
+        on_expiry=on_expiry,
+        max_session=limits["max_session"] or 8 * 3600.0,
+        idle_timeout=limits["idle_timeout"],
+        max_duration=limits["max_duration"],
     )
     if not (rule.subjects or rule.groups or rule.claims):
         # Fail closed: a rule that names nobody must not silently mean everybody.
         r.problems.append((p.rstrip("."), "name at least one of subjects, groups or claims (use subjects = [\"*\"] for everyone)"))
     return rule
+
+
+def _positive_duration(r: _Reader, t: dict[str, Any], key: str, p: str) -> float | None:
+    if key not in t:
+        return None
+    value = r.duration(t, key, p, 0.0)
+    if value <= 0:
+        r.problems.append((f"{p}{key}", "must be a positive duration like '30m' or '8h'"))
+        return None
+    return value
+
+
+def _role_members(r: _Reader, t: dict[str, Any], key: str) -> RoleMembers:
+    p = f"roles.{key}."
+    table = r.get(t, key, "roles.", dict, {})
+    r.unknown(table, {"subjects", "groups"}, p)
+    return RoleMembers(subjects=r.strings(table, "subjects", p), groups=r.strings(table, "groups", p))
+
+
+def _roles(r: _Reader, t: dict[str, Any]) -> Roles:
+    r.unknown(t, {"operators", "auditors"}, "roles.")
+    return Roles(operators=_role_members(r, t, "operators"), auditors=_role_members(r, t, "auditors"))
+
+
+def _limits(r: _Reader, t: dict[str, Any]) -> Limits:
+    p = "limits."
+    r.unknown(t, {"max_sessions_per_subject", "sessions_per_minute", "lock_poll_interval"}, p)
+    values = {}
+    for key, default in (("max_sessions_per_subject", 64), ("sessions_per_minute", 600)):
+        value = r.get(t, key, p, int, default)
+        if value < 0:
+            r.problems.append((f"{p}{key}", "must be 0 (no limit) or more"))
+            value = default
+        values[key] = value
+    poll = r.duration(t, "lock_poll_interval", p, 1.0)
+    if not 0 < poll <= 1.0:
+        r.problems.append((f"{p}lock_poll_interval", "must be more than 0 and at most 1s (locks end sessions "
+                           "within a second)"))
+        poll = 1.0
+    return Limits(max_sessions_per_subject=values["max_sessions_per_subject"],
+                  sessions_per_minute=values["sessions_per_minute"], lock_poll_interval=poll)
+
+
+# -- the configuration reference ---------------------------------------------------------------
+#
+# Every key of the file, for `bastion config-reference` (docs/configuration.md) and for SIGHUP
+# (``reload``: the key takes effect without a restart). tests/test_config_reference.py keeps
+# this table equal to what the parser accepts (it asks the parser for its known keys) and its
+# defaults equal to the parser's; when you add a key to the parser, add it here and run
+# `bastion config-reference -o docs/configuration.md`.
+
+REQUIRED = "required"
+
+
+@dataclass(frozen=True)
+class ConfigSection:
+    name: str  # "gateway", "targets[]" (an array of tables), "roles.operators"
+    doc: str
+
+
+@dataclass(frozen=True)
+class ConfigKey:
+    key: str  # "gateway.ssh_listen", "targets[].name"
+    type: str
+    default: Any  # the value as written in TOML, REQUIRED, or None (unset)
+    doc: str
+    reload: bool = False  # SIGHUP applies it to what happens next (else: restart)
+    # The default in words, when it is not a literal (e.g. derived from data_dir): the
+    # defaults test leaves such keys out.
+    default_text: str | None = None
+
+    @property
+    def section(self) -> str:
+        return self.key.rsplit(".", 1)[0] if "." in self.key else ""
+
+    @property
+    def name(self) -> str:
+        return self.key.rsplit(".", 1)[-1]
+
+
+CONFIG_SECTIONS = (
+    ConfigSection("gateway", "Where the gateway listens, its keys and certificates, and operations."),
+    ConfigSection("recording", "Where recordings go and how they are cut, kept and uploaded."),
+    ConfigSection("ssh", "The SSH front door."),
+    ConfigSection("oidc[]", "OIDC issuers whose tokens are accepted (at least one). Keys come from discovery and "
+                            "JWKS, cached, refreshed on an unknown `kid`."),
+    ConfigSection("targets[]", "SSH targets agents reach as `ssh -p 2222 [LOGIN@]TARGET@bastion`."),
+    ConfigSection("access[]", "Who may reach which targets, logins and clusters. Ordered: the first rule whose "
+                              "*who* and *where* both match decides; no match refuses."),
+    ConfigSection("clusters[]", "Kubernetes clusters served at `https://bastion:8443/clusters/NAME`."),
+    ConfigSection("state", "The state database (sessions and commands index, approvals, locks)."),
+    ConfigSection("approvals[]", "Approval rules, ordered: the first matching rule decides a command (or the "
+                                 "opening of a shell); see docs/approvals.md."),
+    ConfigSection("approval_defaults", "What happens when no approval rule matches."),
+    ConfigSection("webhooks[]", "Where approval requests and decisions are announced."),
+    ConfigSection("roles", "Roles on the HTTP API. Approvers come from the approval rules."),
+    ConfigSection("roles.operators", "Operators lock, unlock and kill sessions (and read metrics when "
+                                     "`gateway.metrics_public` requires a token)."),
+    ConfigSection("roles.auditors", "Auditors read locks and live sessions (and metrics)."),
+    ConfigSection("limits", "Per identity, per replica, so a runaway agent cannot exhaust the gateway."),
+)
+
+CONFIG_KEYS = (
+    # [gateway]
+    ConfigKey("gateway.data_dir", "path", None, "Keys created on first start, the spool, and SQLite state by default. "
+              "Relative paths in the file are relative to the file's folder.",
+              default_text="`guarita-data` beside the config file"),
+    ConfigKey("gateway.ssh_listen", "HOST:PORT", "127.0.0.1:2222", "The SSH front door (`--ssh-listen`)."),
+    ConfigKey("gateway.http_listen", "HOST:PORT", "127.0.0.1:8080", "The HTTP API: health, metrics, approvals, "
+              "certificates (`--http-listen`). Outside loopback it needs `tls_cert` and `tls_key`."),
+    ConfigKey("gateway.host_key", "path", None, "The gateway's SSH host key (created if missing).",
+              default_text="`DATA_DIR/ssh_host_ed25519_key`"),
+    ConfigKey("gateway.user_ca_key", "path", None, "The user CA that signs agents' certificates "
+              "(`bastion ssh-cert`).", default_text="`DATA_DIR/user_ca_key`"),
+    ConfigKey("gateway.target_ca_key", "path", None, "The CA that signs per-session certificates for targets with "
+              "`credential = \"ca\"`.", default_text="`DATA_DIR/target_ca_key`"),
+    ConfigKey("gateway.audit_log", "string", "-", "The audit stream (JSON lines): a file, or `-` for stdout "
+              "(`--audit-log`)."),
+    ConfigKey("gateway.tls_cert", "path", None, "TLS certificate (PEM) of the HTTP API."),
+    ConfigKey("gateway.tls_key", "path", None, "Its private key."),
+    ConfigKey("gateway.kube_listen", "HOST:PORT", "127.0.0.1:8443", "The Kubernetes front door (started when "
+              "`[[clusters]]` are configured; always HTTPS; `--kube-listen`)."),
+    ConfigKey("gateway.kube_tls_cert", "path", None, "TLS certificate of the Kubernetes front door.",
+              default_text="one from a CA the gateway creates in `DATA_DIR`"),
+    ConfigKey("gateway.kube_tls_key", "path", None, "Its private key."),
+    ConfigKey("gateway.kube_server_names", "list of strings", [], "Extra names for the front door's own "
+              "certificate (loopback and the host name are always in it)."),
+    ConfigKey("gateway.drain_grace", "duration", "30s", "After SIGTERM, how long live sessions may go on (their "
+              "users get a notice) before the gateway ends them; `0s` ends them at once. Keep the platform's stop "
+              "timeout above it.", reload=True),
+    ConfigKey("gateway.metrics_public", "bool", None, "Whether `/metrics` answers without a token. `false`: only "
+              "to a bearer token of an operator or auditor. Unset: public, unless roles are configured and the HTTP "
+              "API listens outside loopback.", reload=True, default_text="unset"),
+    # [recording]
+    ConfigKey("recording.url", "URL", None, "Where recordings go: `file:///PATH` (not write-once) or "
+              "`s3://BUCKET/PREFIX` (Object Lock; endpoint from `AWS_ENDPOINT_URL_S3`; `--recordings`).",
+              default_text="`file://DATA_DIR/recordings`"),
+    ConfigKey("recording.spool_dir", "path", None, "The local spool (fsynced; uploaded from; sealed after a "
+              "crash at the next start).", default_text="`DATA_DIR/spool`"),
+    ConfigKey("recording.key_file", "path", None, "Ed25519 key that signs manifests (created if missing; or "
+              "`$GUARITA_RECORDING_KEY`).", default_text="`DATA_DIR/recording_key.pem`"),
+    ConfigKey("recording.failure_policy", "string", "strict", "`strict`: a session whose recording fails ends; "
+              "`best_effort`: it goes on and an alert is logged."),
+    ConfigKey("recording.segment_seconds", "duration", "5s", "A segment is sealed and uploaded after this long..."),
+    ConfigKey("recording.segment_bytes", "integer", 524288, "...or this many bytes of events (4096 to 67108864)."),
+    ConfigKey("recording.flush_interval", "duration", "1s", "Events are fsynced to the spool at least this often "
+              "(at most 1s: the durability promise)."),
+    ConfigKey("recording.lock_mode", "string", "COMPLIANCE", "S3 Object Lock mode of every object: `COMPLIANCE` "
+              "or `GOVERNANCE`."),
+    ConfigKey("recording.retention", "duration", "5y", "How long each object is locked (at least `1d`; LGPD "
+              "deployments keep five years)."),
+    ConfigKey("recording.spool_budget", "integer", 1073741824, "Bytes the spool may hold (the store being "
+              "unreachable) before new sessions are refused."),
+    # [ssh]
+    ConfigKey("ssh.env_allowlist", "list of strings", list(DEFAULT_ENV_ALLOWLIST), "Environment variables "
+              "(globs) passed to targets; `LD_*`, `PATH` and other dangerous ones never are.", reload=True),
+    ConfigKey("ssh.cert_max_ttl", "duration", "1h", "Longest lifetime of a certificate from `bastion ssh-cert` "
+              "(never past the token's)."),
+    # [[oidc]]
+    ConfigKey("oidc[].issuer", "URL", REQUIRED, "Issuer URL (`https://`; `http://` only on loopback)."),
+    ConfigKey("oidc[].audience", "string", REQUIRED, "The `aud` tokens must carry."),
+    ConfigKey("oidc[].algorithms", "list of strings", list(DEFAULT_ALGORITHMS), "Accepted signature algorithms "
+              "(asymmetric only; `none` and HMAC never)."),
+    ConfigKey("oidc[].subject_claim", "string", "sub", "Claim that names the identity."),
+    ConfigKey("oidc[].groups_claim", "string", "groups", "Claim with the identity's groups."),
+    ConfigKey("oidc[].email_claim", "string", "email", "Claim with the e-mail address."),
+    ConfigKey("oidc[].extra_claims", "list of strings", [], "Other claims kept on the identity, for rules to match "
+              "(e.g. GitHub Actions' `repository`, `ref`)."),
+    ConfigKey("oidc[].leeway", "duration", "30s", "Clock skew allowed on `exp` and `nbf`."),
+    ConfigKey("oidc[].jwks_uri", "URL", None, "Only for issuers without discovery."),
+    # [[targets]]
+    ConfigKey("targets[].name", "string", REQUIRED, "What agents type after `@` (letters, digits, `.`, `_`, `-`).",
+              reload=True),
+    ConfigKey("targets[].host", "string", REQUIRED, "Host name or address of the target's sshd.", reload=True),
+    ConfigKey("targets[].port", "integer", 22, "Its port.", reload=True),
+    ConfigKey("targets[].logins", "list of strings", REQUIRED, "Logins agents may use there.", reload=True),
+    ConfigKey("targets[].default_login", "string", None, "Login when the agent names none.", reload=True,
+              default_text="the only login, when there is one"),
+    ConfigKey("targets[].host_keys", "list of strings", REQUIRED, "Pinned host keys (`TYPE BASE64`, as from "
+              "`ssh-keyscan`).", reload=True),
+    ConfigKey("targets[].credential", "string", "key", "`key`: a private key the gateway holds; `ca`: a "
+              "per-session certificate from the target CA.", reload=True),
+    ConfigKey("targets[].private_key", "path", None, "The key, for `credential = \"key\"`.", reload=True),
+    ConfigKey("targets[].ca_key", "path", None, "A CA of this target's own, instead of `gateway.target_ca_key`.",
+              reload=True),
+    ConfigKey("targets[].cert_ttl", "duration", "5m", "Lifetime of per-session certificates.", reload=True),
+    ConfigKey("targets[].connect_timeout", "duration", "10s", "Time to connect to the target.", reload=True),
+    # [[access]]
+    ConfigKey("access[].name", "string", None, "Named in the audit log and in refusals.", reload=True,
+              default_text="`access[N]`"),
+    ConfigKey("access[].subjects", "list of strings", [], "Subjects or e-mail addresses (globs). At least one of "
+              "subjects, groups, claims is required (`[\"*\"]`: everyone).", reload=True),
+    ConfigKey("access[].groups", "list of strings", [], "Groups (globs).", reload=True),
+    ConfigKey("access[].claims", "table of strings", {}, "Claims that must all match (globs), e.g. "
+              "`{ repository = \"org/*\" }`.", reload=True),
+    ConfigKey("access[].targets", "list of strings", None, "Targets (globs).", reload=True,
+              default_text="`[\"*\"]`; `[]` when the rule has a `clusters` key"),
+    ConfigKey("access[].logins", "list of strings", ["*"], "Logins (globs).", reload=True),
+    ConfigKey("access[].sftp", "bool", False, "Allow the sftp subsystem (file transfer).", reload=True),
+    ConfigKey("access[].clusters", "list of strings", [], "Kubernetes clusters (globs).", reload=True),
+    ConfigKey("access[].namespaces", "list of strings", ["*"], "Namespaces in them (globs).", reload=True),
+    ConfigKey("access[].port_forward", "bool", False, "Allow `kubectl port-forward` (and the pods/services proxy).",
+              reload=True),
+    ConfigKey("access[].on_expiry", "string", "end", "When the session's credential expires: `end`, `warn` (tell "
+              "the user and go on) or `allow`.", reload=True),
+    ConfigKey("access[].max_session", "duration", "8h", "With `warn`/`allow`: the longest a session may go on.",
+              reload=True),
+    ConfigKey("access[].idle_timeout", "duration", None, "End a session without input or output for this long.",
+              reload=True),
+    ConfigKey("access[].max_duration", "duration", None, "End a session after this long.", reload=True),
+    # [[clusters]]
+    ConfigKey("clusters[].name", "string", REQUIRED, "Served at `/clusters/NAME`."),
+    ConfigKey("clusters[].kubeconfig", "path", None, "The gateway's own credentials for the cluster (this or "
+              "`in_cluster`)."),
+    ConfigKey("clusters[].context", "string", None, "Context of the kubeconfig.", default_text="its current context"),
+    ConfigKey("clusters[].in_cluster", "bool", False, "Use the pod's service account (re-read as it rotates)."),
+    ConfigKey("clusters[].service_account_dir", "path", str(IN_CLUSTER_SA_DIR), "Where the service account is "
+              "mounted."),
+    ConfigKey("clusters[].connect_timeout", "duration", "10s", "Time to connect to the API server."),
+    ConfigKey("clusters[].response_timeout", "duration", "60s", "Time to its response headers (watches and "
+              "`logs -f` then stream as long as they like)."),
+    ConfigKey("clusters[].user_prefix", "string", "", "Prepended to `Impersonate-User` (e.g. `oidc:`)."),
+    ConfigKey("clusters[].group_prefix", "string", "", "Prepended to each `Impersonate-Group`."),
+    # [state]
+    ConfigKey("state.url", "URL", None, "`sqlite:///PATH` or `postgresql://USER@HOST:PORT/DB` (several replicas; "
+              "password in `PGPASSWORD`; `--state`).", default_text="`sqlite:///DATA_DIR/state.db`"),
+    ConfigKey("state.replica", "string", None, "This replica's stable name.", default_text="host name and data_dir"),
+    # [[approvals]]
+    ConfigKey("approvals[].name", "string", None, "Named to approvers, in markers and refusals.", reload=True,
+              default_text="`approvals[N]`"),
+    ConfigKey("approvals[].pattern", "string", None, "A regex searched in the command (one of pattern, argv_prefix, "
+              "shell).", reload=True),
+    ConfigKey("approvals[].argv_prefix", "list of strings", None, "Compared with the start of each simple "
+              "command.", reload=True),
+    ConfigKey("approvals[].shell", "string", None, "A rule about opening an interactive shell: `allow`, `approve` "
+              "or `deny`.", reload=True),
+    ConfigKey("approvals[].action", "string", "approve", "`allow`, `deny` or `approve`.", reload=True),
+    ConfigKey("approvals[].subjects", "list of strings", [], "Whose commands (globs; with groups and claims: any "
+              "matches; none: everyone).", reload=True),
+    ConfigKey("approvals[].groups", "list of strings", [], "Groups (globs).", reload=True),
+    ConfigKey("approvals[].claims", "table of strings", {}, "Claims (globs).", reload=True),
+    ConfigKey("approvals[].targets", "list of strings", [], "SSH targets (globs; none: every target).", reload=True),
+    ConfigKey("approvals[].clusters", "list of strings", [], "Kubernetes clusters (globs).", reload=True),
+    ConfigKey("approvals[].namespaces", "list of strings", [], "Namespaces (globs).", reload=True),
+    ConfigKey("approvals[].approvers", "list of strings", None, "Approver groups.", reload=True,
+              default_text="`approval_defaults.approvers`"),
+    ConfigKey("approvals[].min_approvals", "integer", None, "Approvals needed.", reload=True,
+              default_text="`approval_defaults.min_approvals`"),
+    ConfigKey("approvals[].timeout", "duration", None, "How long a request waits (1s to 7d).", reload=True,
+              default_text="`approval_defaults.timeout`"),
+    ConfigKey("approvals[].message", "string", None, "Shown to the agent and the approvers.", reload=True),
+    # [approval_defaults]
+    ConfigKey("approval_defaults.action", "string", "allow", "For commands no rule matches.", reload=True),
+    ConfigKey("approval_defaults.shell", "string", "allow", "For opening a shell when no shell rule matches.",
+              reload=True),
+    ConfigKey("approval_defaults.approvers", "list of strings", [], "Approver groups of rules that name none.",
+              reload=True),
+    ConfigKey("approval_defaults.min_approvals", "integer", 1, "Approvals needed.", reload=True),
+    ConfigKey("approval_defaults.timeout", "duration", "10m", "How long a request waits.", reload=True),
+    ConfigKey("approval_defaults.requests_per_minute", "integer", 5, "Approval requests one session may make per "
+              "minute.", reload=True),
+    # [[webhooks]]
+    ConfigKey("webhooks[].url", "URL", REQUIRED, "`http(s)://` endpoint that receives a POST per event.",
+              reload=True),
+    ConfigKey("webhooks[].format", "string", "json", "`json` (generic) or `slack` (Slack-compatible).",
+              reload=True),
+    ConfigKey("webhooks[].timeout", "duration", "5s", "Time for one delivery.", reload=True),
+    # [roles]
+    ConfigKey("roles.operators.subjects", "list of strings", [], "Subjects or e-mail addresses (globs)."),
+    ConfigKey("roles.operators.groups", "list of strings", [], "Groups (globs)."),
+    ConfigKey("roles.auditors.subjects", "list of strings", [], "Subjects or e-mail addresses (globs)."),
+    ConfigKey("roles.auditors.groups", "list of strings", [], "Groups (globs)."),
+    # [limits]
+    ConfigKey("limits.max_sessions_per_subject", "integer", 64, "Concurrent sessions of one subject (0: no limit)."),
+    ConfigKey("limits.sessions_per_minute", "integer", 600, "New sessions of one subject per minute (0: no limit)."),
+    ConfigKey("limits.lock_poll_interval", "duration", "1s", "How often each replica re-reads locks when no "
+              "notification came (at most 1s)."),
+)

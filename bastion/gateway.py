@@ -8,16 +8,20 @@ import signal
 import socket
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import asyncssh
 
+from bastion import lifecycle
 from bastion.approvals.engine import ApprovalEngine
 from bastion.audit import AuditLog
 from bastion.config import Config, IssuerConfig, TargetConfig
+from bastion.control import Control
+from bastion.health import Readiness
 from bastion.identity.devissuer import DevIssuer
 from bastion.identity.oidc import TokenVerifier
 from bastion.identity.usercert import UserCA, load_or_create_key
+from bastion.metrics import Metrics
 from bastion.state import StateError, open_state
 from recorder import Recorder, RecordingKey, open_store
 
@@ -55,12 +59,25 @@ class Gateway:
         self.state = open_state(config.state, replica_name=config.state_replica
                                 or f"{socket.gethostname()}:{config.data_dir}")
         self.approvals = ApprovalEngine(self)
+        # Locks, session kills, per-identity limits and session limits (bastion/control).
+        self.control = Control(self)
         self.demo: DemoTarget | None = None
         # Live SSH session channels by session id (for shutdown, locks and `sessions ls`).
         self.live_sessions: dict = {}
         self._servers: list[asyncio.AbstractServer | asyncssh.SSHAcceptor] = []
         self._http_runner: web.AppRunner | None = None
         self.stopping = asyncio.Event()
+        # Operations (bastion/lifecycle.py, bastion/metrics.py, bastion/health.py): SIGTERM
+        # drains (readyz turns 503 at once; a second signal cuts the grace short), SIGHUP
+        # reloads config_file (read with config_overrides; config_raw is what runs).
+        self.draining = False
+        self.hurry = asyncio.Event()
+        self.config_file: Path | None = None
+        self.config_overrides: dict[str, Any] | None = None
+        self.config_raw: dict[str, Any] = {}
+        self.metrics = Metrics(self)
+        self.audit.listeners.append(self.metrics.on_audit)
+        self.readiness = Readiness(self)
         self.ssh_port = 0
         self.http_port = 0
         # Kubernetes front door (bastion/kube), started only when clusters are configured.
@@ -93,6 +110,7 @@ class Gateway:
         except StateError as exc:
             raise RuntimeError(str(exc)) from None
         await self.approvals.start()
+        await self.control.start()
         self._http_runner, self.http_port = await start_http(self)
         await self.verifier.start()
         acceptor = await start_ssh(self)
@@ -120,10 +138,11 @@ class Gateway:
             server.close()
         from bastion.ssh.frontdoor import close_all_sessions
 
-        await close_all_sessions(self, "gateway shutting down")
+        await close_all_sessions(self, lifecycle.end_message(self))
         if self.kube is not None:
             await self.kube.stop()  # after its sessions were ended, before the recorder closes
         await self.approvals.stop()  # pending requests of sessions still waiting: cancelled
+        await self.control.stop()
         await self.recorder.close()
         await self.state.close()
         await self.verifier.close()
@@ -136,9 +155,16 @@ class Gateway:
     async def run_forever(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stopping.set)
+            loop.add_signal_handler(sig, self._stop_signal)
+        loop.add_signal_handler(signal.SIGHUP, lambda: lifecycle.reload(self))
         await self.stopping.wait()
+        await lifecycle.drain(self)
         await self.stop()
+
+    def _stop_signal(self) -> None:
+        if self.stopping.is_set():
+            self.hurry.set()  # a second SIGTERM / Ctrl-C: no more grace
+        self.stopping.set()
 
 
 def _local_user() -> str:
@@ -150,7 +176,7 @@ def _local_user() -> str:
 def dev_config(data_dir: Path, ssh_port: int = 2222, http_port: int = 8080, recordings: str | None = None,
                audit_log: str | None = None) -> Config:
     """The embedded default: local issuer, demo target, local recordings, everything on loopback."""
-    from bastion.config import AccessRule, RecordingConfig
+    from bastion.config import AccessRule, RecordingConfig, RoleMembers, Roles
 
     data_dir = data_dir.resolve()
     issuer = IssuerConfig(issuer=f"http://127.0.0.1:{http_port}/dev", audience="guarita", leeway=5)
@@ -169,6 +195,8 @@ def dev_config(data_dir: Path, ssh_port: int = 2222, http_port: int = 8080, reco
         audit_log=audit_log or str(data_dir / "audit.jsonl"),
         dev=True,
         demo_target=True,
+        # `bastion dev-token --group sre` mints an operator (locks, `bastion sessions kill`).
+        roles=Roles(operators=RoleMembers(groups=("sre",)), auditors=RoleMembers(groups=("sre", "audit"))),
     )
 
 

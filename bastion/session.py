@@ -11,19 +11,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from bastion.identity import Identity
+from bastion.logs import current_session
 from recorder import SessionRecording
 
 if TYPE_CHECKING:
     from bastion.approvals.engine import GateResult
     from bastion.approvals.interactive import InteractiveGate
+    from bastion.control import SessionLimits
     from bastion.gateway import Gateway
+
+# A session about to reach a hard limit (credential expiry, maximum duration) is warned
+# this long before (at most; a fifth of the session's whole allowance when shorter).
+LIMIT_WARNING = 300.0
 
 
 @dataclass
@@ -166,6 +174,14 @@ class Session:
         self.started = time.time()
         self.recording = gateway.recorder.open_session(info.metadata(), term=info.size, session_id=info.session_id)
         self.id = self.recording.id
+        # Operations (bastion/metrics.py, bastion/logs.py): bytes relayed agent -> target and
+        # target -> agent, and the session id on the log lines of this session's task.
+        self.bytes_in = 0
+        self.bytes_out = 0
+        current_session.set(self.id)
+        self._metrics = getattr(gateway, "metrics", None)
+        if self._metrics is not None:
+            self._metrics.session_started(self)
         self._echo = EchoTracker(self.recording) if info.size else None
         self.ended = False
         # Approvals. A front door gives the session a way to write to the agent (its terminal,
@@ -178,11 +194,25 @@ class Session:
         self._gate: InteractiveGate | None = None
         self._gate_checked = False
         self._approvals = getattr(gateway, "approvals", None)
+        # Session limits and locks (bastion/control): the last input or output (idle timeout),
+        # why the gateway ended the session (the recording's and audit log's end reason).
+        self.last_activity = time.monotonic()
+        self.stopping = False
+        self.stop_reason: str | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._control = getattr(gateway, "control", None)
+        self.limits: SessionLimits | None = None
         gateway.audit.emit("session.start", session=self.id, **_audit_fields(info))
         if self._approvals is not None:
             self._approvals.session_started(self)
+        if self._control is not None:
+            self._control.session_started(self)
+            self.limits = self._control.limits_for(info)
+            self._watchdog = asyncio.get_running_loop().create_task(self._watch_limits(self.limits))
 
     def from_client(self, data: bytes) -> bytes:
+        self.bytes_in += len(data)
+        self.last_activity = time.monotonic()
         gate = self._gate if self._gate_checked else self._start_gate()
         if gate is not None and gate.waiting:  # a command waits for approval: only Ctrl-C counts
             gate.drop(data)
@@ -195,6 +225,8 @@ class Session:
         return gate.input(data, hidden) if gate is not None else data
 
     def from_target(self, data: bytes, stream: str = "o") -> bytes:
+        self.bytes_out += len(data)
+        self.last_activity = time.monotonic()
         if self._echo is not None and stream == "o":
             self._echo.output(data)
         gate = self._gate if self._gate_checked else self._start_gate()
@@ -283,10 +315,111 @@ class Session:
     def marker(self, kind: str, **fields: Any) -> None:
         self.recording.marker(kind, **fields)
 
+    # -- ended by the gateway: locks, kills, session limits (bastion/control) ----------------------
+
+    def stop(self, kind: str, message: str, **fields: Any) -> bool:
+        """End the session from the gateway's side: a ``kind`` marker (lock, kill, expired,
+        idle, max-duration, max-session) with the reason, which also becomes the session's end
+        reason; the front door tells the user ``message`` and closes. False when the front door
+        has not registered the session yet (the caller tries again shortly)."""
+        if self.ended:
+            return True
+        channel = self.gateway.live_sessions.get(self.id)
+        if channel is None:
+            return False
+        if not self.stopping:
+            self.stopping = True
+            self.stop_reason = message
+            self.marker(kind, reason=message, **fields)
+            self.gateway.audit.emit("session.stopped", session=self.id, kind=kind, reason=message,
+                                    subject=self.info.identity.subject, target=self.info.target,
+                                    **{k: v for k, v in fields.items() if k not in ("reason", "session", "kind")})
+        self.cancel_approval(message)
+        channel.terminate(message)
+        return True
+
+    def notify(self, text: str) -> None:
+        """A line from guarita to the user while the session goes on (recorded as a notice)."""
+        self.marker("notice", text=text)
+        channel = self.gateway.live_sessions.get(self.id)
+        notify = getattr(channel, "notify_user", None)
+        if notify is not None:
+            with contextlib.suppress(Exception):
+                notify(text)
+
+    async def _watch_limits(self, limits: SessionLimits) -> None:
+        """Credential expiry (per ``on_expiry``), maximum duration and idle timeout."""
+        exp = self.info.identity.expires_at or None
+        hard: list[tuple[float, str, str, str]] = []  # (deadline, marker kind, end message, warning)
+        if exp is not None and limits.on_expiry == "end":
+            hard.append((exp, "expired", f"your credential expired at {_clock(exp)}; the session ends (policy: "
+                         "on_expiry = end). Get a fresh token (e.g. `bastion login`) and reconnect",
+                         "your credential expires in {left}; this session will end then (get a fresh token, "
+                         "e.g. `bastion login`, and reconnect)"))
+        elif exp is not None:
+            end = self.started + limits.max_session
+            hard.append((end, "max-session", f"the session reached {_span(limits.max_session)}, the longest a "
+                         "session may outlive its credential here (max_session)",
+                         "this session outlives its credential and reaches max_session in {left}; it will end "
+                         "then"))
+        if limits.max_duration:
+            hard.append((self.started + limits.max_duration, "max-duration",
+                         f"the session reached its maximum duration of {_span(limits.max_duration)} (max_duration)",
+                         "this session reaches its maximum duration in {left}; it will end then"))
+        expiry_noted = exp is None or limits.on_expiry == "end"
+        warned: set[str] = set()
+        if not hard and expiry_noted and not limits.idle_timeout:
+            return
+        while not self.ended:
+            now = time.time()
+            wake = math.inf
+            for deadline, kind, message, warning in hard:
+                if now >= deadline:
+                    if self.stop(kind, message, limit=kind, rule=limits.rule):
+                        return
+                    wake = min(wake, now + 0.2)  # not registered by its front door yet
+                    continue
+                lead = min(LIMIT_WARNING, (deadline - self.started) * 0.2)
+                if kind not in warned and lead >= 2:
+                    if now >= deadline - lead:
+                        warned.add(kind)
+                        self.notify(warning.format(left=_span(deadline - now)))
+                    else:
+                        wake = min(wake, deadline - lead)
+                wake = min(wake, deadline)
+            if not expiry_noted and exp is not None:
+                if now >= exp:
+                    expiry_noted = True
+                    self.marker("credential-expired", policy=limits.on_expiry, expired_at=exp, rule=limits.rule)
+                    if limits.on_expiry == "warn":
+                        self.notify(f"your credential expired at {_clock(exp)}; policy lets this session go on for "
+                                    f"up to {_span(limits.max_session)} from its start (on_expiry = warn)")
+                else:
+                    wake = min(wake, exp)
+            if limits.idle_timeout:
+                if self.approval_cancel is not None:  # waiting for a person is not idleness
+                    self.last_activity = time.monotonic()
+                idle = time.monotonic() - self.last_activity
+                if idle >= limits.idle_timeout:
+                    if self.stop("idle", f"the session was idle (no input or output) for "
+                                 f"{_span(limits.idle_timeout)} (idle_timeout)", limit="idle", rule=limits.rule):
+                        return
+                    wake = min(wake, now + 0.2)
+                else:
+                    wake = min(wake, now + limits.idle_timeout - idle)
+            if wake == math.inf:
+                return
+            await asyncio.sleep(max(0.02, wake - time.time()))
+
     async def end(self, status: int | None, signal: str | None = None, reason: str | None = None) -> None:
         if self.ended:
             return
         self.ended = True
+        reason = self.stop_reason or reason
+        if self._watchdog is not None and self._watchdog is not asyncio.current_task():
+            self._watchdog.cancel()
+        if self._control is not None:
+            self._control.session_ended(self)
         if self._approvals is not None:
             self._approvals.session_ended(self)
         if self._gate is not None:
@@ -294,10 +427,27 @@ class Session:
         if self._echo is not None:
             self._echo.close()
         self.recording.exit(status, signal, reason)
+        if self._metrics is not None:
+            self._metrics.session_ended(self, status, signal)
         await self.recording.close({"exit": {"status": status, "signal": signal}, "reason": reason})
         self.gateway.audit.emit("session.end", session=self.id, exit_status=status, exit_signal=signal,
                                 reason=reason, duration=round(time.time() - self.started, 3),
                                 bytes=dict(self.recording.counts), **_audit_fields(self.info))
+
+
+def _clock(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%H:%M:%S UTC")
+
+
+def _span(seconds: float) -> str:
+    seconds = int(math.ceil(max(0.0, seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        m, s = divmod(seconds, 60)
+        return f"{m}m" + (f"{s}s" if s else "")
+    h, rest = divmod(seconds, 3600)
+    return f"{h}h" + (f"{rest // 60}m" if rest // 60 else "")
 
 
 def _audit_fields(info: SessionInfo) -> dict[str, Any]:

@@ -22,6 +22,7 @@ that relays terminal traffic never waits on a disk.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import os
@@ -105,6 +106,8 @@ class Recorder:
         self._spool_lock = threading.Lock()
         self._spool_resynced = 0.0
         self._uploads: asyncio.Queue[tuple[Path, str]] = asyncio.Queue()
+        # When each queued upload was queued (uploads run in queue order): the upload lag.
+        self._queued_at: collections.deque[float] = collections.deque()
         self._uploader: asyncio.Task[None] | None = None
 
     async def start(self) -> list[str]:
@@ -185,8 +188,13 @@ class Recorder:
 
     # -- upload ------------------------------------------------------------------
 
+    def oldest_pending_upload(self) -> float | None:
+        """When (time.time()) the oldest object still waiting for upload was queued."""
+        return self._queued_at[0] if self._queued_at else None
+
     def queue_upload(self, path: Path, key: str) -> None:
         self.uploads_pending += 1
+        self._queued_at.append(time.time())
         self._uploads.put_nowait((path, key))
 
     async def _upload_loop(self) -> None:
@@ -233,6 +241,8 @@ class Recorder:
                     self.store_down_since = None
                 break
             self.uploads_pending -= 1
+            if self._queued_at:
+                self._queued_at.popleft()
 
     def _upload_one(self, path: Path, key: str) -> None:
         data = path.read_bytes()
@@ -505,7 +515,7 @@ class SessionRecording:
         self.failed = exc
         if first:
             log.error("recording of session %s cannot reach the spool %s: %s (policy %s)",
-                      self.id, self.dir, exc, self.recorder.failure_policy)
+                      self.id, self.dir, exc, self.recorder.failure_policy, extra={"session": self.id})
             self._drained.set()
             if self.on_failure:
                 self.on_failure(exc)

@@ -5,11 +5,13 @@ Every call but health and the dev issuer's public documents needs an OIDC bearer
 
 from __future__ import annotations
 
+import fnmatch
 import ssl
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from bastion.config import is_loopback
 from bastion.identity import AuthError, Identity
 
 if TYPE_CHECKING:
@@ -48,13 +50,66 @@ def _authenticated(handler: Any) -> Any:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    """Alive (stays 200 while draining, so the platform does not kill a draining gateway)."""
+    gw: Gateway = request.app[GATEWAY_KEY]  # type: ignore[assignment]
+    return web.json_response({"status": "ok", "draining": bool(getattr(gw, "draining", False))},
+                             headers={"Cache-Control": "no-store"})
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Ready for new connections: store, state database, OIDC keys, not draining (bastion/health.py)."""
     gw: Gateway = request.app[GATEWAY_KEY]  # type: ignore[assignment]
-    checks = {"oidc_keys": gw.verifier.keys_ready(), "recordings": not gw.store.check()}
-    return web.json_response({"ready": all(checks.values()), "checks": checks}, status=200 if all(checks.values()) else 503)
+    ready, body = await gw.readiness.report()
+    return web.json_response(body, status=200 if ready else 503, headers={"Cache-Control": "no-store"})
+
+
+def metrics_public(gw: Gateway) -> bool:
+    """``gateway.metrics_public``; unset: public unless roles exist and the API is not on loopback."""
+    config = gw.config
+    if config.dev:
+        return True
+    if config.metrics_public is not None:
+        return config.metrics_public
+    roles = getattr(config, "roles", None)
+    members = [getattr(roles, name, None) for name in ("operators", "auditors")]
+    has_roles = any(m is not None and (m.subjects or m.groups) for m in members)
+    return is_loopback(config.http_listen[0]) or not has_roles
+
+
+def may_read_metrics(gw: Gateway, identity: Identity) -> bool:
+    """Operators and auditors ([roles]) read metrics when they are not public."""
+    roles = getattr(gw.config, "roles", None)
+    for name in ("operators", "auditors"):
+        members = getattr(roles, name, None)
+        if members is None:
+            continue
+        if any(fnmatch.fnmatchcase(identity.subject, p) or (identity.email and fnmatch.fnmatchcase(identity.email, p))
+               for p in members.subjects):
+            return True
+        if any(fnmatch.fnmatchcase(g, p) for g in identity.groups for p in members.groups):
+            return True
+    return False
+
+
+async def metrics(request: web.Request) -> web.StreamResponse:
+    """Prometheus metrics (bastion/metrics.py)."""
+    gw: Gateway = request.app[GATEWAY_KEY]  # type: ignore[assignment]
+    if not metrics_public(gw):
+        try:
+            identity = await _identity(request)
+        except AuthError as exc:
+            gw.audit.emit("auth.failure", method="bearer", source=request.remote, path=request.path,
+                          reason=exc.reason, detail=str(exc))
+            return _error(401, "unauthorized", "metrics need the bearer token of an operator or auditor "
+                          "(or gateway.metrics_public = true)")
+        if not may_read_metrics(gw, identity):
+            return _error(403, "forbidden", f"{identity.display} may not read metrics: it takes the operator or "
+                          "auditor role ([roles])")
+    from bastion.metrics import CONTENT_TYPE
+
+    await gw.metrics.refresh()
+    return web.Response(body=gw.metrics.render(), headers={"Content-Type": CONTENT_TYPE,
+                                                           "Cache-Control": "no-store"})
 
 
 @_authenticated
@@ -79,7 +134,11 @@ async def ssh_cert(request: web.Request, identity: Identity) -> web.Response:
 
 @_authenticated
 async def whoami(request: web.Request, identity: Identity) -> web.Response:
-    return web.json_response(identity.to_dict())
+    from bastion.control import roles_of
+
+    gw: Gateway = request.app[GATEWAY_KEY]  # type: ignore[assignment]
+    return web.json_response(identity.to_dict() | {"method": identity.method,
+                                                   "roles": roles_of(gw.config.roles, identity)})
 
 
 async def kube_ca(request: web.Request) -> web.Response:
@@ -195,6 +254,7 @@ def build_app(gw: Gateway) -> web.Application:
     app[GATEWAY_KEY] = gw
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     app.router.add_post("/v1/ssh/cert", ssh_cert)
     app.router.add_get("/v1/whoami", whoami)
     app.router.add_get("/v1/approvals", approvals_list)
@@ -202,6 +262,9 @@ def build_app(gw: Gateway) -> web.Application:
     app.router.add_post("/v1/approvals/{id}/approve", approvals_approve)
     app.router.add_post("/v1/approvals/{id}/deny", approvals_deny)
     app.router.add_get("/v1/kube/ca", kube_ca)
+    from bastion.http.control_api import add_routes as add_control_routes
+
+    add_control_routes(app)  # locks, live sessions, kills (issue 8)
     if gw.dev_issuer is not None:
         app.router.add_get("/dev/.well-known/openid-configuration", dev_discovery)
         app.router.add_get("/dev/jwks", dev_jwks)

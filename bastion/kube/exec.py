@@ -27,7 +27,7 @@ import json
 import logging
 import shlex
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -46,6 +46,7 @@ from bastion.kube.frontdoor import (
 from bastion.kube.status import parse_exit, status
 from bastion.kube.upstream import ClusterUpstream, handshake_body
 from bastion.session import Session, SessionInfo
+from recorder.recorder import new_session_id
 
 if TYPE_CHECKING:
     from bastion.config import ClusterConfig
@@ -269,7 +270,19 @@ class KubeStream:
         self.client = ws
         try:
             size = await self._first_size() if self.params.tty else None
-            self.session = Session(self.gw, self._info(size))
+            # Locks and per-identity limits (bastion/control): refused with a Status after the
+            # upgrade, so kubectl shows the reason instead of retrying with SPDY.
+            sid = new_session_id()
+            control = getattr(self.gw, "control", None)
+            refusal = control.admit(self.identity, self.cluster.name, sid) if control is not None else None
+            if refusal is not None:
+                self.gw.audit.emit("kube.refused", reason=refusal.reason, detail=refusal.message,
+                                   subject=self.identity.subject, source=self.source, cluster=self.cluster.name,
+                                   namespace=self.req.namespace, pod=self.req.name, kind=self.kind)
+                await self._client_status(status(refusal.code, f"guarita: {refusal.message}",
+                                                 "Forbidden" if refusal.code == 403 else "TooManyRequests"))
+                return ws
+            self.session = Session(self.gw, replace(self._info(size), session_id=sid))
             self.session.recording.on_failure = self._recording_failed
             self.gw.live_sessions[self.session.id] = self
             await self._run_session()
@@ -532,6 +545,12 @@ class KubeStream:
         if self.session is not None:
             self.session.marker("terminated", reason=message)
         self.door.spawn(self._terminate(message))
+
+    def notify_user(self, text: str) -> None:
+        """A line from guarita to the user (stderr, or the terminal), while the session goes on."""
+        channel = STDERR if self.params.stderr and not self.params.tty else STDOUT
+        eol = "\r\n" if self.params.tty else "\n"
+        self._write_soon(self.client, self.codec, channel, f"{eol}guarita: {text}{eol}".encode())
 
     async def _terminate(self, message: str) -> None:
         await self._client_status(status(500, f"guarita: {message}", "InternalError"))

@@ -388,6 +388,10 @@ def _item(op: object, av: object, problems: list[str]) -> _Node:
     if op in (_sre.LITERAL, _sre.NOT_LITERAL, _sre.ANY, _sre.IN, _sre.CATEGORY):
         return _Node(1, 1, 1)
     if op is _sre.AT:
+        if av in (_sre.AT_BOUNDARY, _sre.AT_NON_BOUNDARY):
+            return _Node(reach=1, behind=1)  # \b looks at the characters on both sides
+        problems.append("anchors (^, $, \\A, \\Z) are not supported: a terminal stream has no "
+                        "fixed start or end; use \\b or look-arounds such as (?<![0-9])")
         return _Node()
     if op is _sre.SUBPATTERN:
         return _walk(list(av[3]), problems)  # type: ignore[index]
@@ -488,6 +492,7 @@ class Detector:
     reach: int
     behind: int
     source: str = ""  # the regular expression, for display
+    min_length: int = 1
 
     def __post_init__(self) -> None:
         # One regex call per candidate start: the alternatives in order, each in a named
@@ -514,22 +519,9 @@ class Detector:
                 return m.end(), norm
         return None
 
-    def findall(self, text: bytes) -> list[tuple[int, int, str]]:
-        """Every value in ``text`` (a convenience for tests and tools, not the stream path)."""
-        out: list[tuple[int, int, str]] = []
-        i = 0
-        while i < len(text):
-            found = self.match_at(text, i)
-            if found:
-                out.append((i, found[0], found[1]))
-                i = found[0]
-            else:
-                i += 1
-        return out
-
     def with_replacement(self, replacement: Replacement) -> Detector:
         return Detector(self.name, self.patterns, self.normalise, replacement, self.family,
-                        self.max_length, self.reach, self.behind, self.source)
+                        self.max_length, self.reach, self.behind, self.source, self.min_length)
 
 
 @dataclass(frozen=True)
@@ -573,6 +565,7 @@ def _make(name: str, sources: Sequence[str], normalise: Callable[[bytes], str | 
         reach=max(i.reach for i in infos),
         behind=max(i.behind for i in infos),
         source="|".join(sources),
+        min_length=max(1, min(i.min_width for i in infos)),
     )
 
 

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import random
 
-from bastion.masking.detectors import DDD, card_iin_known, cnpj_check_digits, cpf_check_digits, cpf_valid, luhn_valid
+from bastion.masking.detectors import (
+    DDD,
+    card_iin_known,
+    cnpj_check_digits,
+    cpf_check_digits,
+    cpf_valid,
+    luhn_valid,
+)
 
 _IIN = ("4", "51", "52", "53", "54", "55", "2221", "2720", "34", "37", "36", "6011", "65",
         "3528", "3589", "606282", "636368", "5067", "4011")

@@ -17,8 +17,9 @@ The visible bytes form *segments*. A segment ends (a value can never span the br
 * at every :meth:`StreamMasker.flush`.
 
 In each segment, values are found left to right: at each step the leftmost valid value
-wins (ties: the longer, then the detector listed first), and the search resumes after
-it. A value is not masked if one of the 32 bytes before it is a NUL or another C0
+wins, and the search resumes after it. At the same start, the longer value wins (an
+e-mail address whose local part is a CPF is masked as an e-mail address); numeric
+detectors are tried in list order and the first that validates is the numeric candidate. A value is not masked if one of the 32 bytes before it is a NUL or another C0
 control byte that text does not use (binary data). Bytes that are not UTF-8 never take
 part in a built-in match and are never rewritten.
 
@@ -167,6 +168,8 @@ class StreamMasker:
         self._email_re = (re.compile(b"|".join(b"(?:" + p.pattern + b")" for _, d in self._emails
                                                for p in d.patterns)) if self._emails else None)
         self._w_digits = max((d.max_length for _, d in self._digits), default=0)
+        self._min_digits = min((d.min_length for _, d in self._digits), default=0)
+        self._min_email = min((d.min_length for _, d in self._emails), default=0)
         self._r_digits = max((d.reach for _, d in self._digits), default=0)
         self._r_email = max((d.reach for _, d in self._emails), default=0)
         self._r_custom = max((d.reach for _, d in self._customs), default=0)
@@ -365,14 +368,22 @@ class StreamMasker:
     # -- finding values -------------------------------------------------------------------
 
     def _limit(self, v: bytes, pos: int) -> int:
-        """First start in the open segment that more data could still turn into a value."""
+        """First start in the open segment that more data could still turn into a value.
+
+        A start is decided once every character the patterns could examine from it is
+        here (``reach``), or once a character that no value of the family contains comes
+        after it (built-in families). Positions where no value can start (a space, a
+        digit glued to a letter...) never wait.
+        """
         n = len(v)
         u = n
-        for reach, family in ((self._r_digits, DIGIT_FAMILY), (self._r_email, EMAIL_FAMILY)):
+        for reach, family, starts in ((self._r_digits, DIGIT_FAMILY, _NUM_START),
+                                      (self._r_email, EMAIL_FAMILY, _EMAIL_START)):
             if reach:
                 window = v[max(0, n - reach):]
                 run = len(window) - len(window.rstrip(family))
-                u = min(u, max(n - reach + 1, n - run))
+                m = starts.search(v, max(pos, n - run)) if run else None
+                u = min(u, max(n - reach + 1, m.start() if m is not None else n))
         if self._r_custom:
             u = min(u, n - self._r_custom + 1)
         return max(u, pos)
@@ -381,13 +392,15 @@ class StreamMasker:
         """Values starting in v[pos:limit], and the first undecided position."""
         if limit <= pos:
             return [], pos
+        room = len(v) - pos
         sources: list[_Source] = []
-        if self._union is not None:
+        if self._union is not None and room >= self._min_digits:
             sources.append(_DigitSource(self, v, limit))
-        if self._email_re is not None and v.find(b"@", pos) >= 0:
+        if self._email_re is not None and room >= self._min_email and v.find(b"@", pos) >= 0:
             sources.append(_EmailSource(self, v, limit))
         for rank, det in self._customs:
-            sources.append(_CustomSource(self, v, limit, rank, det))
+            if room >= det.min_length:
+                sources.append(_CustomSource(self, v, limit, rank, det))
         found: list[_Cand] = []
         p = pos
         while sources:
@@ -409,14 +422,14 @@ class StreamMasker:
         return self._bin_any and _BINARY.search(v, max(0, q - BINARY_WINDOW), q) is not None
 
     def _best_at(self, v: bytes, q: int, dets: list[tuple[int, Detector]]) -> _Cand | None:
-        best: _Cand | None = None
+        """The first of ``dets`` (in list order) with a valid value at ``q``."""
         for rank, det in dets:
             r = det.match_at(v, q)
-            if r is not None and (best is None or r[0] > best.e):
-                best = _Cand(q, r[0], rank, r[1])
-        if best is not None and self._binary_before(v, q):
-            return None
-        return best
+            if r is not None:
+                if self._binary_before(v, q):
+                    return None
+                return _Cand(q, r[0], rank, r[1])
+        return None
 
 
 class _Source:
@@ -495,8 +508,17 @@ class _DigitSource(_ZoneSource):
         shape = self.shape
         hits = self.hits
         if hits[0] < cursor:
-            m = _DIGIT_RUN.search(shape, cursor)
-            hits[0] = m.start() if m is not None else _NONE
+            # bytes.find is fast where digit runs are rare; where they keep being glued to
+            # letters (hex ids), let the regex skip them in C.
+            x = shape.find(_LITERALS[0], cursor)
+            for _ in range(2):
+                if x < 0 or _DIGIT_RUN.match(shape, x) is not None:
+                    break
+                x = shape.find(_LITERALS[0], x + 8)
+            else:
+                m = _DIGIT_RUN.search(shape, x) if x >= 0 else None
+                x = m.start() if m is not None else -1
+            hits[0] = x if x >= 0 else _NONE
         for k in (1, 2):
             if hits[k] < cursor:
                 x = shape.find(_LITERALS[k], cursor)
@@ -551,20 +573,14 @@ class _CustomSource(_Source):
                 break
             q = min(starts)
             r = self.det.match_at(v, q)
-            if r is not None and r[0] > q and _utf8_whole(v, q, r[0]) and not self.m._binary_before(v, q):
+            # (a match that starts or ends inside a UTF-8 character fails to decode: refused)
+            if r is not None and r[0] > q and not self.m._binary_before(v, q):
                 self.cursor = q
                 self.cached = _Cand(q, r[0], self.rank, r[1])
                 return self.cached
             q0 = q + 1
         self.cursor = _NONE
         return None
-
-
-def _utf8_whole(v: bytes, q: int, e: int) -> bool:
-    """v[q:e] starts and ends on character boundaries (custom patterns may match any byte)."""
-    if 0x80 <= v[q] < 0xC0 or (e < len(v) and 0x80 <= v[e] < 0xC0):
-        return False
-    return True
 
 
 def _utf8_boundary(v: bytes, d: int, floor: int) -> int:

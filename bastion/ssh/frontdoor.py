@@ -226,9 +226,17 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         identity = self.server.identity
         login, target_name = parse_username(self.chan.get_extra_info("username") or "")
         try:
+            if getattr(self.gw, "draining", False):  # SIGTERM: no new sessions (bastion/lifecycle.py)
+                raise TargetError("draining", "this gateway is shutting down; connect again to reach another "
+                                  "replica")
             target, login = self._resolve(identity, login, target_name)
             if self.gw.recorder.spool_full():
                 raise TargetError("recording_spool_full", self.gw.recorder.spool_full_reason())
+            # Locks and per-identity limits (bastion/control), before the target is contacted.
+            control = getattr(self.gw, "control", None)
+            refusal = control.admit(identity, target.name, self._session_id) if control is not None else None
+            if refusal is not None:
+                raise TargetError(refusal.reason, refusal.message)
             connecting = asyncio.ensure_future(
                 connect_target(target, login, identity, self._session_id, self.gw.target_ca))
             if not await self._gate(self._session_info(identity, target.name, login), connecting):
@@ -354,6 +362,7 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
 
     def _fail(self, message: str) -> None:
         assert self.chan is not None
+        self._release_slot()
         try:
             self.chan.write_stderr(f"guarita: {message}\r\n".encode())
             self.chan.exit(EXIT_GATEWAY_ERROR)
@@ -375,6 +384,18 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         if self.session is not None:
             self.session.marker("terminated", reason=message)
         self._fail(message)
+
+    def notify_user(self, text: str) -> None:
+        """A line from guarita on the agent's stderr (its terminal), while the session goes on."""
+        if self.chan is not None:
+            with contextlib.suppress(OSError, asyncssh.Error):
+                self.chan.write_stderr(f"\r\nguarita: {text}\r\n".encode())
+
+    def _release_slot(self) -> None:
+        """The session slot taken at admission, when no session will use it (bastion/control)."""
+        control = getattr(self.gw, "control", None)
+        if control is not None:
+            control.release(self._session_id)
 
     # -- agent -> target -----------------------------------------------------------------
 
@@ -422,6 +443,8 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
+        if self.session is None:
+            self._release_slot()
         if self.target_chan is not None:
             self.target_chan.close()
         if self.target_conn is not None:

@@ -33,6 +33,7 @@ from bastion.state import schema as s
 log = logging.getLogger("guarita.state")
 
 CHANNEL = "guarita_events"
+LOCKS_TOPIC = "locks"  # published when a lock is created or lifted, or a session is to be killed
 HEARTBEAT_INTERVAL = 5.0
 # A replica whose heartbeat is older than this is dead: its sessions are gone.
 REPLICA_DEAD_AFTER = 20.0
@@ -465,6 +466,107 @@ class StateStore:
             rows = (await conn.execute(select(s.live_sessions).where(s.live_sessions.c.replica_id.in_(alive))
                                        .order_by(s.live_sessions.c.started))).mappings().all()
         return [dict(r) for r in rows]
+
+
+    async def live_sessions_overview(self) -> list[dict[str, Any]]:
+        """Live sessions of live replicas, with the replica's name and the number of approval
+        requests each session has pending (for `bastion sessions ls`)."""
+        now = time.time()
+        async with self._tx() as conn:
+            rows = (await conn.execute(
+                select(s.live_sessions, s.replicas.c.name.label("replica_name"))
+                .join(s.replicas, s.replicas.c.id == s.live_sessions.c.replica_id)
+                .where(s.replicas.c.heartbeat >= now - REPLICA_DEAD_AFTER)
+                .order_by(s.live_sessions.c.started))).mappings().all()
+            out = [dict(r) for r in rows]
+            if out:
+                counted = (await conn.execute(
+                    select(s.approval_requests.c.session_id, func.count())
+                    .where(and_(s.approval_requests.c.status == "pending",
+                                s.approval_requests.c.session_id.in_([r["id"] for r in out])))
+                    .group_by(s.approval_requests.c.session_id))).all()
+                pending: dict[str, int] = {str(sid): int(n) for sid, n in counted}
+                for r in out:
+                    r["pending_approvals"] = int(pending.get(r["id"], 0))
+        return out
+
+    async def get_live_session(self, session_id: str) -> dict[str, Any] | None:
+        now = time.time()
+        alive = select(s.replicas.c.id).where(s.replicas.c.heartbeat >= now - REPLICA_DEAD_AFTER)
+        async with self._tx() as conn:
+            row = (await conn.execute(select(s.live_sessions).where(and_(
+                s.live_sessions.c.id == session_id, s.live_sessions.c.replica_id.in_(alive))))).mappings().first()
+        return dict(row) if row is not None else None
+
+    # -- locks and session kills (issue 8) ----------------------------------------------------
+    # A kill is a lock of kind "session" on one session id, short-lived: it travels to the
+    # replica holding the session by the same topic (and poll) as every lock.
+
+    async def create_lock(self, kind: str, value: str, reason: str, created_by: dict[str, Any],
+                          until: float | None = None) -> dict[str, Any]:
+        values: dict[str, Any] = {"kind": kind, "value": value, "reason": reason, "created_by": created_by,
+                                  "created": time.time(), "until": until, "removed": None}
+        for _ in range(5):
+            values["id"] = new_id()
+            try:
+                async with self._tx() as conn:
+                    await conn.execute(insert(s.locks).values(**values))
+                    await self._notify(conn, LOCKS_TOPIC)
+                break
+            except IntegrityError:
+                continue
+        else:
+            raise StateError("could not allocate a lock id")
+        self.publish_local(LOCKS_TOPIC)
+        return dict(values)
+
+    async def get_lock(self, lock_id: str) -> dict[str, Any] | None:
+        async with self._tx() as conn:
+            row = (await conn.execute(select(s.locks).where(s.locks.c.id == lock_id))).mappings().first()
+        return dict(row) if row is not None else None
+
+    async def active_locks(self) -> list[dict[str, Any]]:
+        """Locks in force now (kills included): not removed, and not past their ``until``."""
+        now = time.time()
+        async with self._tx() as conn:
+            rows = (await conn.execute(select(s.locks).where(and_(
+                s.locks.c.removed.is_(None), or_(s.locks.c.until.is_(None), s.locks.c.until > now)))
+                .order_by(s.locks.c.created))).mappings().all()
+        return [dict(r) for r in rows]
+
+    async def list_locks(self, include_inactive: bool = False, limit: int = 500) -> list[dict[str, Any]]:
+        """Locks (never kills), newest first; by default only those in force."""
+        query = select(s.locks).where(s.locks.c.kind != "session").order_by(s.locks.c.created.desc()).limit(limit)
+        if not include_inactive:
+            now = time.time()
+            query = query.where(and_(s.locks.c.removed.is_(None),
+                                     or_(s.locks.c.until.is_(None), s.locks.c.until > now)))
+        async with self._tx() as conn:
+            return [dict(r) for r in (await conn.execute(query)).mappings().all()]
+
+    async def remove_lock(self, lock_id: str) -> dict[str, Any]:
+        """Lift a lock. Raises NotFound, or Conflict when it was already lifted."""
+        async with self._tx() as conn:
+            row = (await conn.execute(select(s.locks).where(and_(s.locks.c.id == lock_id,
+                                                                 s.locks.c.kind != "session")))).mappings().first()
+            if row is None:
+                raise NotFound(f"no lock {lock_id!r}")
+            if row["removed"] is not None:
+                raise Conflict(f"lock {lock_id} was already lifted")
+            now = time.time()
+            await conn.execute(update(s.locks).where(s.locks.c.id == lock_id).values(removed=now))
+            await self._notify(conn, LOCKS_TOPIC)
+        self.publish_local(LOCKS_TOPIC)
+        return {**dict(row), "removed": now}
+
+    async def subject_seen(self, subject: str) -> bool:
+        """Has this subject ever had a session or a request here (as far as the state knows)?"""
+        async with self._tx() as conn:
+            for column in (s.live_sessions.c.subject, s.commands.c.subject, s.approval_requests.c.requester_subject):
+                found = (await conn.execute(select(column).where(column == subject).limit(1))).first()
+                if found is not None:
+                    return True
+        return False
 
 
 def _decision(row: Any) -> dict[str, Any]:

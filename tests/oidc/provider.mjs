@@ -11,6 +11,11 @@
 //   OIDC_TOKEN_TTL  access-token lifetime in seconds (default 600)
 //   OIDC_JWKS_FILE  optional JWKS with private keys; the first RS256-capable key signs
 //   OIDC_DEVICE_CLIENT_ID  public device-flow client (default "bastion-cli")
+//   OIDC_DEVICE_INTERVAL   optional polling interval (s) announced in device authorization responses
+//                   (oidc-provider announces none, so clients fall back to RFC 8628's 5 s)
+//
+// A client may carry "ttl" (seconds): the lifetime of its access tokens instead of OIDC_TOKEN_TTL.
+// Token revocation (RFC 7009) is enabled: the device client can revoke its refresh tokens.
 //
 // stdout carries exactly one line, "READY http://127.0.0.1:PORT"; everything else goes to stderr.
 //
@@ -31,6 +36,7 @@ const port = Number(process.argv[2] ?? process.env.OIDC_PORT ?? 0);
 const audience = process.env.OIDC_AUDIENCE || 'guarita';
 const ttl = Number(process.env.OIDC_TOKEN_TTL || 600);
 const deviceClientId = process.env.OIDC_DEVICE_CLIENT_ID || 'bastion-cli';
+const deviceInterval = Number(process.env.OIDC_DEVICE_INTERVAL || 0);
 const clients = JSON.parse(process.env.OIDC_CLIENTS || '[]');
 const users = JSON.parse(process.env.OIDC_USERS || '[]');
 // Resource indicators must be absolute URIs while the audience we want is a bare word, so
@@ -47,6 +53,10 @@ function loadJwks() {
   }
   const { privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
   return { keys: [{ ...privateKey.export({ format: 'jwk' }), kid: randomUUID(), alg: 'RS256', use: 'sig' }] };
+}
+
+function ttlFor(client) {
+  return clients.find((c) => c.client_id === client?.clientId)?.ttl ?? ttl;
 }
 
 function claimsFor(token) {
@@ -85,15 +95,16 @@ const provider = new Provider(issuer, {
   features: {
     devInteractions: { enabled: true },
     deviceFlow: { enabled: true },
+    revocation: { enabled: true },
     clientCredentials: { enabled: true },
     resourceIndicators: {
       enabled: true,
       defaultResource: () => DEFAULT_RESOURCE,
       useGrantedResource: () => true,
-      getResourceServerInfo: (ctx, resource) => ({
+      getResourceServerInfo: (ctx, resource, client) => ({
         scope: '',
         audience: resource === DEFAULT_RESOURCE ? audience : resource,
-        accessTokenTTL: ttl,
+        accessTokenTTL: ttlFor(client),
         accessTokenFormat: 'jwt',
         jwt: { sign: { alg: 'RS256' } },
       }),
@@ -102,9 +113,14 @@ const provider = new Provider(issuer, {
   // Device-flow logins accept any name; that name becomes the token's sub.
   findAccount: (ctx, sub) => ({ accountId: sub, claims: () => ({ sub }) }),
   extraTokenClaims: (ctx, token) => claimsFor(token),
-  ttl: { AccessToken: ttl, ClientCredentials: ttl },
+  ttl: { AccessToken: (ctx, token, client) => ttlFor(client), ClientCredentials: (ctx, token, client) => ttlFor(client) },
 });
 handler = provider.callback();
+
+if (deviceInterval) {
+  // Emitted before the response is written: the body can still carry an interval.
+  provider.on('device_authorization.success', (ctx, body) => { body.interval = deviceInterval; });
+}
 
 // Unexpected provider errors are otherwise swallowed into a generic 500 response.
 provider.on('server_error', (ctx, err) => console.error('server_error', err));

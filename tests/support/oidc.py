@@ -81,11 +81,13 @@ class OIDCProvider:
         users: list[dict[str, Any]] = (),
         device_client_id: str = "bastion-cli",
         start_timeout: float = 30.0,
+        device_interval: int | None = None,
     ):
         self.clients = {c["client_id"]: c for c in clients}
         self.users = list(users)
         self.audience, self.token_ttl, self.jwks_file = audience, token_ttl, jwks_file
         self.port, self.device_client_id, self.start_timeout = port, device_client_id, start_timeout
+        self.device_interval = device_interval
         self.issuer: str | None = None
         self._proc: subprocess.Popen | None = None
         self._stderr = None
@@ -108,6 +110,9 @@ class OIDCProvider:
             OIDC_DEVICE_CLIENT_ID=self.device_client_id,
         )
         env.pop("OIDC_JWKS_FILE", None)
+        env.pop("OIDC_DEVICE_INTERVAL", None)
+        if self.device_interval:
+            env["OIDC_DEVICE_INTERVAL"] = str(self.device_interval)
         if self.jwks_file:
             env["OIDC_JWKS_FILE"] = str(self.jwks_file)
         # stderr goes to a file: an unread pipe could fill up and block node.
@@ -232,6 +237,14 @@ class OIDCProvider:
             },
         )
         return json.loads(body)
+
+
+    def revoke(self, token: str, token_type_hint: str = "refresh_token") -> None:
+        """RFC 7009 revocation by the public device client (as a user's logout or an admin would)."""
+        _request(
+            self.discovery()["revocation_endpoint"],
+            {"token": token, "token_type_hint": token_type_hint, "client_id": self.device_client_id},
+        )
 
 
 def make_rsa_jwks(path: str | os.PathLike, kid: str) -> dict:
