@@ -11,8 +11,11 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    from bastion.masking.config import MaskingConfig
 
 from bastion.approvals.rules import ApprovalPolicy, parse_policy
 
@@ -207,6 +210,8 @@ class Config:
     # Set only by --dev: the demo target is started by the gateway itself.
     demo_target: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    # Personal-data masking ([masking]); None: not configured, nothing is masked.
+    masking: MaskingConfig | None = None
     # Kubernetes front door (started when clusters are configured): always HTTPS, with
     # kube_tls_cert/kube_tls_key, or a server certificate from the gateway's own CA
     # (created in data_dir) valid for loopback, the host name and kube_server_names.
@@ -312,7 +317,7 @@ def parse_config(raw: dict[str, Any], base: Path, overrides: dict[str, Any] | No
     problems: list[tuple[str, str]] = []
     r = _Reader(problems, base)
     r.unknown(raw, {"gateway", "recording", "ssh", "oidc", "targets", "access", "clusters", "state", "approvals",
-                   "approval_defaults", "webhooks", "roles", "limits"}, "")
+                   "approval_defaults", "webhooks", "roles", "limits", "masking"}, "")
     overrides = overrides or {}
 
     gw = r.get(raw, "gateway", "", dict, {})
@@ -378,6 +383,12 @@ def parse_config(raw: dict[str, Any], base: Path, overrides: dict[str, Any] | No
         problems.append(("gateway.drain_grace", "must be between 0s and 1h (keep the platform's stop timeout "
                          "above it: terminationGracePeriodSeconds, TimeoutStopSec)"))
     metrics_public = r.get(gw, "metrics_public", "gateway.", bool, None)
+    masking = None
+    if "masking" in raw:  # masking applies only where an operator configured it
+        from bastion.masking.config import parse_masking
+
+        masking, masking_problems = parse_masking(raw["masking"], base, data_dir)
+        problems.extend(masking_problems)
 
     if problems:
         raise ConfigError(problems)
@@ -409,6 +420,7 @@ def parse_config(raw: dict[str, Any], base: Path, overrides: dict[str, Any] | No
         metrics_public=metrics_public,
         roles=roles,
         limits=limits,
+        masking=masking,
     )
 
 

@@ -45,6 +45,12 @@ class Gateway:
         self.user_ca = UserCA(load_or_create_key(config.user_ca_key), max_ttl=config.cert_max_ttl)
         self.target_ca = load_or_create_key(config.target_ca_key)
         self.recording_key = RecordingKey.load_or_create(config.recording.key_file)
+        # The key of the masking log's HMACs: a plain hash of a CPF is brute-forced in seconds.
+        self.masking_secret: bytes | None = None
+        if config.masking is not None:
+            from bastion.masking.config import load_or_create_secret
+
+            self.masking_secret = load_or_create_secret(config.masking.secret_file)
         self.store = open_store(config.recording.url, config.recording.lock_mode, config.recording.retention)
         rc = config.recording
         self.recorder = Recorder(self.store, rc.spool_dir, self.recording_key, segment_seconds=rc.segment_seconds,
@@ -177,6 +183,7 @@ def dev_config(data_dir: Path, ssh_port: int = 2222, http_port: int = 8080, reco
                audit_log: str | None = None) -> Config:
     """The embedded default: local issuer, demo target, local recordings, everything on loopback."""
     from bastion.config import AccessRule, RecordingConfig, RoleMembers, Roles
+    from bastion.masking.config import MaskingConfig
 
     data_dir = data_dir.resolve()
     issuer = IssuerConfig(issuer=f"http://127.0.0.1:{http_port}/dev", audience="guarita", leeway=5)
@@ -195,6 +202,8 @@ def dev_config(data_dir: Path, ssh_port: int = 2222, http_port: int = 8080, reco
         audit_log=audit_log or str(data_dir / "audit.jsonl"),
         dev=True,
         demo_target=True,
+        # Shows what masking does: CPFs, e-mails, phones and cards printed by the demo target.
+        masking=MaskingConfig(secret_file=data_dir / "masking.key"),
         # `bastion dev-token --group sre` mints an operator (locks, `bastion sessions kill`).
         roles=Roles(operators=RoleMembers(groups=("sre",)), auditors=RoleMembers(groups=("sre", "audit"))),
     )

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from bastion.gateway import Gateway
 
 STORE_TTL = 5.0
+# A failing store is checked again sooner, so that readiness comes back quickly.
+STORE_FAILED_TTL = 1.0
 CHECK_TIMEOUT = 3.0
 
 
@@ -63,7 +65,8 @@ class Readiness:
             return f"uploads to {self.gw.store.url} fail since {time.time() - rec.store_down_since:.0f}s ago: " \
                    f"{rec.last_upload_error}"
         now = time.monotonic()
-        if self._store_result is not None and now - self._store_result[0] < self.store_ttl:
+        if self._store_result is not None and now - self._store_result[0] < (
+                self.store_ttl if not self._store_result[1] else min(self.store_ttl, STORE_FAILED_TTL)):
             problems = self._store_result[1]
         else:
             if self._store_check is None or self._store_check.done():

@@ -184,6 +184,15 @@ class Session:
             self._metrics.session_started(self)
         self._echo = EchoTracker(self.recording) if info.size else None
         self.ended = False
+        # Masking: the front door gives ``deliver_output`` so held-back output can be sent
+        # after a few ms of silence.
+        self.deliver_output: Callable[[bytes, str], None] | None = None
+        self.masked_counts: dict[str, int] = {}
+        self._maskers: dict[str, Any] = {}
+        self._mask_live = True
+        self._mask_flush_after = 0.005
+        self._mask_timer: asyncio.TimerHandle | None = None
+        self._start_masking()
         # Approvals. A front door gives the session a way to write to the agent (its terminal,
         # or stderr before the target is open) and, for interactive sessions, to the target
         # (held input is released later): then commands typed in a terminal are gated too.
@@ -225,15 +234,79 @@ class Session:
         return gate.input(data, hidden) if gate is not None else data
 
     def from_target(self, data: bytes, stream: str = "o") -> bytes:
+        """Output from the target; returns what the agent gets (masked where policy says)."""
         self.bytes_out += len(data)
         self.last_activity = time.monotonic()
+        if self._maskers:
+            shown, recorded = self._mask(data, stream)
+            if self._maskers[stream].holding:
+                self._arm_mask_flush()
+        else:
+            shown = recorded = data
+        return self._emit(shown, recorded, stream)
+
+    def _emit(self, shown: bytes, recorded: bytes, stream: str) -> bytes:
         if self._echo is not None and stream == "o":
-            self._echo.output(data)
+            self._echo.output(shown)
         gate = self._gate if self._gate_checked else self._start_gate()
         if gate is not None and stream == "o":
-            gate.output(data)
-        self.recording.output(data, stream)
-        return data
+            gate.output(shown)
+        self.recording.output(recorded, stream)
+        return shown
+
+    # -- masking (bastion/masking): one streaming masker per output stream -----------------
+
+    def _start_masking(self) -> None:
+        masking = self.gateway.config.masking
+        secret = getattr(self.gateway, "masking_secret", None)
+        # Binary channels (sftp, port forwards) are never rewritten.
+        if masking is None or secret is None or self.info.kind == "subsystem":
+            return
+        kube = self.info.front_door == "kube"
+        apply = masking.where(None if kube else self.info.target, self.info.target if kube else None,
+                              self.info.identity.groups)
+        if apply == "none":
+            return
+        self._maskers = {stream: masking.masker(secret) for stream in ("o", "e")}
+        # "live" and "both": the agent sees masked output, and so does everything after it
+        # (spool, store, logs); "recording": only the recorded copy is masked.
+        self._mask_live = apply != "recording"
+        self._mask_flush_after = masking.flush_after
+        self.recording.meta["masking"] = apply
+
+    def _mask(self, data: bytes, stream: str) -> tuple[bytes, bytes]:
+        masked, found = self._maskers[stream].feed(data)
+        self._note_masked(found)
+        if self._mask_live:
+            return masked, masked
+        # The agent gets the original bytes now; the recording the masked ones, in order.
+        return data, masked
+
+    def _note_masked(self, found: Any) -> None:
+        for item in found:
+            self.masked_counts[item.detector] = self.masked_counts.get(item.detector, 0) + 1
+            self.recording.marker("masking", detector=item.detector, offset=item.offset, length=item.length,
+                                  hmac=item.hmac)
+            if self._metrics is not None and hasattr(self._metrics, "masked"):
+                self._metrics.masked(item.detector)
+
+    def _arm_mask_flush(self) -> None:
+        if self._mask_timer is None:
+            loop = asyncio.get_running_loop()
+            self._mask_timer = loop.call_later(self._mask_flush_after, self.flush_output)
+
+    def flush_output(self) -> None:
+        """Release output a masker held back (after a few ms of silence, and before the end):
+        delivered to the agent through ``deliver_output`` and recorded."""
+        self._mask_timer = None
+        for stream, masker in self._maskers.items():
+            out, found = masker.flush()
+            self._note_masked(found)
+            if not out:
+                continue
+            shown = self._emit(out if self._mask_live else b"", out, stream)
+            if shown and self.deliver_output is not None:
+                self.deliver_output(shown, stream)
 
     def resize(self, cols: int, rows: int) -> None:
         self.recording.resize(cols, rows)
@@ -424,12 +497,16 @@ class Session:
             self._approvals.session_ended(self)
         if self._gate is not None:
             await self._gate.close()
+        if self._mask_timer is not None:
+            self._mask_timer.cancel()
+        self.flush_output()  # normally done by the front door before the exit status
         if self._echo is not None:
             self._echo.close()
         self.recording.exit(status, signal, reason)
         if self._metrics is not None:
             self._metrics.session_ended(self, status, signal)
-        await self.recording.close({"exit": {"status": status, "signal": signal}, "reason": reason})
+        await self.recording.close({"exit": {"status": status, "signal": signal}, "reason": reason,
+                                    **({"masking": dict(self.masked_counts)} if self._maskers else {})})
         self.gateway.audit.emit("session.end", session=self.id, exit_status=status, exit_signal=signal,
                                 reason=reason, duration=round(time.time() - self.started, 3),
                                 bytes=dict(self.recording.counts), **_audit_fields(self.info))

@@ -361,6 +361,7 @@ def test_two_replicas_sigterm_drains_one_while_the_other_serves(
     t = targets
     pg = postgres.PostgresCluster().start()
     moto = MotoServer(tmp_path / "moto", record=False).start()
+    replicas: list[GatewayProcess] = []
     try:
         set_aws_env(monkeypatch, moto.url, tmp_path)
         bucket = moto.make_bucket(lock=True)
@@ -369,7 +370,9 @@ def test_two_replicas_sigterm_drains_one_while_the_other_serves(
         text = _s3_config("{data_dir}", bucket, oidc, t, extra_gateway='drain_grace = "3s"', state=pg.url,
                           key_file=key_file)
         a = start_gateway(text, data_dir=tmp_path / "replica-a")
+        replicas.append(a)
         b = start_gateway(text, data_dir=tmp_path / "replica-b")
+        replicas.append(b)
         token = oidc.token("agent-sre")
         for gw in (a, b):
             r = run_ssh([*dest(gw, f"{t.login}@web-key"), "echo via-$((1+1))"], token=token)
@@ -414,6 +417,9 @@ def test_two_replicas_sigterm_drains_one_while_the_other_serves(
         assert r.returncode == 0 and r.stdout == b"still-served\n", r.stderr
         assert http_json(b.http_url + "/readyz")[0] == 200
         assert value(scrape(b), "guarita_sessions_total", front_door="ssh", outcome="ok") >= 2
+        assert b.stop() == 0
     finally:
+        for gw in replicas:
+            gw.stop()  # before the store and the database they need to stop cleanly
         moto.stop()
         pg.stop()

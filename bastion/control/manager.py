@@ -180,11 +180,12 @@ class Control:
             raise LockError("give a reason: it is shown to the users whose sessions end, and kept for auditors")
         if until is not None and until <= time.time():
             raise LockError("the lock's end (until) is in the past")
+        before = await self.gw.state.live_sessions_overview()  # before: the matching ones end right away
         row = await self.gw.state.create_lock(kind, value, reason, by.to_dict(), until)
         lock = Lock.from_row(row)
         self.locks = [*self.locks, lock]
         ended_here = self.enforce()
-        live = [r for r in await self.gw.state.live_sessions_overview() if lock.matches_row(r)]
+        live = [r for r in before if lock.matches_row(r)]
         known = True
         if kind == "subject":
             known = bool(live) or await self.gw.state.subject_seen(value)

@@ -260,6 +260,7 @@ class KubeStream:
         self._closing = False
         self._end_reason: str | None = None
         self._send_lock = asyncio.Lock()
+        self._outbox: list[bytes | str] = []
 
     # -- the whole life of the stream ------------------------------------------------------
 
@@ -363,6 +364,7 @@ class KubeStream:
             await self._client_status(body)
             return
         self.up_codec = Codec(self.up.protocol or V4)
+        self.session.deliver_output = self._deliver
         self.session.marker("upstream", protocol=self.up_codec.protocol)
         if hasattr(self.session, "write_target"):
             # The approvals' interactive gate writes to the terminal and releases held input.
@@ -432,6 +434,21 @@ class KubeStream:
             self._pending.append(frame)
         self.session.cancel_approval("client disconnected")
 
+    def _deliver(self, data: bytes, stream: str) -> None:
+        """Output the pipeline released late (a masker's held-back tail), in order with the rest."""
+        if self.client is not None and data:
+            self._outbox.append(self.codec.encode(STDOUT if stream == "o" else STDERR, data))
+            self.door.spawn(self._drain_outbox())
+
+    async def _drain_outbox(self) -> None:
+        # Frames are queued in the order the pipeline produced them; whoever drains sends them in
+        # that order, so a late-released tail never overtakes later output.
+        async with self._send_lock:
+            while self._outbox:
+                frame = self._outbox.pop(0)
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await _send(self.client, frame)
+
     def _write_soon(self, ws: Any, codec: Codec, channel: int, data: bytes) -> None:
         """For the session's synchronous writers: sends in order, without blocking the caller."""
         if ws is None or not data:
@@ -495,10 +512,14 @@ class KubeStream:
             channel, data = msg.data[0], msg.data[1:]
             if channel in (STDOUT, STDERR):
                 data = self.session.from_target(data, "o" if channel == STDOUT else "e")
-                await _send(self.client, self.codec.encode(channel, data))
+                if data:
+                    self._outbox.append(self.codec.encode(channel, data))
+                await self._drain_outbox()
                 if self.session.recording.congested:
                     await self.session.recording.drained()
             elif channel == ERROR:
+                self.session.flush_output()  # held-back output goes before the exit status
+                await self._drain_outbox()
                 await self._upstream_status(data)
             elif channel == CLOSE and self.codec.version == 5 and data:
                 await _send(self.client, bytes([CLOSE, data[0]]))

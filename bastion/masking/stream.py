@@ -350,7 +350,7 @@ class StreamMasker:
                     if not broken:
                         close()
                         broken = True
-                elif not broken and gap > max_gap:
+                elif not broken and (gap > max_gap or _is_boundary(buf[j:end])):
                     close()
                     broken = True
                 i = end
@@ -581,6 +581,16 @@ class _CustomSource(_Source):
             q0 = q + 1
         self.cursor = _NONE
         return None
+
+
+def _is_boundary(seq: bytes) -> bool:
+    """Escape sequences that end a value: anything but colour (SGR ``m``), cursor-forward
+    (``C``) and erase-to-end-of-line (``K``, grep's highlighting), which programs do put
+    inside numbers. A mode change, a line clear, a cursor jump
+    or an OSC (window title) after a value is the end of that value, not part of it."""
+    if seq[1:2] == b"[":
+        return seq[-1:] not in (b"m", b"C", b"K")
+    return seq[1:2] == b"]"
 
 
 def _utf8_boundary(v: bytes, d: int, floor: int) -> int:

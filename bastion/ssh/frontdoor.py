@@ -356,6 +356,7 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             await self.session.end(None, reason="target refused the session")
             raise
         self.session.recording.on_failure = self._recording_failed
+        self.session.deliver_output = self._deliver
         # The approval gate of an interactive session writes to the terminal and releases held input.
         self.session.write_client = self.chan.write
         self.session.write_target = self.target_chan.write
@@ -485,8 +486,17 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         if not self._paused and self.target_chan is not None:
             self.target_chan.resume_reading()
 
+    def _deliver(self, data: bytes, stream: str) -> None:
+        """Output the pipeline released late (a masker's held-back tail)."""
+        assert self.chan is not None
+        try:
+            (self.chan.write_stderr if stream == "e" else self.chan.write)(data)
+        except (OSError, asyncssh.Error):
+            pass
+
     def target_closed(self, status: int | None, signal: tuple[str, bool, str, str] | None, lost: bool) -> None:
         assert self.chan is not None and self.session is not None
+        self.session.flush_output()  # everything the target printed reaches the agent before the exit status
         reason = None
         try:
             if signal is not None:
