@@ -703,6 +703,12 @@ CONFIG_SECTIONS = (
                                      "`gateway.metrics_public` requires a token)."),
     ConfigSection("roles.auditors", "Auditors read locks and live sessions (and metrics)."),
     ConfigSection("limits", "Per identity, per replica, so a runaway agent cannot exhaust the gateway."),
+    ConfigSection("masking", "Personal-data masking of output (docs/masking.md). Without this table nothing is "
+                             "masked."),
+    ConfigSection("masking.detectors.<name>", "A built-in detector: `<name>` is one of `cpf`, `cnpj`, `card`, "
+                                              "`phone_br`, `phone_e164`, `email`. All are on by default."),
+    ConfigSection("masking.custom[]", "Custom detectors: a regex (bounded repetition only)."),
+    ConfigSection("masking.rules[]", "Where masking applies, ordered: the first rule that matches decides."),
 )
 
 CONFIG_KEYS = (
@@ -880,4 +886,32 @@ CONFIG_KEYS = (
     ConfigKey("limits.sessions_per_minute", "integer", 600, "New sessions of one subject per minute (0: no limit)."),
     ConfigKey("limits.lock_poll_interval", "duration", "1s", "How often each replica re-reads locks when no "
               "notification came (at most 1s)."),
+    # [masking]
+    ConfigKey("masking.secret_file", "path", None, "HMAC key of the masking log (created, mode 0600, if missing).",
+              default_text="`DATA_DIR/masking.key`"),
+    ConfigKey("masking.default_apply", "string", "both", "Where masking applies when no rule matches: `live` (what "
+              "the agent sees, hence also the recording), `recording` (only the recorded copy), `both` or `none`."),
+    ConfigKey("masking.flush_after", "duration", "5ms", "Release a held-back tail after this much silence (at most "
+              "100ms)."),
+    ConfigKey("masking.alt_screen", "string", "pass", "Full-screen programs: `pass` (untouched) or `mask`."),
+    ConfigKey("masking.detectors.<name>.enabled", "bool", True, "Turn the detector off with `false`."),
+    ConfigKey("masking.detectors.<name>.style", "string", None, "`redact`, `keep_last`, `tag` or `fixed`.",
+              default_text="the detector's own"),
+    ConfigKey("masking.detectors.<name>.keep_last", "integer", None, "Characters kept with `keep_last` (1 to 16).",
+              default_text="the detector's own"),
+    ConfigKey("masking.detectors.<name>.tag", "string", None, "Replacement with `tag` (printable ASCII).",
+              default_text="the detector's own"),
+    ConfigKey("masking.detectors.<name>.fixed", "string", None, "Replacement with `fixed`.",
+              default_text="the detector's own"),
+    ConfigKey("masking.custom[].name", "string", REQUIRED, "Detector name in markers and metrics (lower case, "
+              "digits, `_`)."),
+    ConfigKey("masking.custom[].pattern", "string", REQUIRED, "The regex."),
+    ConfigKey("masking.custom[].style", "string", "redact", "`redact`, `keep_last`, `tag` or `fixed`."),
+    ConfigKey("masking.custom[].keep_last", "integer", 4, "Characters kept with `keep_last`."),
+    ConfigKey("masking.custom[].tag", "string", None, "Replacement with `tag`."),
+    ConfigKey("masking.custom[].fixed", "string", "****", "Replacement with `fixed`."),
+    ConfigKey("masking.rules[].targets", "list of strings", [], "SSH targets (globs)."),
+    ConfigKey("masking.rules[].clusters", "list of strings", [], "Kubernetes clusters (globs)."),
+    ConfigKey("masking.rules[].groups", "list of strings", [], "The identity has one of these groups (globs)."),
+    ConfigKey("masking.rules[].apply", "string", REQUIRED, "`live`, `recording`, `both` or `none`."),
 )

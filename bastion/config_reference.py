@@ -26,6 +26,8 @@ from bastion.config import (
 )
 
 PROBE = "zz_reference_probe"
+# A real name for each `<name>` placeholder of a section (the parser checks the names).
+SAMPLE_NAMES = {"masking.detectors.<name>": "cpf"}
 _KNOWN = re.compile(r"unknown key \(known: (.*)\)$")
 
 HEADER = """\
@@ -109,7 +111,10 @@ def _probe_tree() -> dict[str, Any]:
     """A raw config with a probe key in every table the reference knows, and at the top."""
     raw: dict[str, Any] = {PROBE: 1}
     for section in CONFIG_SECTIONS:
-        parts = section.name.split(".")
+        name = section.name
+        if "<name>" in name:
+            name = name.replace("<name>", SAMPLE_NAMES[name])
+        parts = name.split(".")
         node = raw
         for i, part in enumerate(parts):
             array = part.endswith("[]")
@@ -128,8 +133,11 @@ def _probe_tree() -> dict[str, Any]:
 
 def _reference_path(problem_key: str) -> str:
     """``targets[0].zz`` -> ``targets[]``; ``roles.operators.zz`` -> ``roles.operators``; ``zz`` -> ``""``."""
-    path = problem_key[: -len(PROBE)].rstrip(".")
-    return re.sub(r"\[\d+\]", "[]", path)
+    path = re.sub(r"\[\d+\]", "[]", problem_key[: -len(PROBE)].rstrip("."))
+    for section, sample in SAMPLE_NAMES.items():
+        if path == section.replace("<name>", sample):
+            return section
+    return path
 
 
 def parser_keys() -> dict[str, set[str]]:
@@ -153,8 +161,11 @@ def reference_keys() -> dict[str, set[str]]:
     """The same shape, from CONFIG_KEYS and CONFIG_SECTIONS (a section is a key of its parent)."""
     out: dict[str, set[str]] = {}
     for section in CONFIG_SECTIONS:
-        parent, _, name = section.name.rpartition(".")
-        out.setdefault(parent, set()).add(name.removesuffix("[]"))
+        parts = section.name.split(".")
+        for i, part in enumerate(parts):
+            parent = ".".join(parts[:i])
+            if part != "<name>":  # a name the user picks, checked by the parser otherwise
+                out.setdefault(parent, set()).add(part.removesuffix("[]"))
         out.setdefault(section.name, set())
     for key in CONFIG_KEYS:
         out.setdefault(key.section, set()).add(key.name)

@@ -221,9 +221,18 @@ def cpu_busy(seconds: float = 1.0) -> float:
     return 1 - (i1 - i0) / max(1, t1 - t0)
 
 
+def code_version() -> str:
+    """The guarita commit being measured, and whether product code has uncommitted edits."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
+    dirty = git("status", "--short", "--", "bastion", "recorder").splitlines()
+    return f"guarita {git('rev-parse', '--short', 'HEAD') or '?'}" + (
+        f" + uncommitted edits in {', '.join(x.split()[-1] for x in dirty)}" if dirty else "")
+
+
 def quiet_note() -> str:
     busy = cpu_busy()
-    note = f"machine CPU busy before the run: {100 * busy:.0f}% of {os.cpu_count()} cores"
+    note = code_version() + f"; machine CPU busy before the run: {100 * busy:.0f}% of {os.cpu_count()} cores"
     return note + ("  WARNING: other load, numbers will be noisy" if busy > 0.1 else "")
 
 

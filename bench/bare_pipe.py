@@ -85,7 +85,7 @@ class Relay(asyncssh.SSHServerSession):
                                            client_keys=[ARGS.key], known_hosts=None, agent_path=None, config=None,
                                            encryption_algs=algs)
         kw = dict(term_type=self.term[0], term_size=self.term[1], term_modes=self.term[2]) if self.term else {}
-        self.up, _ = await self.conn.create_session(lambda: Upstream(self), self.cmd, encoding=None, window=8*1024*1024, max_pktsize=256*1024, **kw)
+        self.up, _ = await self.conn.create_session(lambda: Upstream(self), self.cmd, encoding=None, **kw)
         for data in self.early:
             self.up.write(data)
         if self.eof:

@@ -75,6 +75,8 @@ MINIMAL: dict[str, Any] = {
     "clusters": [{"name": "prod", "in_cluster": True}],
     "approvals": [{"pattern": "rm -rf", "approvers": ["sre"]}],
     "webhooks": [{"url": "https://hooks.example/guarita"}],
+    "masking": {"detectors": {"cpf": {}}, "custom": [{"name": "matricula", "pattern": "MAT-[0-9]{6}"}],
+                "rules": [{"apply": "both"}]},
 }
 
 
@@ -84,7 +86,7 @@ CONDITIONAL = {"access[].clusters"}  # its presence makes access[].targets defau
 
 def _node(raw: dict[str, Any], section: str) -> dict[str, Any]:
     node: Any = raw
-    for part in section.split("."):
+    for part in section.replace("<name>", "cpf").split("."):
         node = node[part[:-2]][0] if part.endswith("[]") else node[part]
     return node
 

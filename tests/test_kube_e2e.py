@@ -93,6 +93,16 @@ def kgw(oidc: OIDCProvider, oidc_short: OIDCProvider, standin: KubeAPIStandIn,
                                             server=f"https://127.0.0.1:{free_port()}"), 'connect_timeout = "3s"'),
         _cluster("certs", standin.kubeconfig(creds / "certs.yaml", client_cert=client_cert)),
         _cluster("incluster", None, f"in_cluster = true\nservice_account_dir = {toml_str(str(sa))}"),
+        _cluster("masked", standin.kubeconfig(creds / "masked.yaml", token=GATEWAY_TOKEN)),
+    ])
+    masking = "\n".join([
+        "[masking]",
+        'default_apply = "none"',
+        "",
+        "[[masking.rules]]",
+        'clusters = ["masked"]',
+        'apply = "both"',
+        "",
     ])
     access = "\n".join([
         "[[access]]",
@@ -106,6 +116,9 @@ def kgw(oidc: OIDCProvider, oidc_short: OIDCProvider, standin: KubeAPIStandIn,
         'clusters = ["prod"]',
         'namespaces = ["default"]',
         "port_forward = true",
+        "",
+        "[roles]",  # operators may lock identities (bastion/control)
+        'operators = { groups = ["sre"] }',
         "",
     ])
     approvals = "\n".join([
@@ -125,7 +138,7 @@ def kgw(oidc: OIDCProvider, oidc_short: OIDCProvider, standin: KubeAPIStandIn,
         "",
     ])
     text = gateway_config(data_dir, [(oidc.issuer, "5s"), (oidc_short.issuer, "1s")],  # type: ignore[list-item]
-                          clusters, access + "\n" + approvals)
+                          clusters, access + "\n" + approvals + "\n" + masking)
     config_path = data_dir / "guarita.toml"
     config_path.write_text(text)
     checked = check_config(config_path)
@@ -149,7 +162,7 @@ def kubeconfigs(kgw: KubeGateway, tmp_path_factory: pytest.TempPathFactory) -> d
 
     out = {}
     folder = tmp_path_factory.mktemp("kubeconfigs")
-    for name in ("prod", "old", "slow", "down", "certs", "incluster", "nosuch"):
+    for name in ("prod", "old", "slow", "down", "certs", "incluster", "masked", "nosuch"):
         path = folder / f"{name}.yaml"
         result = CliRunner().invoke(main, ["kubeconfig", "--cluster", name, "--gateway", kgw.http_url,
                                            "--output", str(path), "--exec-command", shlex.join(bastion_bin())])
@@ -730,3 +743,77 @@ def test_exec_waits_for_approval_then_runs(kube: Any, kgw: KubeGateway, oidc: OI
             proc.wait(10)
     assert proc.returncode == 6, (out, err)
     assert out.endswith(b"kube-needs-approval\n") and rid.encode() in out + err  # the wait was announced
+
+
+def test_exec_output_is_masked_on_a_masked_cluster(kube: Any, kgw: KubeGateway) -> None:
+    """Masking through real kubectl: the client and the recording never hold the CPF or the
+    e-mail; the masking markers hold the keyed hashes an auditor can recompute."""
+    from bastion.masking.config import load_or_create_secret
+    from bastion.masking.detectors import hmac_value
+
+    since = kgw.audit_mark()
+    cpf, mail = "529.982.247-25", "maria.silva@example.com.br"
+    script = f"echo 'cliente {cpf} {mail}'; echo '{cpf}' >&2"
+    result = kube(cluster="masked").run("exec", "web", "-c", "app", "--", "sh", "-c", script)
+    assert result.returncode == 0, _text(result)
+    assert result.stdout.startswith(b"cliente ***.***.***-** ") and mail.encode() not in result.stdout
+    assert cpf.encode() not in result.stderr and b"***.***.***-**" in result.stderr
+    sid = find_session(kgw.audit_events(since), command=shlex.join(["sh", "-c", script]), front_door="kube")
+    manifest, events = kgw.read_recording(sid)
+    recorded = b"".join(e.stream_bytes() or b"" for e in events if e.stream in ("o", "e"))
+    assert cpf.encode() not in recorded and mail.encode() not in recorded
+    secret = load_or_create_secret(kgw.data_dir / "masking.key")
+    marks = [e.data for e in events if e.code == "m" and e.data.get("type") == "masking"]
+    assert sorted((m["detector"], m["hmac"]) for m in marks) == sorted([
+        ("cpf", hmac_value(secret, "cpf", cpf)), ("cpf", hmac_value(secret, "cpf", cpf)),
+        ("email", hmac_value(secret, "email", mail))])
+    assert manifest["end"]["masking"] == {"cpf": 2, "email": 1}
+
+
+# ---------------------------------------------------------------------------
+# locks (bastion/control) on the Kubernetes front door
+# ---------------------------------------------------------------------------
+
+
+def test_lock_refuses_requests_and_ends_a_live_exec(kube: Any, kgw: KubeGateway, oidc: OIDCProvider) -> None:
+    """A lock on a subject: its live ``kubectl exec`` ends with the reason, and every request it
+    makes gets a 403 Status until the lock is lifted."""
+
+    def call(method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+        request = urllib.request.Request(f"{kgw.http_url}{path}", method=method,
+                                         data=json.dumps(body).encode() if body is not None else None,
+                                         headers={"Authorization": f"Bearer {oidc.token('agent-sre')}",
+                                                  "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=15) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    ci = kube(client="agent-ci")
+    since = kgw.audit_mark()
+    proc = ci.popen("exec", "web", "--", "sh", "-c", "echo started; sleep 60")
+    lock_id = None
+    try:
+        kgw.wait_audit("session.start", since, timeout=20, front_door="kube", subject="agent-ci")
+        status, body = call("POST", "/v1/locks", {"kind": "subject", "value": "agent-ci", "reason": "kube drill"})
+        assert status == 201, body
+        lock_id = body["lock"]["id"]
+        out, err = proc.communicate(timeout=15)
+        assert proc.returncode != 0
+        assert b"access for subject agent-ci was locked by an operator: kube drill" in err, (out, err)
+        denied = ci.run("get", "pods")
+        assert denied.returncode == 1
+        assert "Error from server (Forbidden)" in _text(denied), _text(denied)
+        assert f"access for subject agent-ci is locked by an operator: kube drill (lock {lock_id})" in _text(denied)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        if lock_id is not None:
+            assert call("DELETE", f"/v1/locks/{lock_id}")[0] == 200
+    assert ci.run("get", "pods").returncode == 0
+    _, manifest, events = _session(kgw, since, subject="agent-ci")
+    assert [e.data["type"] for e in events if e.code == "m" and e.data.get("type") in ("lock", "terminated")] == [
+        "lock", "terminated"]
+    assert "kube drill" in manifest["end"]["reason"]
