@@ -125,6 +125,10 @@ def _dev_clusters(config: Any, specs: tuple[str, ...], dev: bool) -> Any:
 
 async def _serve(gateway_cls: Any, config: Any, reload_source: tuple[Path, dict[str, Any], dict[str, Any]] | None = None,
                  json_log: bool = False) -> None:
+    import signal
+
+    # SIGHUP before the gateway has its handler (it installs it once serving) must not kill it.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         gw = gateway_cls(config)
         if reload_source is not None:  # what SIGHUP reads again (bastion/lifecycle.py)

@@ -86,7 +86,8 @@ async def drain(gw: Gateway) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(gw.hurry.wait(), min(remaining, 0.1))
     if gw.live_sessions:
-        log.info("drain: grace period over; ending %d session(s)", len(gw.live_sessions))
+        why = "a second signal" if gw.hurry.is_set() else "grace period over"
+        log.info("drain: %s; ending %d session(s)", why, len(gw.live_sessions))
 
 
 def end_message(gw: Gateway) -> str:

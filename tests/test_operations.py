@@ -181,7 +181,7 @@ def test_metrics_move_with_sessions_auth_failures_and_bytes(gateway: GatewayProc
         value(before, "guarita_sessions_total", front_door="ssh", outcome="ok") + 1
     # Relayed bytes of ended sessions stay counted.
     assert value(done, "guarita_relayed_bytes_total", front_door="ssh", direction="out") >= out_before + 30000
-    assert value(done, "guarita_audit_events_total", event="session.end") >= 1
+    assert value(done, "guarita_audit_events_total", event="session.start") >= 1
 
 
 # -- health, readiness and the JSON log -------------------------------------------------------------
@@ -423,3 +423,47 @@ def test_two_replicas_sigterm_drains_one_while_the_other_serves(
             gw.stop()  # before the store and the database they need to stop cleanly
         moto.stop()
         pg.stop()
+
+
+# -- the registry itself -------------------------------------------------------------------------
+
+
+def test_each_gateway_has_its_own_registry_fed_by_the_audit_stream() -> None:
+    from types import SimpleNamespace
+
+    from bastion.metrics import Metrics
+
+    def parse(m: Metrics) -> Samples:
+        out: Samples = {}
+        for family in text_string_to_metric_families(m.render().decode()):
+            for sample in family.samples:
+                out[(sample.name, frozenset(sample.labels.items()))] = sample.value
+        return out
+
+    one, two = Metrics(SimpleNamespace()), Metrics(SimpleNamespace())  # type: ignore[arg-type]
+    one.on_audit("auth.failure", {"method": "password", "reason": "expired"})
+    one.on_audit("auth.failure", {"method": "bearer", "front_door": "kube", "reason": "bad_signature"})
+    one.on_audit("auth.failure", {"method": "bearer", "path": "/v1/whoami", "reason": "missing_token"})
+    one.on_audit("approval.requested", {"request": "r1"})
+    one.on_audit("approval.resolved", {"request": "r1", "status": "approved"})
+    one.on_audit("approval.expired", {"request": "r2"})
+    one.on_audit("session.refused", {"reason": "access_denied"})
+    one.masked("cpf", 2)
+    one.masked("email")
+    a, b = parse(one), parse(two)
+    assert value(a, "guarita_auth_failures_total", front_door="ssh", reason="expired") == 1
+    assert value(a, "guarita_auth_failures_total", front_door="kube", reason="bad_signature") == 1
+    assert value(a, "guarita_auth_failures_total", front_door="api", reason="missing_token") == 1
+    assert value(a, "guarita_approval_requests_total") == 1
+    assert value(a, "guarita_approvals_decided_total", decision="approved") == 1
+    assert value(a, "guarita_approvals_decided_total", decision="expired") == 1
+    assert value(a, "guarita_sessions_refused_total", front_door="ssh", reason="access_denied") == 1
+    assert value(a, "guarita_masked_values_total", detector="cpf") == 2
+    assert value(a, "guarita_masked_values_total", detector="email") == 1
+    assert value(a, "guarita_audit_events_total", event="auth.failure") == 3
+    # Nothing leaks into the other gateway's registry, nor into the process-wide one.
+    assert value(b, "guarita_auth_failures_total", front_door="ssh", reason="expired") == 0
+    assert value(b, "guarita_masked_values_total", detector="cpf") == 0
+    from prometheus_client import REGISTRY
+
+    assert REGISTRY.get_sample_value("guarita_masked_values_total", {"detector": "cpf"}) is None
