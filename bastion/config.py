@@ -180,7 +180,9 @@ class RecordingConfig:
     key_file: Path
     failure_policy: str = "strict"  # or "best_effort"
     segment_seconds: float = 5.0
-    segment_bytes: int = 512 * 1024
+    # Terminal bytes per segment (about 0.1-0.4 MiB stored for text): few segments at high
+    # throughput, where each costs a few fsyncs and an upload.
+    segment_bytes: int = 4 * 1024 * 1024
     flush_interval: float = 1.0
     # S3 only: Object Lock mode and how long each object is kept (LGPD deployments: 5y).
     lock_mode: str = "COMPLIANCE"
@@ -451,7 +453,7 @@ def _recording(r: _Reader, t: dict[str, Any], data_dir: Path, overrides: dict[st
     policy = r.get(t, "failure_policy", p, str, "strict")
     if policy not in ("strict", "best_effort"):
         r.problems.append((f"{p}failure_policy", f"must be 'strict' or 'best_effort', got {policy!r}"))
-    segment_bytes = r.get(t, "segment_bytes", p, int, 512 * 1024)
+    segment_bytes = r.get(t, "segment_bytes", p, int, 4 * 1024 * 1024)
     if not 4096 <= segment_bytes <= 64 * 1024 * 1024:
         r.problems.append((f"{p}segment_bytes", "must be between 4096 and 67108864"))
     flush = r.duration(t, "flush_interval", p, 1.0)
@@ -753,7 +755,8 @@ CONFIG_KEYS = (
     ConfigKey("recording.failure_policy", "string", "strict", "`strict`: a session whose recording fails ends; "
               "`best_effort`: it goes on and an alert is logged."),
     ConfigKey("recording.segment_seconds", "duration", "5s", "A segment is sealed and uploaded after this long..."),
-    ConfigKey("recording.segment_bytes", "integer", 524288, "...or this many bytes of events (4096 to 67108864)."),
+    ConfigKey("recording.segment_bytes", "integer", 4194304,
+              "...or this many bytes of terminal output and input (4096 to 67108864)."),
     ConfigKey("recording.flush_interval", "duration", "1s", "Events are fsynced to the spool at least this often "
               "(at most 1s: the durability promise)."),
     ConfigKey("recording.lock_mode", "string", "COMPLIANCE", "S3 Object Lock mode of every object: `COMPLIANCE` "

@@ -203,7 +203,7 @@ def load_note() -> str:
     """Load average and CPU busy share right before a measurement (the machine is shared)."""
     la = os.getloadavg()
     busy = cpu_busy(1.0)
-    warn = "  WARNING: other load, numbers will be noisy" if busy > 0.1 or la[0] > 1 else ""
+    warn = "  WARNING: other load, numbers will be noisy" if busy > 0.1 else ""
     return f"load average {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}; CPU busy {100 * busy:.0f}% of {os.cpu_count()}{warn}"
 
 

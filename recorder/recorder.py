@@ -81,7 +81,7 @@ class Recorder:
     """One per gateway: owns the spool, the uploader and the signing key."""
 
     def __init__(self, store: RecordingStore, spool_dir: Path, key: RecordingKey, *,
-                 segment_seconds: float = 5.0, segment_bytes: int = 512 * 1024,
+                 segment_seconds: float = 5.0, segment_bytes: int = 4 * 1024 * 1024,
                  flush_interval: float = 1.0, failure_policy: str = "strict",
                  spool_budget: int | None = None) -> None:
         self.store = store
@@ -333,7 +333,7 @@ class SessionRecording:
         self._screen = ScreenTracker(*term) if term else None
         self._snap_t = 0.0
         self._snap_bytes = 0
-        self._buf: list[bytes] = []
+        self._buf: list[bytes | tuple[float, str, bytes]] = []
         self._buf_len = 0
         self._buf_events = 0
         self._seg_raw = 0
@@ -361,24 +361,23 @@ class SessionRecording:
             return
         self.counts[stream] += len(data)
         t = self.now()
-        line = self._encoders[stream].encode(t, data)
         if self._screen is not None and stream == "o":
             self._screen.feed(data)
             self._snap_bytes += len(data)
-        self._append(line, t)
+        self._append((t, stream, data), t, len(data))
 
     def input(self, data: bytes) -> None:
         if data:
             self.counts["i"] += len(data)
             t = self.now()
-            self._append(self._encoders["i"].encode(t, data), t)
+            self._append((t, "i", data), t, len(data))
 
     def input_at(self, t: float, data: bytes) -> None:
         """Input typed at ``t`` but recorded later (the echo detector holds keystrokes briefly)."""
         if data:
             self.counts["i"] += len(data)
             t = max(t, self._last_t)
-            self._append(self._encoders["i"].encode(t, data), t)
+            self._append((t, "i", data), t, len(data))
 
     def resize(self, cols: int, rows: int) -> None:
         if self._screen is not None:
@@ -399,10 +398,7 @@ class SessionRecording:
 
     def exit(self, status: int | None, signal: str | None = None, reason: str | None = None) -> None:
         t = self.now()
-        for enc in self._encoders.values():
-            tail = enc.flush(t)
-            if tail:
-                self._append(tail, t)
+        self._append((t, "flush", b""), t, 0)  # a UTF-8 character left incomplete is kept, as bytes
         self._append(ev.encode(t, "x", {"status": status, "signal": signal, "reason": reason}), t)
 
     async def sync(self) -> None:
@@ -435,31 +431,49 @@ class SessionRecording:
 
     # -- buffering and segment cutting --------------------------------------------------
 
-    def _append(self, line: bytes, t: float) -> None:
+    def _append(self, item: bytes | tuple[float, str, bytes], t: float, size: int | None = None) -> None:
+        """Queue an event: an encoded line, or (t, stream, bytes) that the worker thread encodes.
+
+        Encoding stream data as JSON costs about as much CPU as relaying it, so it happens
+        off the event loop; sizes here are the terminal's bytes, not the encoded ones."""
         if self.closed or (self.failed and self.recorder.failure_policy == "strict"):
             return
+        size = len(item) if size is None else size  # type: ignore[arg-type]
         self._last_t = max(self._last_t, t)
-        self._buf.append(line)
-        self._buf_len += len(line)
+        self._buf.append(item)
+        self._buf_len += size
         self._buf_events += 1
-        self._seg_raw += len(line)
+        self._seg_raw += size
         if self._seg_raw >= self.recorder.segment_bytes:
             self._cut()
         elif self._buf_len >= FRAME_BYTES:
             self._flush(sync=False)
 
-    def _take(self) -> tuple[bytes, int]:
-        raw, n = b"".join(self._buf), self._buf_events
+    def _take(self) -> tuple[list[bytes | tuple[float, str, bytes]], int]:
+        items, size = self._buf, self._buf_len
         self._buf, self._buf_len, self._buf_events = [], 0, 0
-        return raw, n
+        return items, size
+
+    def _encode(self, items: list[bytes | tuple[float, str, bytes]]) -> tuple[bytes, int]:
+        """Worker thread: the JSON lines for queued events, and how many there are."""
+        lines = []
+        for item in items:
+            if isinstance(item, bytes):
+                lines.append(item)
+            elif item[1] == "flush":
+                lines += [enc.flush(item[0]) for enc in self._encoders.values()]
+            else:
+                lines.append(self._encoders[item[1]].encode(item[0], item[2]))
+        raw = b"".join(lines)
+        return raw, raw.count(b"\n")  # one newline per event: JSON escapes those inside strings
 
     def _flush(self, sync: bool) -> None:
-        raw, n = self._take()
+        items, size = self._take()
         t_end = self._last_t
-        self._submit(lambda: self._writer_append(raw, n, t_end, sync), len(raw))
+        self._submit(lambda: self._writer_append(items, t_end, sync), size)
 
     def _cut(self, final: bool = False, end: dict[str, Any] | None = None) -> None:
-        raw, n = self._take()
+        items, size = self._take()
         t_end = self._last_t
         next_t = self._last_t
         # Snapshots cost emulator time: at most one per SNAPSHOT_EVERY seconds or SNAPSHOT_BYTES.
@@ -470,7 +484,7 @@ class SessionRecording:
             self._snap_t, self._snap_bytes = next_t, 0
         self._seg_raw = 0
         self._seg_t = next_t
-        self._submit(lambda: self._op_seal(raw, n, t_end, final, screen_tail, next_t, end), len(raw))
+        self._submit(lambda: self._op_seal(items, t_end, final, screen_tail, next_t, end), size)
 
     async def _tick(self) -> None:
         interval = self.recorder.flush_interval
@@ -535,14 +549,16 @@ class SessionRecording:
         self.recorder._spool_add(writer.size)
         return writer
 
-    def _writer_append(self, raw: bytes, n: int, t_end: float, sync: bool) -> None:
+    def _writer_append(self, items: list[bytes | tuple[float, str, bytes]], t_end: float, sync: bool) -> None:
         assert self._writer is not None
+        raw, n = self._encode(items)
         before = self._writer.size
         self._writer.append(raw, n, t_end, sync)
         self.recorder._spool_add(self._writer.size - before)
 
-    def _op_seal(self, raw: bytes, n: int, t_end: float, final: bool, screen_tail: tuple[bytes, bool] | None,
-                 next_t: float, end: dict[str, Any] | None) -> None:
+    def _op_seal(self, items: list[bytes | tuple[float, str, bytes]], t_end: float, final: bool,
+                 screen_tail: tuple[bytes, bool] | None, next_t: float, end: dict[str, Any] | None) -> None:
+        raw, n = self._encode(items)
         snapshot = None
         if screen_tail is not None and self._screen is not None:
             self._screen.apply(*screen_tail)

@@ -79,7 +79,8 @@ class SegmentWriter:
         self._hash = hashlib.sha256()
         self._cctx = zstandard.ZstdCompressor(level=COMPRESSION_LEVEL)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        self.append(header, events=0, t_end=t_start, sync=True)
+        # No fsync here: the next flush (within flush_interval) syncs header and events together.
+        self.append(header, events=0, t_end=t_start, sync=False)
 
     def append(self, raw: bytes, events: int, t_end: float, sync: bool) -> None:
         if raw:

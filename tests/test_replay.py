@@ -182,7 +182,7 @@ def test_bad_input_gives_one_line_errors(generated: tuple[FileStore, str, bytes]
 
 
 def test_corrupt_segment_plays_up_to_the_damage(tmp_path: Path) -> None:
-    sid, produced = _generate(tmp_path, lines=400, seed=3)
+    sid, produced = _generate(tmp_path, lines=1200, seed=3)
     store = FileStore(tmp_path / "rec")
     prefix = session_prefix(sid)
     victim = tmp_path / "rec" / prefix / "seg-000002.zst"

@@ -21,7 +21,7 @@ from bastion.config import env_allowed
 from bastion.identity import AuthError, Identity
 from bastion.policy import authorize, reachable_targets
 from bastion.session import Session, SessionInfo
-from bastion.ssh.upstream import TargetError, connect_target
+from bastion.ssh.upstream import PREFERRED_CIPHERS, TargetError, connect_target
 from recorder.recorder import new_session_id
 
 if TYPE_CHECKING:
@@ -566,8 +566,7 @@ async def start_ssh(gateway: Gateway) -> asyncssh.SSHAcceptor:
         login_timeout=60,
         keepalive_interval=30,
         # The gateway re-encrypts every byte: prefer the AES-GCM ciphers that CPUs accelerate.
-        encryption_algs=["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
-                         "aes128-ctr", "aes192-ctr", "aes256-ctr"],
+        encryption_algs=PREFERRED_CIPHERS,
     )
 
 

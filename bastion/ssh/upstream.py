@@ -13,6 +13,10 @@ from bastion.identity import Identity
 from bastion.identity.usercert import target_certificate
 
 
+PREFERRED_CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
+                     "aes128-ctr", "aes192-ctr", "aes256-ctr"]
+
+
 class TargetError(Exception):
     """The target cannot be used; ``str()`` is the one line the agent sees."""
 
@@ -45,6 +49,8 @@ async def connect_target(target: TargetConfig, login: str, identity: Identity, s
             known_hosts=(_pinned_keys(target), [], []), agent_path=None, password=None,
             kbdint_auth=False, gss_host=None, preferred_auth="publickey", config=None,
             x509_trusted_certs=None, ignore_encrypted=True,
+            # asyncssh prefers chacha20 by default; AES-GCM costs a third less CPU per byte.
+            encryption_algs=PREFERRED_CIPHERS,
         ), timeout=target.connect_timeout)
     except TimeoutError:
         raise TargetError("target_timeout", f"target {where} did not answer within {target.connect_timeout:g}s") from None
