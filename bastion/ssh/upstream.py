@@ -12,7 +12,6 @@ from bastion.config import TargetConfig
 from bastion.identity import Identity
 from bastion.identity.usercert import target_certificate
 
-
 PREFERRED_CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
                      "aes128-ctr", "aes192-ctr", "aes256-ctr"]
 
