@@ -219,3 +219,15 @@ def test_live_recording_is_readable_up_to_its_last_segment(tmp_path: Path) -> No
     assert result.returncode == 0
     assert "live line 499" in result.stdout
     assert "still running or was never sealed" in result.stderr
+
+
+def test_unreachable_store_is_one_clear_line() -> None:
+    import os
+
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:1"}
+    for args in (["ls"], ["cat", "20261125-000000-deadbeef"], ["verify", "--all"]):
+        result = subprocess.run([sys.executable, "-m", "replay.cli", "--recordings", "s3://nobucket/p", *args],
+                                capture_output=True, text=True, timeout=120, env=env)
+        assert result.returncode != 0
+        assert "cannot reach http://127.0.0.1:1" in result.stderr and "Traceback" not in result.stderr, result.stderr
