@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
+from typing import Protocol
 
 from bastion.config import AccessRule, Config, TargetConfig
 from bastion.identity import Identity
@@ -24,7 +25,21 @@ def _any_glob(value: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(value, p) for p in patterns)
 
 
-def matches_identity(rule: AccessRule, identity: Identity) -> bool:
+class NamesWho(Protocol):
+    """Any rule that names identities: access rules, approval rules."""
+
+    @property
+    def subjects(self) -> tuple[str, ...]: ...
+
+    @property
+    def groups(self) -> tuple[str, ...]: ...
+
+    @property
+    def claims(self) -> tuple[tuple[str, str], ...]: ...
+
+
+def matches_identity(rule: NamesWho, identity: Identity) -> bool:
+    """Any listed subject (or e-mail), any listed group, or all listed claims (globs)."""
     if rule.subjects and (_any_glob(identity.subject, rule.subjects)
                           or (identity.email and _any_glob(identity.email, rule.subjects))):
         return True

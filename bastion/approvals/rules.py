@@ -221,14 +221,9 @@ def _any_glob(value: str | None, patterns: tuple[str, ...]) -> bool:
 
 
 def _who(rule: ApprovalRule, identity: Identity) -> bool:
-    if rule.subjects and (_any_glob(identity.subject, rule.subjects)
-                          or (identity.email and _any_glob(identity.email, rule.subjects))):
-        return True
-    if rule.groups and any(_any_glob(g, rule.groups) for g in identity.groups):
-        return True
-    return bool(rule.claims) and all(
-        name in identity.claims and fnmatch.fnmatchcase(identity.claims[name], pattern)
-        for name, pattern in rule.claims)
+    from bastion.policy import matches_identity  # one definition of "who" for access and approvals
+
+    return matches_identity(rule, identity)
 
 
 def shell_join(argv: list[str]) -> str:
