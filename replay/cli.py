@@ -69,6 +69,29 @@ class Context:
         return None
 
 
+def pass_store(fn: Any) -> Any:
+    """Like click.pass_obj, and also takes --config/--recordings/--data-dir after the
+    command (`replay ls --data-dir DIR`), as people type them."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, config_: Path | None = None, recordings_: str | None = None,
+                data_dir_: Path | None = None, **kw: Any) -> Any:
+        obj = click.get_current_context().find_object(Context)
+        assert obj is not None
+        obj.config = config_ or obj.config
+        obj.recordings = recordings_ or obj.recordings
+        obj.data_dir = data_dir_ or obj.data_dir
+        return fn(obj, *args, **kw)
+
+    wrapper = click.option("--data-dir", "data_dir_", type=click.Path(path_type=Path),
+                           help="A `bastion serve --dev` data folder.")(wrapper)
+    wrapper = click.option("--recordings", "recordings_", help="Recordings URL: file:///PATH or s3://BUCKET/PREFIX.")(wrapper)
+    wrapper = click.option("--config", "config_", type=click.Path(path_type=Path),
+                           help="The gateway's config file (finds its recordings and key).")(wrapper)
+    return wrapper
+
+
 def _fail(message: str) -> None:
     click.echo(f"replay: {message}", err=True)
     sys.exit(1)
@@ -159,7 +182,7 @@ def _filters(kw: dict[str, Any]) -> Filters:
 @main.command("ls")
 @filter_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-@click.pass_obj
+@pass_store
 def ls(ctx: Context, as_json: bool, **kw: Any) -> None:
     """List recorded sessions."""
     sessions = _sessions(ctx, _filters(kw))
@@ -200,7 +223,7 @@ def _open(ctx: Context, ref: str) -> SessionSummary:
 @click.option("--raw", is_flag=True, help="Keep terminal escape sequences.")
 @click.option("--input", "show_input", is_flag=True, help="Also show what was typed, marked with ⌨.")
 @click.option("--commands", "show_commands", is_flag=True, help="List commands with times and approval outcome.")
-@click.pass_obj
+@pass_store
 def cat(ctx: Context, session: str, raw: bool, show_input: bool, show_commands: bool) -> None:
     """Print what the session printed (stdout to stdout, stderr to stderr)."""
     summary = _open(ctx, session)
@@ -252,7 +275,7 @@ def parse_offset(value: str) -> float:
 @click.option("--speed", default=1.0, show_default=True, help="Playback speed factor.")
 @click.option("--idle-limit", type=float, help="Cap pauses at this many seconds.")
 @click.option("--from", "from_", help="Start at this time (12m30s, 90s, 1:02:03).")
-@click.pass_obj
+@pass_store
 def play(ctx: Context, session: str, speed: float, idle_limit: float | None, from_: str | None) -> None:
     """Play the session in real time. Keys: space pause, arrows ±10s, ] next marker, +/- speed, q quit."""
     from replay.player import Player, open_keys
@@ -295,7 +318,7 @@ def _warn_size(summary: SessionSummary) -> None:
 @click.option("--format", "fmt", type=click.Choice(["asciicast-v2", "asciicast-v3", "json", "text"]),
               default="asciicast-v2", show_default=True)
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output file (default stdout).")
-@click.pass_obj
+@pass_store
 def export(ctx: Context, session: str, fmt: str, output: Path | None) -> None:
     """Export a session (asciicast v2 plays in asciinema 2.2: `asciinema play FILE`)."""
     from replay.asciicast import WRITERS
@@ -321,7 +344,7 @@ def export(ctx: Context, session: str, fmt: str, output: Path | None) -> None:
 @click.option("--commands-only", is_flag=True, help="Search commands only, not output.")
 @click.option("-i", "--ignore-case", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per hit.")
-@click.pass_obj
+@pass_store
 def search(ctx: Context, pattern: str, commands_only: bool, ignore_case: bool, as_json: bool, **kw: Any) -> None:
     """Find commands and output lines matching PATTERN (a regex) across sessions."""
     from replay.search import search_session
@@ -356,7 +379,7 @@ def format_offset(t: float) -> str:
 @click.argument("session")
 @click.option("--interval", default=1.0, show_default=True, help="Seconds between polls of the store.")
 @click.option("--timeout", type=float, help="Give up after this many seconds without the session ending.")
-@click.pass_obj
+@pass_store
 def watch(ctx: Context, session: str, interval: float, timeout: float | None) -> None:
     """Follow a live session as its segments reach the store (a few seconds behind)."""
     from recorder.segment import parse_segment
@@ -417,7 +440,7 @@ def progress_events(ctx: Context, summary: SessionSummary, label: str | None) ->
 @click.option("--since", help="With --all: only sessions started in the last DURATION or since a date.")
 @click.option("--public-key", help="Trusted recording public key (PEM file or base64), see `bastion keys`.")
 @click.option("--lock-mode", type=click.Choice(["COMPLIANCE", "GOVERNANCE"]), help="Expected Object Lock mode.")
-@click.pass_obj
+@pass_store
 def verify(ctx: Context, session: str | None, all_: bool, since: str | None, public_key: str | None,
            lock_mode: str | None) -> None:
     """Check hashes, chain, signature and retention; exit 1 at the first broken recording."""

@@ -136,6 +136,10 @@ def test_cli_ls_cat_export_and_verify(generated: tuple[FileStore, str, bytes], t
     listing = _replay("ls", "--json", root=root)
     assert listing.returncode == 0, listing.stderr
     assert json.loads(listing.stdout.splitlines()[0])["id"] == sid
+    # Store options after the command too, as `bastion serve --dev` prints them.
+    after = subprocess.run([sys.executable, "-m", "replay.cli", "ls", "--json", "--recordings", store.url],
+                           capture_output=True, text=True, timeout=60)
+    assert after.returncode == 0 and sid in after.stdout, after.stderr
     raw = subprocess.run([sys.executable, "-m", "replay.cli", "--recordings", store.url, "cat", "--raw", sid[-8:]],
                          capture_output=True, timeout=60)
     assert raw.returncode == 0 and raw.stdout == produced
