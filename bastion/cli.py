@@ -165,7 +165,7 @@ def _print_welcome(gw: Any, json_log: bool = False) -> None:
             "  export SSH_ASKPASS=$(command -v bastion-askpass) SSH_ASKPASS_REQUIRE=force",
             f"  {ssh} demo@{ssh_host} 'uname -a'          # run a command",
             f"  {ssh} -t demo@{ssh_host}                   # open a shell",
-            "Or paste the token at the 'Token:' prompt, or get a certificate once and use plain ssh:",
+            "Or paste the token at the 'guarita OIDC token:' prompt, or get a certificate once and use plain ssh:",
             f"  bastion ssh-cert{gw_flag} && {ssh} -i ~/.ssh/guarita_ed25519 demo@{ssh_host}",
             "Then see what happened:",
             f"  replay ls --data-dir {c.data_dir}",
