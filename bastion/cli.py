@@ -444,6 +444,44 @@ def ssh_cert(key_path: Path, token_file: Path | None, ttl: str, gateway: str | N
     click.echo(f"use it with: ssh -i {key_path} -p 2222 [LOGIN@]TARGET@BASTION", err=True)
 
 
+@main.command("mask-hash")
+@click.argument("detector")
+@click.argument("value")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="The gateway's config (finds the secret).")
+@click.option("--secret-file", type=click.Path(path_type=Path), help="The masking secret file itself.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=Path("guarita-data"), show_default=True)
+def mask_hash(detector: str, value: str, config_path: Path | None, secret_file: Path | None, data_dir: Path) -> None:
+    """Keyed hash of VALUE as the masking log records it: compare it with a session's
+    `masking` markers to confirm "this CPF was masked in that session"."""
+    from bastion.masking.detectors import hmac_value
+
+    config = None
+    if config_path is not None:
+        try:
+            config = load_config(config_path)
+        except ConfigError as exc:
+            _config_problems(exc)
+            sys.exit(2)
+    if secret_file is None:
+        if config is not None:
+            if config.masking is None:
+                raise click.ClickException(f"{config_path} has no [masking] section")
+            secret_file = config.masking.secret_file
+        else:
+            secret_file = data_dir / "masking.key"
+    if not secret_file.exists():
+        raise click.ClickException(f"no masking secret at {secret_file} (pass --config or --secret-file)")
+    from bastion.masking.config import BUILTIN_NAMES, load_or_create_secret
+
+    known = set(BUILTIN_NAMES) | ({c.name for c in config.masking.custom} if config and config.masking else set())
+    if detector not in known:
+        raise click.ClickException(f"unknown detector {detector!r} (known: {', '.join(sorted(known))})")
+    try:
+        click.echo(hmac_value(load_or_create_secret(secret_file), detector, value))
+    except (ValueError, KeyError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 @main.command()
 @click.option("--data-dir", type=click.Path(path_type=Path), default=Path("guarita-data"), show_default=True)
 @click.option("--config", "config_path", type=click.Path(path_type=Path))

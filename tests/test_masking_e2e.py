@@ -7,6 +7,7 @@ log (markers) holds detector, position and the keyed hash an auditor can recompu
 from __future__ import annotations
 
 import random
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 
 from bastion.masking.detectors import hmac_value
 from bastion.masking.samples import card, cpf, email
-from tests.conftest import GatewayProcess, Targets, gateway_config, target_block
+from tests.conftest import GatewayProcess, Targets, bastion_bin, gateway_config, target_block
 from tests.support.oidc import OIDCProvider
 from tests.support.openssh import PtySsh, run_ssh
 
@@ -91,6 +92,11 @@ def test_exec_output_is_masked_for_the_agent_and_the_recording(masking_gateway: 
     recorded = b"".join(e.stream_bytes() or b"" for e in events if e.stream == "o")
     assert recorded == client  # the recording is exactly what the agent saw
     assert manifest["end"]["masking"] == {"cpf": 1, "email": 1, "card": 1}
+    # The auditor's question, with the CLI: was this CPF masked in that session?
+    asked = subprocess.run([*bastion_bin(), "mask-hash", "--config", str(gw.config_path), "cpf", VALUES["cpf"]],
+                           capture_output=True, text=True, timeout=60)
+    assert asked.returncode == 0, asked.stderr
+    assert asked.stdout.strip() in {e.data["hmac"] for e in events if e.code == "m" and e.data.get("type") == "masking"}
     assert manifest["session"]["masking"] == "both"
 
 
