@@ -233,6 +233,17 @@ class Session:
             self.recording.input(data)
         return gate.input(data, hidden) if gate is not None else data
 
+    def end_if_unrecorded(self, terminate: Callable[[str], None]) -> None:
+        """The strict failure policy, for every front door: if the spool cannot take this
+        session's events, ``terminate`` (the front door's) ends it with the reason."""
+
+        def failed(exc: Exception) -> None:
+            if self.gateway.config.recording.failure_policy == "strict":
+                terminate(f"the recording of this session failed ({exc}); the session is ended because "
+                          "guarita never lets traffic through unrecorded")
+
+        self.recording.on_failure = failed
+
     def from_target(self, data: bytes, stream: str = "o") -> bytes:
         """Output from the target; returns what the agent gets (masked where policy says)."""
         self.bytes_out += len(data)

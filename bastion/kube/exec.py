@@ -284,7 +284,7 @@ class KubeStream:
                                                  "Forbidden" if refusal.code == 403 else "TooManyRequests"))
                 return ws
             self.session = Session(self.gw, replace(self._info(size), session_id=sid))
-            self.session.recording.on_failure = self._recording_failed
+            self.session.end_if_unrecorded(self.terminate)
             self.gw.live_sessions[self.session.id] = self
             await self._run_session()
         except asyncio.CancelledError:  # the client went away (aiohttp cancels the handler)
@@ -551,11 +551,6 @@ class KubeStream:
             await _send(self.client, frame)
 
     # -- ended by the gateway ---------------------------------------------------------------
-
-    def _recording_failed(self, exc: Exception) -> None:
-        if self.gw.config.recording.failure_policy == "strict":
-            self.terminate(f"the recording of this session failed ({exc}); the session is ended because "
-                           "guarita never lets traffic through unrecorded")
 
     def terminate(self, message: str) -> None:
         """End the session from the gateway's side (lock, shutdown, recording failure)."""

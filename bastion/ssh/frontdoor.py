@@ -355,7 +355,7 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         except BaseException:
             await self.session.end(None, reason="target refused the session")
             raise
-        self.session.recording.on_failure = self._recording_failed
+        self.session.end_if_unrecorded(self.terminate)
         self.session.deliver_output = self._deliver
         # The approval gate of an interactive session writes to the terminal and releases held input.
         self.session.write_client = self.chan.write
@@ -371,11 +371,6 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             pass
         if self.target_conn is not None:
             self.target_conn.close()
-
-    def _recording_failed(self, exc: Exception) -> None:
-        if self.gw.config.recording.failure_policy == "strict":
-            self.terminate(f"the recording of this session failed ({exc}); the session is ended because "
-                           "guarita never lets traffic through unrecorded")
 
     def terminate(self, message: str) -> None:
         """End the session from the gateway's side (lock, shutdown, recording failure)."""
