@@ -381,6 +381,15 @@ class Session:
             with contextlib.suppress(Exception):
                 self.write_target(data)
 
+    def after_held_input(self, action: Callable[[], None]) -> None:
+        """Run ``action`` (the end of the agent's input: EOF, stdin closed) once the input the
+        interactive gate holds has gone upstream: an EOF passed on first would leave the
+        target without the held Enter (`printf 'cmd\\n' | ssh -tt` would hang for ever)."""
+        if self._gate is not None:
+            self._gate.after_held_input(action)
+        else:
+            action()
+
     def _start_gate(self) -> InteractiveGate | None:
         """The interactive gate, for a terminal session whose commands rules may concern,
         once the front door has given both write callbacks."""

@@ -37,7 +37,7 @@ from tests.conftest import (
 from tests.support import postgres
 from tests.support.approvals import BackgroundSsh, WebhookReceiver, cli
 from tests.support.oidc import OIDCProvider
-from tests.support.openssh import PtySsh
+from tests.support.openssh import PtySsh, run_ssh
 
 PROMPT = rb"\[gw\]\$ "
 REQUEST = re.compile(rb"request ([a-z0-9]{10}) \(rule")
@@ -305,6 +305,15 @@ def test_min_approvals_waits_for_the_second_approver(agw: GatewayProcess, oidc: 
 # ---------------------------------------------------------------------------
 # interactive
 # ---------------------------------------------------------------------------
+
+
+def test_piped_lines_then_eof(agw: GatewayProcess, oidc: OIDCProvider, targets: Targets) -> None:
+    """`printf 'LINE\\n' | ssh -tt`: the client's EOF comes right behind the line, while the
+    gate still holds its Enter; the EOF must not overtake it (the shell would wait for ever)."""
+    r = run_ssh(["-tt", *dest(agw, f"{targets.login}@web-key")], token=oidc.token("agent-ci"),
+                input=b"echo piped-$((6*7)); exit\n", timeout=30)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert b"piped-42\r\n" in r.stdout
 
 
 def _wait_request(pty: PtySsh) -> str:

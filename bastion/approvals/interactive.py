@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import re
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from bastion.approvals.detector import CommandDetector, LineEditor
@@ -53,6 +54,9 @@ class InteractiveGate:
         self._dropped = 0
         self._interrupted = False
         self._output = asyncio.Event()
+        # Ends of input (EOF, stdin closed) that arrived while an Enter was held: they go
+        # upstream after the held input, or the target would never get that Enter.
+        self._after_drain: list[Callable[[], None]] = []
 
     # -- from the front door, through the Session ---------------------------------------------
 
@@ -90,6 +94,13 @@ class InteractiveGate:
         self._hidden = hidden
         self._task = asyncio.create_task(self._drain(), name=f"approval-gate-{self.session.id}")
         return head
+
+    def after_held_input(self, action: Callable[[], None]) -> None:
+        """Run ``action`` now, or once the held input has gone upstream (or was refused)."""
+        if self._task is None:
+            action()
+        else:
+            self._after_drain.append(action)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -154,6 +165,10 @@ class InteractiveGate:
                     self._keys(chunk, send=True)
         finally:
             self._task = None
+            actions, self._after_drain = self._after_drain, []
+            for action in actions:
+                with contextlib.suppress(Exception):  # the session may be ending
+                    action()
 
     async def _decide(self) -> tuple[bool, str]:
         hidden, self._hidden = self._hidden, False

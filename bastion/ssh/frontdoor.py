@@ -318,7 +318,7 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         for chunk in early or ():
             self.target_chan.write(self.session.from_client(chunk))
         if self._early_eof:
-            self.target_chan.write_eof()
+            self._eof_to_target()
 
     def _resolve(self, identity: Identity, login: str | None, target_name: str) -> tuple[Any, str]:
         target = self.gw.config.target(target_name)
@@ -409,10 +409,20 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
 
     def eof_received(self) -> bool:
         if self.target_chan is not None:
-            self.target_chan.write_eof()
+            self._eof_to_target()
         elif self._early is not None:
             self._early_eof = True
         return True  # keep our side open: the target still sends output and the exit status
+
+    def _eof_to_target(self) -> None:
+        assert self.target_chan is not None and self.session is not None
+        chan = self.target_chan
+
+        def eof() -> None:
+            with contextlib.suppress(OSError, asyncssh.Error):
+                chan.write_eof()
+
+        self.session.after_held_input(eof)  # never ahead of an Enter the approval gate holds
 
     def break_received(self, msec: int) -> bool:
         if self.target_chan is not None:
