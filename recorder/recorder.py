@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import json
 import logging
 import os
@@ -57,6 +58,8 @@ SESSION_FORMAT = "guarita-session/1"
 HIGH_WATER = 16 * 1024 * 1024
 LOW_WATER = 4 * 1024 * 1024
 FRAME_BYTES = 256 * 1024
+# Reads of one stream closer together than this are recorded as one event.
+MERGE_SECONDS = 0.005
 # Upload retries back off from 0.2 s up to this: when the store comes back, uploads resume
 # within this many seconds without anyone doing anything.
 RETRY_MAX_DELAY = 15.0
@@ -109,6 +112,10 @@ class Recorder:
         # When each queued upload was queued (uploads run in queue order): the upload lag.
         self._queued_at: collections.deque[float] = collections.deque()
         self._uploader: asyncio.Task[None] | None = None
+        # Sessions' file work (encode, compress, hash, write, fsync): ops of one session run
+        # in order, sessions in parallel.
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=min(32, (os.cpu_count() or 1) + 4), thread_name_prefix="recorder")
 
     async def start(self) -> list[str]:
         """Create the spool, seal what a previous process left behind, start uploading.
@@ -136,6 +143,7 @@ class Recorder:
         if self._uploader:
             self._uploader.cancel()
             await asyncio.gather(self._uploader, return_exceptions=True)
+        self._executor.shutdown(wait=False)
         if self.uploads_pending:
             log.warning("%d recording objects still in the spool %s; they are uploaded at the next start",
                         self.uploads_pending, self.spool_dir)
@@ -344,8 +352,10 @@ class SessionRecording:
         self._drained.set()
         self._chain: list[SegmentRecord] = []
         self._writer: SegmentWriter | None = None
-        self._ops: asyncio.Queue[Callable[[], Any] | None] = asyncio.Queue()
-        self._op_task = asyncio.create_task(self._run_ops(), name=f"recording-{session_id}")
+        self._inflight_lock = threading.Lock()
+        self._fail_reported = False
+        self._loop = asyncio.get_running_loop()
+        self._work = _SerialWork(recorder._executor, self._run_op)
         self._timer = asyncio.create_task(self._tick(), name=f"recording-timer-{session_id}")
         snapshot = self._screen.snapshot() if self._screen else None
         self._submit(lambda: self._op_open(snapshot), 0)
@@ -404,10 +414,13 @@ class SessionRecording:
     async def sync(self) -> None:
         """Wait until every event so far is fsynced in the spool and sealed segments are queued."""
         self._flush(sync=True)
-        done = asyncio.get_running_loop().create_future()
-        self._submit(lambda: self._loop.call_soon_threadsafe(done.set_result, None), 0)
-        if self.failed is None:
-            await asyncio.wait([done, self._op_task], return_when=asyncio.FIRST_COMPLETED)
+        await self._barrier()
+
+    async def _barrier(self) -> None:
+        """Wait until the worker has run every op submitted so far."""
+        done = self._loop.create_future()
+        self._submit(lambda: self._loop.call_soon_threadsafe(_resolve, done), 0, always=True)
+        await done
 
     @property
     def congested(self) -> bool:
@@ -425,8 +438,7 @@ class SessionRecording:
         end = {"ended_at": iso(time.time()), "duration": round(self.now(), 3),
                "bytes": dict(self.counts), "markers": dict(self.markers), **(end or {})}
         self._cut(final=True, end=end)
-        self._ops.put_nowait(None)
-        await asyncio.gather(self._op_task, return_exceptions=True)
+        await self._barrier()
         self.recorder.sessions.pop(self.id, None)
 
     # -- buffering and segment cutting --------------------------------------------------
@@ -455,15 +467,29 @@ class SessionRecording:
         return items, size
 
     def _encode(self, items: list[bytes | tuple[float, str, bytes]]) -> tuple[bytes, int]:
-        """Worker thread: the JSON lines for queued events, and how many there are."""
-        lines = []
+        """Worker thread: the JSON lines for queued events, and how many there are.
+
+        Reads of one stream less than MERGE_SECONDS apart become one event (bulk output
+        arrives in 32 KiB packets; one line per packet would cost more to encode than to
+        relay), stamped with the first read's time."""
+        lines: list[bytes] = []
+        run: list[bytes] = []
+        run_t, run_stream = 0.0, ""
         for item in items:
+            if not isinstance(item, bytes) and item[1] == run_stream and item[0] - run_t <= MERGE_SECONDS:
+                run.append(item[2])
+                continue
+            if run:
+                lines.append(self._encoders[run_stream].encode(run_t, b"".join(run)))
+                run, run_stream = [], ""
             if isinstance(item, bytes):
                 lines.append(item)
             elif item[1] == "flush":
                 lines += [enc.flush(item[0]) for enc in self._encoders.values()]
             else:
-                lines.append(self._encoders[item[1]].encode(item[0], item[2]))
+                run_t, run_stream, run = item[0], item[1], [item[2]]
+        if run:
+            lines.append(self._encoders[run_stream].encode(run_t, b"".join(run)))
         raw = b"".join(lines)
         return raw, raw.count(b"\n")  # one newline per event: JSON escapes those inside strings
 
@@ -497,37 +523,37 @@ class SessionRecording:
 
     # -- the ordered file-work queue (runs in threads) -----------------------------------
 
-    def _submit(self, op: Callable[[], Any], size: int) -> None:
-        self._inflight += size
-        if self._inflight > HIGH_WATER:
-            self._drained.clear()
+    def _submit(self, op: Callable[[], Any], size: int, always: bool = False) -> None:
+        """Queue file work for the session's worker; ``always`` ops run even after a strict
+        failure (they only signal the event loop)."""
+        with self._inflight_lock:
+            self._inflight += size
+            if self._inflight > HIGH_WATER:
+                self._drained.clear()
+        self._work.submit(op, size, always)
 
-        def run() -> None:
-            try:
+    def _run_op(self, op: Callable[[], Any], size: int, always: bool) -> None:
+        """Worker thread: one op, in submission order. Failures are reported to the loop."""
+        try:
+            if always or not (self.failed and self.recorder.failure_policy == "strict"):
                 op()
-            finally:
+        except Exception as exc:  # noqa: BLE001 - any failure to record is the session's failure
+            if not isinstance(exc, OSError | StoreError | ValueError):
+                log.exception("recording of session %s failed unexpectedly", self.id)
+            self.failed = self.failed or exc
+            self._loop.call_soon_threadsafe(self._fail, exc)
+        finally:
+            with self._inflight_lock:
                 self._inflight -= size
-
-        self._ops.put_nowait(run)
-
-    async def _run_ops(self) -> None:
-        while True:
-            op = await self._ops.get()
-            if op is None:
-                return
-            if self.failed and self.recorder.failure_policy == "strict":
-                continue
-            try:
-                await asyncio.to_thread(op)
-            except (OSError, StoreError, ValueError) as exc:
-                self._fail(exc)
-            if self._inflight <= LOW_WATER:
-                self._drained.set()
+                wake = self._inflight <= LOW_WATER and not self._drained.is_set()
+            if wake:
+                self._loop.call_soon_threadsafe(self._drained.set)
 
     def _fail(self, exc: Exception) -> None:
-        first = self.failed is None
-        self.failed = exc
-        if first:
+        """Event loop: the spool refused an op (the worker already set ``failed``)."""
+        self.failed = self.failed or exc
+        if not self._fail_reported:
+            self._fail_reported = True
             log.error("recording of session %s cannot reach the spool %s: %s (policy %s)",
                       self.id, self.dir, exc, self.recorder.failure_policy, extra={"session": self.id})
             self._drained.set()
@@ -584,9 +610,43 @@ class SessionRecording:
     def recorder_loop_call(self, fn: Callable[[], None]) -> None:
         self._loop.call_soon_threadsafe(fn)
 
-    @property
-    def _loop(self) -> asyncio.AbstractEventLoop:
-        return self._op_task.get_loop()
+
+class _SerialWork:
+    """Runs one session's ops in order on a shared thread pool, back to back.
+
+    A worker drains the session's queue until it is empty, so consecutive ops do not wait
+    for the event loop between them (``asyncio.to_thread`` per op did, and under load the
+    worker sat idle for most of each round trip)."""
+
+    def __init__(self, executor: concurrent.futures.Executor,
+                 run: Callable[[Callable[[], Any], int, bool], None]) -> None:
+        self._executor = executor
+        self._run = run
+        self._queue: collections.deque[tuple[Callable[[], Any], int, bool]] = collections.deque()
+        self._lock = threading.Lock()
+        self._busy = False
+
+    def submit(self, op: Callable[[], Any], size: int, always: bool) -> None:
+        with self._lock:
+            self._queue.append((op, size, always))
+            if self._busy:
+                return
+            self._busy = True
+        self._executor.submit(self._drain)
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._busy = False
+                    return
+                op, size, always = self._queue.popleft()
+            self._run(op, size, always)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 # -- helpers shared by live sessions and recovery ----------------------------------------
