@@ -14,6 +14,7 @@ import contextlib
 import math
 import re
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -287,19 +288,23 @@ class Session:
 
     def _mask(self, data: bytes, stream: str) -> tuple[bytes, bytes]:
         masked, found = self._maskers[stream].feed(data)
-        self._note_masked(found)
+        self._note_masked(found, stream)
         if self._mask_live:
             return masked, masked
         # The agent gets the original bytes now; the recording the masked ones, in order.
         return data, masked
 
-    def _note_masked(self, found: Any) -> None:
-        for item in found:
-            self.masked_counts[item.detector] = self.masked_counts.get(item.detector, 0) + 1
-            self.recording.marker("masking", detector=item.detector, offset=item.offset, length=item.length,
-                                  hmac=item.hmac)
+    def _note_masked(self, found: Any, stream: str) -> None:
+        """One ``masking`` marker per output chunk, listing its values as [detector, offset,
+        length, hmac] (docs/recording-format.md): a marker per value cost more than finding it."""
+        if not found:
+            return
+        for detector, n in Counter(item.detector for item in found).items():
+            self.masked_counts[detector] = self.masked_counts.get(detector, 0) + n
             if self._metrics is not None and hasattr(self._metrics, "masked"):
-                self._metrics.masked(item.detector)
+                self._metrics.masked(detector, n)
+        self.recording.marker("masking", stream=stream,  # values as in bastion.masking.MARKER_FIELDS
+                              values=[[item.detector, item.offset, item.length, item.hmac] for item in found])
 
     def _arm_mask_flush(self) -> None:
         if self._mask_timer is None:
@@ -312,7 +317,7 @@ class Session:
         self._mask_timer = None
         for stream, masker in self._maskers.items():
             out, found = masker.flush()
-            self._note_masked(found)
+            self._note_masked(found, stream)
             if not out:
                 continue
             shown = self._emit(out if self._mask_live else b"", out, stream)

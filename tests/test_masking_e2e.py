@@ -15,6 +15,7 @@ import pytest
 
 from bastion.masking.detectors import hmac_value
 from bastion.masking.samples import card, cpf, email
+from bastion.masking.stream import marker_values
 from tests.conftest import GatewayProcess, Targets, bastion_bin, gateway_config, target_block
 from tests.support.oidc import OIDCProvider
 from tests.support.openssh import PtySsh, run_ssh
@@ -64,11 +65,16 @@ def _secret(gw: GatewayProcess) -> bytes:
     return load_or_create_secret(gw.data_dir / "masking.key")
 
 
+def _masked(events: list[Any]) -> list[dict[str, Any]]:
+    """Every value of the recording's masking markers (one marker per output chunk)."""
+    return [v for e in events if e.code == "m" and e.data.get("type") == "masking" for v in marker_values(e.data)]
+
+
 def _check_recording(gw: GatewayProcess, events: list[Any], expect_clean: bool) -> None:
     recorded = b"".join(e.stream_bytes() or b"" for e in events if e.stream in ("o", "e"))
     for value in VALUES.values():
         assert value.encode() not in recorded, f"{value} stored in the recording"
-    markers = [e.data for e in events if e.code == "m" and e.data.get("type") == "masking"]
+    markers = _masked(events)
     assert sorted(m["detector"] for m in markers) == sorted(VALUES)
     secret = _secret(gw)
     for m in markers:
@@ -96,7 +102,7 @@ def test_exec_output_is_masked_for_the_agent_and_the_recording(masking_gateway: 
     asked = subprocess.run([*bastion_bin(), "mask-hash", "--config", str(gw.config_path), "cpf", VALUES["cpf"]],
                            capture_output=True, text=True, timeout=60)
     assert asked.returncode == 0, asked.stderr
-    assert asked.stdout.strip() in {e.data["hmac"] for e in events if e.code == "m" and e.data.get("type") == "masking"}
+    assert asked.stdout.strip() in {m["hmac"] for m in _masked(events)}
     assert manifest["session"]["masking"] == "both"
 
 
@@ -131,5 +137,5 @@ def test_interactive_prompt_output_is_masked_and_released(masking_gateway: Gatew
         seen = pty.output()
     assert VALUES["email"].encode() not in seen.split(b"mail: ")[-1]
     _, _, events = gw.session_recording(mark, kind="shell")
-    detectors = sorted(e.data["detector"] for e in events if e.code == "m" and e.data.get("type") == "masking")
+    detectors = sorted(m["detector"] for m in _masked(events))
     assert "cpf" in detectors and "email" in detectors

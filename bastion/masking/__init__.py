@@ -17,10 +17,11 @@ from bastion.masking.detectors import (
     hmac_value,
     normalise_value,
 )
-from bastion.masking.stream import Masked, StreamMasker, mask_bytes
+from bastion.masking.stream import MARKER_FIELDS, Masked, StreamMasker, marker_values, mask_bytes
 
 __all__ = [
     "BUILTIN_NAMES",
+    "MARKER_FIELDS",
     "Detector",
     "Masked",
     "Replacement",
@@ -31,5 +32,6 @@ __all__ = [
     "default_detectors",
     "hmac_value",
     "mask_bytes",
+    "marker_values",
     "normalise_value",
 ]

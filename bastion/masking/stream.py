@@ -39,13 +39,13 @@ Multibyte UTF-8 characters are never split between two outputs.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import re
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
-from bastion.masking.detectors import DIGIT_FAMILY, EMAIL_FAMILY, Detector
+from bastion.masking.detectors import _NUM_L, _NUM_R, BUILTINS, DIGIT_FAMILY, EMAIL_FAMILY, Detector
 
 ESC_MAX = 39  # ESC [ + 32 parameter bytes + 4 intermediate bytes + final byte
 DEFAULT_ESCAPE_GAP = 32
@@ -58,33 +58,41 @@ _ALT_ENTER = frozenset((b"\x1b[?1049h", b"\x1b[?1047h", b"\x1b[?47h"))
 _ALT_EXIT = re.compile(rb"\x1b\[\?(?:1049|1047|47)l|\x1bc")
 _BINARY = re.compile(rb"[\x00-\x06\x0e-\x1a\x1c-\x1f]")
 
-# Shape of the visible text for the cheap pre-filter: digits -> '0', '-', '/' and ' ' ->
-# '-', '.' stays, letters and '_' -> 'a', anything else -> 'x'. Every value a built-in
-# numeric detector accepts contains one of _LITERALS in this shape: a run of 8 digits,
-# two groups of 4 digits with one separator, or ".ddd" + separator + two digits (the
-# tail of a formatted CPF or CNPJ). Clean text is skipped with three bytes.find() calls.
+# Shape of the visible text for the cheap pre-filter: digits -> '0', the separators of
+# numeric values ('-', '/', ' ', '(', ')', '+') -> '-', '.' stays, letters and '_' -> 'a',
+# anything else -> 'x'. Every value a built-in numeric detector accepts contains one of
+# these in this shape (see _DigitSource.hit; tests/test_masking_stream.py checks it):
+#   _RUN11     a run of 11+ digits glued to no letter (bare CPF, CNPJ, card, long phone)
+#   _SEP_RUN8  a separator then 8 digits (phones "(11) 23456789", "11 912345678", "+1...")
+#   _RUN8_SEP  8 digits, a separator, 2 digits (CPF "123456789-09")
+#   _GROUPS4   4 digits, a separator, 4 digits (cards, phones, CNPJ "12345678/0001-95")
+#   _CPF_TAIL  ".ddd" + separator + 2 digits (formatted CPF and CNPJ)
+# A run of 8-10 digits alone is none of them: no detector accepts it (ten bare digits are
+# refused as a phone). Clean text costs one translate() and five searches, all in C.
 _SHAPE = bytearray(b"x" * 256)
 for _c in b"0123456789":
     _SHAPE[_c] = ord("0")
 for _c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_":
     _SHAPE[_c] = ord("a")
-for _c in b"-/ ":
+for _c in b"-/ ()+":
     _SHAPE[_c] = ord("-")
 _SHAPE[ord(".")] = ord(".")
 SHAPE = bytes(_SHAPE)
-_LITERALS = (b"00000000", b"0000-0000", b".000-00")
-# The first literal as a regex: runs of 8+ digits glued to no letter (in C, so the many
-# digit runs inside hex ids cost no Python work). Such a run is whole inside any value
-# that contains part of it, and values never touch a letter.
-_DIGIT_RUN = re.compile(rb"00000000(?<![a0]00000000)0*+(?!a)")
+_RUN11 = b"0" * 11
+_SEP_RUN8 = b"-" + b"0" * 8
+_RUN8_SEP = b"0" * 8 + b"-00"
+_GROUPS4 = b"0000-0000"
+_CPF_TAIL = re.compile(rb"\.000-00")  # sre's scan for a rare first byte beats bytes.find here
+_RUN_END = re.compile(rb"0*+")
+_FREE_RUN11 = re.compile(rb"00000000000(?<![a0]00000000000)0*+(?!a)")
 _NONE = 1 << 62
+_BUILTIN_DIGIT_PATTERNS = frozenset(p for b in BUILTINS.values() if b.family == "digits" for p in b.patterns)
 # Supersets of where values may start (see _NUM_L and the e-mail pattern in detectors).
 _NUM_START = re.compile(rb"(?<![0-9A-Za-z_+])[0-9(+]")
 _EMAIL_START = re.compile(rb"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]")
 
 
-@dataclass(frozen=True, slots=True)
-class Masked:
+class Masked(NamedTuple):
     """One masked value: what found it, where it was, its keyed hash, what replaced it.
 
     ``offset`` is the byte offset of the value's first character in the original stream
@@ -129,12 +137,9 @@ class _Seg:
         return out
 
 
-@dataclass
-class _Cand:
-    q: int
-    e: int
-    rank: int  # position of the detector in the masker's list
-    norm: str
+# A candidate value: (start, -end, rank of the detector in the masker's list, normalised
+# text). Plain tuples: their order is the preference (leftmost, then longest, then rank).
+_Cand = tuple[int, int, int, str]
 
 
 class StreamMasker:
@@ -153,16 +158,22 @@ class StreamMasker:
         names = [d.name for d in self.detectors]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate detector names in {names}")
-        self._hmac = hmac.new(secret, digestmod=hashlib.sha256)
+        # HMAC-SHA256 by hand (RFC 2104): copying two prepared SHA-256 states costs a third
+        # of hmac.new() or hmac.digest() per value.
+        key = hashlib.sha256(secret).digest() if len(secret) > 64 else secret
+        key = key.ljust(64, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
         self._pass_alt = passthrough_alt_screen
         self._digits = [(i, d) for i, d in enumerate(self.detectors) if d.family == "digits"]
         self._emails = [(i, d) for i, d in enumerate(self.detectors) if d.family == "email"]
         self._customs = [(i, d) for i, d in enumerate(self.detectors) if d.family == "custom"]
         # All numeric patterns in one regex; the group that matched names the first detector
         # (in priority order) that can match at that start.
-        self._union = (re.compile(b"|".join(b"(?P<d%dp%d>%s)" % (j, k, p.pattern)
-                                            for j, (_, d) in enumerate(self._digits)
-                                            for k, p in enumerate(d.patterns))) if self._digits else None)
+        self._union = _digit_union(self._digits) if self._digits else None
+        self._union_det = {f"d{j}p{k}": j for j, (_, d) in enumerate(self._digits) for k in range(len(d.patterns))}
+        # The shape pre-filter (SHAPE) knows the built-in numeric patterns only.
+        self._prefilter = all(p.pattern.decode() in _BUILTIN_DIGIT_PATTERNS for _, d in self._digits for p in d.patterns)
         self._bin_v: bytes | None = None
         self._bin_any = False
         self._email_re = (re.compile(b"|".join(b"(?:" + p.pattern + b")" for _, d in self._emails
@@ -285,21 +296,30 @@ class StreamMasker:
 
     def _apply(self, seg: _Seg, c: _Cand, edits: list[tuple[int, int, bytes]],
                masked: list[Masked]) -> None:
-        det = self.detectors[c.rank]
-        rep = det.replacement.apply(seg.v[c.q:c.e])
-        pieces = seg.pieces(c.q, c.e)
-        if len(pieces) == 1:
-            edits.append((pieces[0][0], pieces[0][1], rep))
-        else:  # escape sequences inside the value stay where they are
+        q, e, rank, norm = c[0], -c[1], c[2], c[3]
+        det = self.detectors[rank]
+        rep = det.replacement.apply(seg.v[q:e])
+        if len(seg.runs) == 1:  # no escape sequence in the segment: one piece
+            v0, o0, _ = seg.runs[0]
+            o, oe = o0 + q - v0, o0 + e - v0
+            edits.append((o, oe, rep))
+        else:
+            pieces = seg.pieces(q, e)
+            o, oe = pieces[0][0], pieces[-1][1]
             i = 0
-            for n, (o, oe) in enumerate(pieces):
-                take = rep[i:] if n == len(pieces) - 1 else rep[i:i + (oe - o)]
+            for n, (po, poe) in enumerate(pieces):  # escape sequences inside the value stay
+                take = rep[i:] if n == len(pieces) - 1 else rep[i:i + (poe - po)]
                 i += len(take)
-                edits.append((o, oe, take))
-        h = self._hmac.copy()
-        h.update(c.norm.encode())
-        masked.append(Masked(det.name, self._offset + pieces[0][0], pieces[-1][1] - pieces[0][0],
-                             h.hexdigest(), rep.decode("utf-8", "replace")))
+                edits.append((po, poe, take))
+        masked.append(Masked(det.name, self._offset + o, oe - o, self._digest(norm),
+                             rep.decode("utf-8", "replace")))
+
+    def _digest(self, norm: str) -> str:
+        inner = self._inner.copy()
+        inner.update(norm.encode())
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.hexdigest()
 
     # -- tokenising: visible bytes and escape sequences -------------------------------------
 
@@ -403,16 +423,22 @@ class StreamMasker:
                 sources.append(_CustomSource(self, v, limit, rank, det))
         found: list[_Cand] = []
         p = pos
-        while sources:
+        if len(sources) == 1:
+            src = sources[0]
+            while (c := src.next(p)) is not None:
+                found.append(c)
+                p = -c[1]
+            return found, max(limit, p)
+        while True:
             best: _Cand | None = None
             for src in sources:
                 c = src.next(p)
-                if c is not None and (best is None or (c.q, c.q - c.e, c.rank) < (best.q, best.q - best.e, best.rank)):
+                if c is not None and (best is None or c < best):
                     best = c
             if best is None:
                 break
             found.append(best)
-            p = best.e
+            p = -best[1]
         return found, max(limit, p)
 
     def _binary_before(self, v: bytes, q: int) -> bool:
@@ -428,7 +454,7 @@ class StreamMasker:
             if r is not None:
                 if self._binary_before(v, q):
                     return None
-                return _Cand(q, r[0], rank, r[1])
+                return (q, -r[0], rank, r[1])
         return None
 
 
@@ -461,36 +487,37 @@ class _ZoneSource(_Source):
         raise NotImplementedError
 
     def next(self, p: int) -> _Cand | None:
-        if self.cached is not None:
-            if self.cached.q >= p:
-                return self.cached
+        cached = self.cached
+        if cached is not None:
+            if cached[0] >= p:
+                return cached
             self.cached = None
         cursor = max(self.cursor, p)
-        v, limit, regex = self.v, self.limit, self.regex
+        v, limit, search, width = self.v, self.limit, self.regex.search, self.width
         while True:
             h = self.hit(cursor)
-            if h - self.width >= limit:
+            if h - width >= limit:
                 self.cursor = _NONE
                 return None
-            zs = max(cursor, h - self.width)
+            zs = max(cursor, h - width)
             ze = min(h + _DENSE_ZONE if h <= cursor + 1 else h, limit - 1)
             if zs > ze:
                 self.cursor = _NONE
                 return None
+            # The patterns start with their own boundary look-behinds, so one search in C
+            # finds the first start in the zone where one matches. endpos leaves every start
+            # up to ze all the characters its patterns may examine.
             endpos = min(len(v), ze + self.reach)
-            for s in self.starts.finditer(v, zs, ze + 1):
-                q = s.start()
-                m = regex.match(v, q, endpos)
-                if m is not None:
-                    c = self.candidate(m)
-                    if c is not None:
-                        self.cursor = q
-                        self.cached = c
-                        return c
+            while (m := search(v, zs, endpos)) is not None and (q := m.start()) <= ze:
+                c = self.candidate(m)
+                if c is not None:
+                    self.cursor = q
+                    self.cached = c
+                    return c
+                zs = q + 1
             cursor = ze + 1
 
     regex: re.Pattern[bytes]  # all the family's patterns
-    starts: re.Pattern[bytes]  # where a value of the family may start (a superset)
 
 
 class _DigitSource(_ZoneSource):
@@ -498,36 +525,60 @@ class _DigitSource(_ZoneSource):
         super().__init__(masker, v, limit)
         assert masker._union is not None
         self.regex = masker._union
-        self.starts = _NUM_START
         self.width = masker._w_digits
         self.reach = masker._r_digits
-        self.shape = v.translate(SHAPE)
-        self.hits = [-1, -1, -1]
+        self.shape = v.translate(SHAPE) if masker._prefilter else b""
+        self.hits = [-1, -1, -1, -1, -1]
 
     def hit(self, cursor: int) -> int:
+        """A position inside a possible value, at or after ``cursor`` (see SHAPE)."""
+        if not self.m._prefilter:
+            return cursor
         shape = self.shape
         hits = self.hits
         if hits[0] < cursor:
-            # bytes.find is fast where digit runs are rare; where they keep being glued to
-            # letters (hex ids), let the regex skip them in C.
-            x = shape.find(_LITERALS[0], cursor)
-            for _ in range(2):
-                if x < 0 or _DIGIT_RUN.match(shape, x) is not None:
-                    break
-                x = shape.find(_LITERALS[0], x + 8)
-            else:
-                m = _DIGIT_RUN.search(shape, x) if x >= 0 else None
-                x = m.start() if m is not None else -1
-            hits[0] = x if x >= 0 else _NONE
-        for k in (1, 2):
-            if hits[k] < cursor:
-                x = shape.find(_LITERALS[k], cursor)
-                hits[k] = x if x >= 0 else _NONE
+            hits[0] = self._long_run(cursor)
+        if hits[1] < cursor:  # reported at the first digit: the separator may precede the value
+            x = shape.find(_SEP_RUN8, cursor - 1 if cursor else 0)
+            hits[1] = x + 1 if x >= 0 else _NONE
+        if hits[2] < cursor:
+            x = shape.find(_RUN8_SEP, cursor)
+            hits[2] = x if x >= 0 else _NONE
+        if hits[3] < cursor:
+            x = shape.find(_GROUPS4, cursor)
+            hits[3] = x if x >= 0 else _NONE
+        if hits[4] < cursor:
+            m = _CPF_TAIL.search(shape, cursor)
+            hits[4] = m.start() if m is not None else _NONE
         return min(hits)
 
+    def _long_run(self, cursor: int) -> int:
+        # A run glued to a letter is inside a word (hex ids): values never touch a letter,
+        # and a digit run is whole inside any value that holds part of it.
+        # bytes.find is fastest where such runs are rare; after one glued run, the regex
+        # skips the rest of them in C.
+        shape = self.shape
+        x = shape.find(_RUN11, cursor)
+        if x < 0:
+            return _NONE
+        end = _RUN_END.match(shape, x).end()  # type: ignore[union-attr]
+        if shape[x - 1:x] != b"a" and shape[end:end + 1] != b"a":
+            return x
+        m = _FREE_RUN11.search(shape, end)
+        return m.start() if m is not None else _NONE
+
     def candidate(self, m: re.Match[bytes]) -> _Cand | None:
-        first = int(m.lastgroup[1:m.lastgroup.index("p")])  # type: ignore[index,union-attr]
-        return self.m._best_at(self.v, m.start(), self.m._digits[first:])
+        # The union's first matching alternative is the first pattern of detector j that
+        # matches here: validate its match directly, the general path only if it fails.
+        j = self.m._union_det[m.lastgroup]  # type: ignore[index]
+        rank, det = self.m._digits[j]
+        norm = det.normalise(m.group())
+        q = m.start()
+        if norm is None:
+            return self.m._best_at(self.v, q, self.m._digits[j:])
+        if self.m._binary_before(self.v, q):
+            return None
+        return (q, -m.end(), rank, norm)
 
 
 class _EmailSource(_ZoneSource):
@@ -535,7 +586,6 @@ class _EmailSource(_ZoneSource):
         super().__init__(masker, v, limit)
         assert masker._email_re is not None
         self.regex = masker._email_re
-        self.starts = _EMAIL_START
         self.width = 64  # the local part: at most 64 characters before the '@'
         self.reach = masker._r_email
         self.at = -1
@@ -547,7 +597,15 @@ class _EmailSource(_ZoneSource):
         return self.at
 
     def candidate(self, m: re.Match[bytes]) -> _Cand | None:
-        return self.m._best_at(self.v, m.start(), self.m._emails)
+        emails = self.m._emails
+        if len(emails) > 1:
+            return self.m._best_at(self.v, m.start(), emails)
+        rank, det = emails[0]  # its patterns are the whole regex: validate the match itself
+        norm = det.normalise(m.group())
+        q = m.start()
+        if norm is None or self.m._binary_before(self.v, q):
+            return None
+        return (q, -m.end(), rank, norm)
 
 
 class _CustomSource(_Source):
@@ -562,7 +620,7 @@ class _CustomSource(_Source):
 
     def next(self, p: int) -> _Cand | None:
         if self.cached is not None:
-            if self.cached.q >= p:
+            if self.cached[0] >= p:
                 return self.cached
             self.cached = None
         q0 = max(self.cursor, p)
@@ -576,11 +634,23 @@ class _CustomSource(_Source):
             # (a match that starts or ends inside a UTF-8 character fails to decode: refused)
             if r is not None and r[0] > q and not self.m._binary_before(v, q):
                 self.cursor = q
-                self.cached = _Cand(q, r[0], self.rank, r[1])
+                self.cached = (q, -r[0], self.rank, r[1])
                 return self.cached
             q0 = q + 1
         self.cursor = _NONE
         return None
+
+
+def _digit_union(digits: list[tuple[int, Detector]]) -> re.Pattern[bytes]:
+    """One regex for all numeric patterns, each in a group named d<detector>p<pattern>."""
+    alts = [(b"d%dp%d" % (j, k), p.pattern) for j, (_, d) in enumerate(digits) for k, p in enumerate(d.patterns)]
+    pre, post = _NUM_L.encode(), _NUM_R.encode()
+    if all(p.startswith(pre) and p.endswith(post) for _, p in alts):
+        # The built-ins share their boundary checks: test them once per position, and a
+        # value's first character before trying each alternative. Same matches, in C.
+        body = b"|".join(b"(?P<%s>%s)" % (n, p[len(pre):len(p) - len(post)]) for n, p in alts)
+        return re.compile(pre + b"(?=[0-9(+])(?:" + body + b")" + post)
+    return re.compile(b"|".join(b"(?P<%s>%s)" % (n, p) for n, p in alts))
 
 
 def _is_boundary(seq: bytes) -> bool:
@@ -605,6 +675,16 @@ def _utf8_boundary(v: bytes, d: int, floor: int) -> int:
             need = 2 if b < 0xE0 else 3 if b < 0xF0 else 4
             return d - k if need > k else d
     return d
+
+
+# A recording's ``masking`` marker: {"type": "masking", "stream": "o", "values": [[detector,
+# offset, length, hmac], ...]}, one per output chunk that had values (docs/recording-format.md).
+MARKER_FIELDS = ("detector", "offset", "length", "hmac")
+
+
+def marker_values(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The values of one ``masking`` marker as dicts: MARKER_FIELDS and ``stream``."""
+    return [{**dict(zip(MARKER_FIELDS, v, strict=True)), "stream": data.get("stream")} for v in data.get("values", [])]
 
 
 def mask_bytes(detectors: Sequence[Detector], secret: bytes, data: bytes) -> tuple[bytes, list[Masked]]:
