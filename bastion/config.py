@@ -756,7 +756,8 @@ CONFIG_KEYS = (
               "`best_effort`: it goes on and an alert is logged."),
     ConfigKey("recording.segment_seconds", "duration", "5s", "A segment is sealed and uploaded after this long..."),
     ConfigKey("recording.segment_bytes", "integer", 4194304,
-              "...or this many bytes of terminal output and input (4096 to 67108864)."),
+              "...or once its events hold this many bytes, uncompressed (4096 to 67108864; what a replay "
+              "reader holds in memory per segment)."),
     ConfigKey("recording.flush_interval", "duration", "1s", "Events are fsynced to the spool at least this often "
               "(at most 1s: the durability promise)."),
     ConfigKey("recording.lock_mode", "string", "COMPLIANCE", "S3 Object Lock mode of every object: `COMPLIANCE` "

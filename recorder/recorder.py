@@ -3,7 +3,8 @@
 Path of an event: a front door calls ``SessionRecording.output()`` (synchronous, cheap:
 it encodes a JSON line into a buffer). At least once per ``flush_interval`` the buffer
 becomes one zstd frame appended and fsynced to the session's open segment file in the
-spool. Every ``segment_seconds`` or ``segment_bytes`` the segment is sealed (renamed,
+spool. Every ``segment_seconds``, or once its encoded events reach ``segment_bytes``
+(uncompressed: what a reader holds in memory), the segment is sealed (renamed,
 its hash appended to ``chain.jsonl``) and queued for upload; the next segment's header
 carries the sealed one's hash. When the session ends, a signed manifest follows.
 
@@ -58,6 +59,9 @@ SESSION_FORMAT = "guarita-session/1"
 HIGH_WATER = 16 * 1024 * 1024
 LOW_WATER = 4 * 1024 * 1024
 FRAME_BYTES = 256 * 1024
+# The least a terminal byte counts towards segment_bytes, however well it encodes: a
+# segment of zeros is cut after 64 x segment_bytes of them (or segment_seconds).
+MIN_RATIO = 1 / 64
 # Reads of one stream closer together than this are recorded as one event.
 MERGE_SECONDS = 0.005
 # Upload retries back off from 0.2 s up to this: when the store comes back, uploads resume
@@ -344,8 +348,12 @@ class SessionRecording:
         self._buf: list[bytes | tuple[float, str, bytes]] = []
         self._buf_len = 0
         self._buf_events = 0
-        self._seg_raw = 0
+        self._seg_raw = 0.0
         self._seg_t = 0.0
+        # Encoded bytes per terminal byte of the last flush, set by the worker: segments are cut
+        # by their encoded size (what a reader holds in memory), which the loop only knows by
+        # this estimate. A run of zeros encodes to almost nothing, text to about its own size.
+        self._encoded_ratio = 1.0
         self._last_t = 0.0
         self._inflight = 0
         self._drained = asyncio.Event()
@@ -455,7 +463,7 @@ class SessionRecording:
         self._buf.append(item)
         self._buf_len += size
         self._buf_events += 1
-        self._seg_raw += size
+        self._seg_raw += size * self._encoded_ratio if isinstance(item, tuple) else size
         if self._seg_raw >= self.recorder.segment_bytes:
             self._cut()
         elif self._buf_len >= FRAME_BYTES:
@@ -491,6 +499,9 @@ class SessionRecording:
         if run:
             lines.append(self._encoders[run_stream].encode(run_t, b"".join(run)))
         raw = b"".join(lines)
+        stream_bytes = sum(len(item[2]) for item in items if isinstance(item, tuple))
+        if stream_bytes >= 4096:
+            self._encoded_ratio = min(max(len(raw) / stream_bytes, MIN_RATIO), 2.0)
         return raw, raw.count(b"\n")  # one newline per event: JSON escapes those inside strings
 
     def _flush(self, sync: bool) -> None:
@@ -508,7 +519,7 @@ class SessionRecording:
                 next_t - self._snap_t >= SNAPSHOT_EVERY or self._snap_bytes >= SNAPSHOT_BYTES):
             screen_tail = self._screen.take()
             self._snap_t, self._snap_bytes = next_t, 0
-        self._seg_raw = 0
+        self._seg_raw = 0.0
         self._seg_t = next_t
         self._submit(lambda: self._op_seal(items, t_end, final, screen_tail, next_t, end), size)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -53,3 +55,36 @@ def test_terminal_text_with_escapes_stays_readable_text() -> None:
     data = b"\x1b[1;31merror\x1b[0m: \"x\" \\ y\r\n" * 100
     (event,) = ev.decode_lines(enc.encode(0.0, data))
     assert event.code == "o" and event.data == data.decode()
+
+
+def test_segments_are_cut_by_encoded_size(tmp_path: Path) -> None:
+    """A run of zeros encodes to almost nothing, so it does not cut a segment per
+    segment_bytes of terminal bytes (it used to: thousands of tiny objects per GB); text does."""
+    from recorder import Recorder, RecordingKey
+    from recorder.store import FileStore
+    from replay.reader import iter_events, open_session
+
+    text = b"".join(b"line %d of a build log with some words in it\r\n" % i for i in range(30000))
+
+    async def record(data: bytes) -> tuple[int, bytes]:
+        store = FileStore(tmp_path / "rec")
+        rec = Recorder(store, tmp_path / "spool", RecordingKey.load_or_create(tmp_path / "key.pem"),
+                       segment_seconds=60, segment_bytes=65536, flush_interval=0.05)
+        await rec.start()
+        session = rec.open_session({"kind": "exec"})
+        for i in range(0, len(data), 32768):
+            session.output(data[i:i + 32768])
+            await session.sync()  # the worker reports each chunk's encoding before the next
+        await session.close()
+        await rec.close()
+        summary = open_session(store, session.id)
+        out = b"".join(e.stream_bytes() or b"" for e in iter_events(store, summary))
+        return len(summary.manifest["segments"]), out
+
+    zeros = bytes(4 << 20)
+    zero_segments, out = asyncio.run(record(zeros))
+    assert out == zeros
+    text_segments, out = asyncio.run(record(text))
+    assert out == text
+    assert zero_segments <= 3  # 4 MiB at 64 KiB per segment was 64 segments
+    assert text_segments >= len(text) // 65536
