@@ -193,6 +193,7 @@ class Session:
         self._mask_live = True
         self._mask_flush_after = 0.005
         self._mask_timer: asyncio.TimerHandle | None = None
+        self._mask_fed = 0.0  # monotonic time of the last output fed to the maskers
         self._start_masking()
         # Approvals. A front door gives the session a way to write to the agent (its terminal,
         # or stderr before the target is open) and, for interactive sessions, to the target
@@ -250,6 +251,7 @@ class Session:
         self.bytes_out += len(data)
         self.last_activity = time.monotonic()
         if self._maskers:
+            self._mask_fed = self.last_activity
             shown, recorded = self._mask(data, stream)
             if self._maskers[stream].holding:
                 self._arm_mask_flush()
@@ -309,7 +311,18 @@ class Session:
     def _arm_mask_flush(self) -> None:
         if self._mask_timer is None:
             loop = asyncio.get_running_loop()
-            self._mask_timer = loop.call_later(self._mask_flush_after, self.flush_output)
+            self._mask_timer = loop.call_later(self._mask_flush_after, self._mask_silence)
+
+    def _mask_silence(self) -> None:
+        """The flush timer: release the held tail only once the output has been silent for
+        flush_after. While output keeps coming the timer is pushed back: a flush in mid-stream
+        ends the masker's segment, and a value split across it would go out unmasked."""
+        self._mask_timer = None
+        wait = self._mask_fed + self._mask_flush_after - time.monotonic()
+        if wait > 0:
+            self._mask_timer = asyncio.get_running_loop().call_later(wait, self._mask_silence)
+        else:
+            self.flush_output()
 
     def flush_output(self) -> None:
         """Release output a masker held back (after a few ms of silence, and before the end):
