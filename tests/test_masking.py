@@ -26,6 +26,9 @@ from bastion.masking import (
 )
 from bastion.masking.config import MaskingConfig, load_or_create_secret, parse_masking
 from bastion.masking.detectors import cnpj_check_digits, cnpj_valid, cpf_valid, luhn_valid
+from tests.support.masking import prefilter_engine  # noqa: F401 (the fixture)
+
+pytestmark = pytest.mark.usefixtures("prefilter_engine")
 
 SECRET = b"test-secret-" + b"x" * 20
 DETECTORS = default_detectors()

@@ -7,10 +7,14 @@ from __future__ import annotations
 import random
 import re
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bastion.masking import StreamMasker, custom_detector, default_detectors, hmac_value, samples
+from tests.support.masking import prefilter_engine  # noqa: F401 (the fixture)
+
+pytestmark = pytest.mark.usefixtures("prefilter_engine")
 
 SECRET = b"stream-secret-" + b"y" * 18
 DETECTORS = default_detectors() + [
@@ -197,6 +201,12 @@ def _stream(rng: random.Random) -> bytes:
                                   str(rng.randrange(10 ** rng.randint(1, 14))), "ab12", "x=", " ", "-", "\n", "v1.2.3"]))
         pieces.append(rng.choice(["", " ", "=", ", ", "-", "(", ")", "+", "."]))
     return "".join(pieces).encode()
+
+
+def test_the_engine_under_test_is_the_one_in_use(prefilter_engine: str) -> None:  # noqa: F811
+    m = StreamMasker(default_detectors(), SECRET)
+    assert (m._hs_scratch is not None) == (prefilter_engine == "hyperscan")
+    assert m._prefilter
 
 
 def test_shape_prefilter_finds_every_value_the_patterns_find() -> None:
