@@ -208,6 +208,82 @@ def test_detector_large_output_is_bounded() -> None:
     assert d.command() == "uptime"
 
 
+def fed_chars(d: CommandDetector) -> list[int]:
+    """Counts the characters the detector feeds its terminal emulator."""
+    count = [0]
+    feed = d.stream.feed
+
+    def counting(text: str) -> None:
+        count[0] += len(text)
+        feed(text)
+
+    d.stream.feed = counting  # type: ignore[method-assign]
+    return count
+
+
+def big_output(d: CommandDetector, lines: int, line: bytes = b"%d") -> None:
+    block = b"".join(line.replace(b"%d", str(i).encode()) + b"\r\n" for i in range(lines))
+    for i in range(0, len(block), 4096):  # the size the gateway relays
+        d.output(block[i:i + 4096])
+
+
+@pytest.mark.parametrize("line", [b"%d", b"\x1b[32mINFO\x1b[0m request %d served from cache, 200 OK in 3 ms"])
+def test_detector_first_key_after_big_output_feeds_one_screen(line: bytes) -> None:
+    """The catch-up runs on the event loop: after ~100,000 lines the first key feeds the
+    emulator about one screen, not the backlog (bench/approval_detector_stall)."""
+    d = CommandDetector(80, 24)
+    prompt(d)
+    type_keys(d, b"seq 100000")
+    d.enter()
+    fed = fed_chars(d)
+    big_output(d, 100_000, line)
+    prompt(d)
+    d.keys(b"r")
+    assert fed[0] <= 80 * 24
+    assert d.screen.display[-3].startswith("99999" if line == b"%d" else "INFO request 99999")
+    d.output(b"r")
+    type_keys(d, b"m -rf /x")
+    assert d.command() == "rm -rf /x"
+
+
+def test_detector_soft_wrapped_line_after_big_output() -> None:
+    d = CommandDetector(30, 10)
+    big_output(d, 50_000)
+    fed = fed_chars(d)
+    prompt(d)
+    command = b"echo " + b"a" * 150 + b" && rm -rf /x"  # 6 rows of 30
+    type_keys(d, command)
+    assert d.command() == command.decode()
+    assert fed[0] <= 30 * 10
+
+
+def test_detector_line_longer_than_the_screen_is_read_as_shown() -> None:
+    """The documented limit: a command line longer than the screen has lost its start (and
+    the prompt) off the top; the command read is what the screen shows, as before the tail
+    was bounded; a plain long line is cut at a row boundary, so the rows are the shell's."""
+    d = CommandDetector(30, 10)
+    big_output(d, 50_000)
+    prompt(d)
+    body = "".join(f"{i:04d} " for i in range(2000)).encode()  # 10,000 characters, ~333 rows
+    type_keys(d, b"echo " + body)
+    shown = d.command()
+    assert 9 * 30 <= len(shown) <= 10 * 30 and body.decode().rstrip().endswith(shown)
+
+
+def test_detector_backlog_with_cursor_moves_falls_back_to_tail_limit() -> None:
+    """Output that moves the cursor up throughout (progress bars) cannot be cut to a
+    screen: the emulator gets the last tail_limit characters, from a line start."""
+    d = CommandDetector(80, 24)
+    assert d.tail_limit == 16 * 1024
+    fed = fed_chars(d)
+    big_output(d, 20_000, b"\x1b[1A\x1b[2Kstep %d of 20000")
+    prompt(d)
+    d.keys(b"l")
+    assert 8 * 1024 < fed[0] <= d.tail_limit
+    type_keys(d, b"s", b"ls")
+    assert d.command() == "ls"
+
+
 def test_line_editor() -> None:
     e = LineEditor()
     e.keys(b"rm -rf /tmpx\x7f \x17ls\x1b[D -l")

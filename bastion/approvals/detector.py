@@ -16,10 +16,27 @@ started typing (the prompt boundary), Enter and Ctrl-C.
 * While a full-screen program runs (alternate screen, ``ESC [ ? 1049 h``) nothing is
   parsed; the normal screen is restored when it exits.
 
-pyte is far too slow to see every byte of a large ``cat``: output is buffered and only fed
-to the emulator when a key needs the screen, bounded to the last ``tail_limit``
-characters (what a command line can depend on is the tail of the output). The alternate
-screen switches are found with a regex over the raw text, so they are never missed.
+pyte is far too slow to see every byte of a large ``cat`` (~2 µs a character), and it runs
+on the gateway's event loop: output is buffered and only fed to the emulator when a key
+needs the screen, and then only the part the screen still shows:
+
+* The last ``rows`` screen rows of the backlog (whole lines; inside a plain-ASCII line,
+  from a row boundary), counted back from the end or from the last escape sequence that
+  moves the cursor up or to an address (a prompt's or a shell's redraw): before it, the
+  screen must already be whole. Over that tail, the screen comes out as if all of it had
+  been fed: the rest is dropped and the screen reset. A first key after 10 MB of ``seq``
+  feeds 350 characters at 120x40, not 64 K (bench/approval_detector_stall).
+* When no such tail exists within ``tail_limit`` characters (cursor-addressing output
+  throughout, or lines too long to count, e.g. many escape sequences), the last
+  ``tail_limit`` characters from a line start, as recorder/snapshot.py does:
+  ``max(8 * cols * rows, 16 KiB)``. The screen is then rebuilt approximately (exact for
+  what scrolls or redraws within the tail).
+* A command line longer than the screen was never readable whole (its start, with the
+  prompt, has scrolled off): the command is then the part on screen, as before.
+
+Terminal state set in dropped output (a scroll region, autowrap off, a saved cursor) is
+lost with it. The alternate screen switches are found with a regex over the raw text, so
+they are never missed.
 """
 
 from __future__ import annotations
@@ -33,14 +50,24 @@ import pyte
 
 _ALT = re.compile(r"\x1b\[\?(?:1049|1047|47)([hl])")
 _ESC_TAIL = re.compile(r"\x1b[\[\]?0-9;]*$")
+# An escape sequence after which the screen may depend on rows above the cursor (it moves
+# up or to an address, scrolls, restores, or sets autowrap, origin or column mode): anything but SGR, erases,
+# horizontal moves, insert/delete characters, modes, titles, charsets and keypad modes.
+_MOVES = re.compile(r"\x1b(?!\[(?!\?[367][hl])[0-9;:?<=>]*[mKJCDGX@Phl]|[\]\\()=>])")
+# Escape sequences that take no cells: what is left after removing them is the line's width.
+_ZERO_WIDTH = re.compile(r"\x1b\[[0-9;:]*[mK]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[()][0-9A-Z]")
+# The fallback tail is never shorter (a small screen still gets its redraws).
+MIN_TAIL_LIMIT = 16 * 1024
 
 
 class CommandDetector:
-    def __init__(self, cols: int, rows: int, tail_limit: int = 64 * 1024) -> None:
+    def __init__(self, cols: int, rows: int, tail_limit: int | None = None) -> None:
         self.cols, self.rows = max(cols, 2), max(rows, 2)
-        self.tail_limit = tail_limit
+        self._fixed_limit = tail_limit
+        self.tail_limit = self._limit()
         self.screen = pyte.Screen(self.cols, self.rows)
         self.stream = pyte.Stream(self.screen)
+        self._blank = True  # reset and nothing fed since: no row below the cursor holds text
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._pending: list[str] = []
         self._pending_len = 0
@@ -86,7 +113,11 @@ class CommandDetector:
     def resize(self, cols: int, rows: int) -> None:
         self._catch_up()
         self.cols, self.rows = max(cols, 2), max(rows, 2)
+        self.tail_limit = self._limit()
         self.screen.resize(self.rows, self.cols)
+
+    def _limit(self) -> int:
+        return self._fixed_limit or max(8 * self.cols * self.rows, MIN_TAIL_LIMIT)
 
     def _add(self, text: str) -> None:
         if not text:
@@ -97,18 +128,94 @@ class CommandDetector:
             self._trim()
 
     def _trim(self) -> None:
-        joined = "".join(self._pending)[-self.tail_limit:]
-        self._pending = [joined]
-        self._pending_len = len(joined)
-        self.screen.reset()
+        """Bound the backlog's memory: keep only the tail that will be fed (see _tail_start)."""
+        text = "".join(self._pending)
+        start = self._tail_start(text)
+        self._pending = [text[start:]]
+        self._pending_len = len(text) - start
+        if start:
+            self._reset()
 
     def _catch_up(self) -> None:
-        if self._pending_len > self.tail_limit:
-            self._trim()
-        for chunk in self._pending:
-            self.stream.feed(chunk)
+        if not self._pending:
+            return
+        text = "".join(self._pending)
         self._pending.clear()
         self._pending_len = 0
+        # A screenful of characters is fed whole: a few ms, and exact.
+        start = self._tail_start(text) if len(text) > self.cols * self.rows else 0
+        if start:
+            self._reset()
+        self.stream.feed(text[start:])
+        self._blank = False
+
+    def _reset(self) -> None:
+        self.screen.reset()
+        self._blank = True
+
+    # -- the tail of a backlog that decides the screen ----------------------------------
+
+    def _tail_start(self, text: str) -> int:
+        """Where feeding ``text`` may start (0: at its start, on the screen as it is; else
+        on a reset screen): see the module's docstring."""
+        end = len(text)
+        for _ in range(8):  # redraws: a few in a prompt; more (progress bars): the fallback
+            start = self._rows_back(text, end)
+            lead = self._lead_in(text, start) if start else None
+            move = _MOVES.search(text, lead, end) if lead is not None else None
+            if move is None:
+                start = start if lead is not None else 0
+                return start if len(text) - start <= self.tail_limit else self._cap_start(text)
+            end = move.start()
+        return self._cap_start(text)
+
+    def _rows_back(self, text: str, end: int) -> int:
+        """The start of the last ``rows`` screen rows of ``text[:end]``; 0 when it has fewer
+        or they start where the column is unknown."""
+        need, pos = self.rows, end
+        while pos > 0:
+            lf = text.rfind("\n", 0, pos)
+            x0 = 0 if lf >= 0 else min(self.screen.cursor.x, self.cols)
+            line = text[lf + 1:pos].removesuffix("\r")
+            n = _rows(line, x0, self.cols)
+            if n >= need:
+                return self._cut(text, lf + 1, line, x0, n - need)
+            need -= n
+            pos = lf
+        return 0
+
+    def _lead_in(self, text: str, cut: int) -> int | None:
+        """The start of the output before ``cut`` whose line feeds and wraps leave the cursor
+        on the bottom row at ``cut`` from wherever it was, provided nothing in it moves the
+        cursor up: every row after ``cut`` then scrolls in blank. None: the backlog is too
+        short, the cursor not low enough and the screen not blank."""
+        need, pos = self.rows - 1, cut
+        while pos > 0:
+            lf = text.rfind("\n", 0, pos)
+            x0 = 0 if lf >= 0 else min(self.screen.cursor.x, self.cols)
+            need -= _rows(text[lf + 1:pos].removesuffix("\r"), x0, self.cols)
+            if need <= 0 and lf >= 0:
+                return lf + 1
+            if lf < 0:
+                break
+            pos = lf
+        return 0 if self._blank or self.screen.cursor.y >= need else None
+
+    def _cut(self, text: str, begin: int, line: str, x0: int, skip: int) -> int:
+        """A start ``skip`` rows into the line at ``begin`` (which starts at column ``x0``)."""
+        at_line_start = begin >= 2 and text.startswith("\r\n", begin - 2)
+        if skip and _plain(line):
+            offset = skip * self.cols - x0
+            if offset > 0 or x0 == self.cols or at_line_start:
+                return begin + offset
+        return begin if at_line_start else 0
+
+    def _cap_start(self, text: str) -> int:
+        """The last ``tail_limit`` characters, from a line start if one is near (so not
+        inside an escape sequence), as recorder/snapshot.py does."""
+        start = max(len(text) - self.tail_limit, 0)
+        lf = text.find("\n", start, start + 4096)
+        return lf + 1 if lf >= 0 else start
 
     def _enter_alt(self) -> None:
         self._catch_up()
@@ -126,6 +233,7 @@ class CommandDetector:
                 self.screen.buffer[row_y].update(row)
             self.screen.cursor.x, self.screen.cursor.y = x, y
             self._saved = None
+            self._blank = False
         self.boundary = None
 
     # -- keys ------------------------------------------------------------------------------
@@ -212,6 +320,20 @@ class CommandDetector:
 
 def _full(row: str) -> bool:
     return bool(row) and row[-1] != " "
+
+
+def _plain(line: str) -> bool:
+    return line.isascii() and line.isprintable()
+
+
+def _rows(line: str, x0: int, cols: int) -> int:
+    """Screen rows a line (no line feed) covers from column ``x0``; a lower bound (1) when
+    its width is not plain (tabs, wide characters, carriage returns, cursor moves)."""
+    if "\x1b" in line:
+        line = _ZERO_WIDTH.sub("", line)
+    if not _plain(line):
+        return 1
+    return max(1, -(-(x0 + len(line)) // cols))
 
 
 class LineEditor:
