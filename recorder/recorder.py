@@ -58,7 +58,9 @@ SESSION_FORMAT = "guarita-session/1"
 # upstream until the spool catches up: memory stays bounded and nothing is dropped.
 HIGH_WATER = 16 * 1024 * 1024
 LOW_WATER = 4 * 1024 * 1024
-FRAME_BYTES = 256 * 1024
+# Buffered events go to the worker in batches this large (or every flush_interval): fewer,
+# larger hand-offs between the event loop and the worker thread cost less CPU per byte.
+FRAME_BYTES = 1024 * 1024
 # The least a terminal byte counts towards segment_bytes, however well it encodes: a
 # segment of zeros is cut after 64 x segment_bytes of them (or segment_seconds).
 MIN_RATIO = 1 / 64
