@@ -12,6 +12,7 @@ from bastion.masking.detectors import (
     DDD,
     card_iin_known,
     cnpj_check_digits,
+    cnpj_valid,
     cpf_check_digits,
     cpf_valid,
     luhn_valid,
@@ -55,7 +56,9 @@ def card(rng: random.Random, length: int | None = None, sep: str | None = None) 
         body = prefix + _digits(rng, length - len(prefix) - 1)
         check = next(c for c in "0123456789" if luhn_valid(body + c))
         d = body + check
-        if card_iin_known(d) and d != d[0] * len(d):
+        # A 14-digit card number that is also a valid CNPJ (about one in a hundred) is masked
+        # as a CNPJ when written bare: leave those out so that every sample has one name.
+        if card_iin_known(d) and d != d[0] * len(d) and not (length == 14 and cnpj_valid(d)):
             break
     if sep is None:
         sep = rng.choice(["", " ", "-"])
