@@ -532,3 +532,28 @@ def test_two_replicas_on_postgresql(pg: postgres.PostgresCluster, oidc: OIDCProv
     finally:
         for gw in replicas:
             gw.stop()
+
+
+def test_line_longer_than_the_screen_is_not_judged_by_its_tail(agw: GatewayProcess, oidc: OIDCProvider,
+                                                               targets: Targets) -> None:
+    """Padding pushes the start of a line (where the rule matches) off the top of the
+    screen: typed, it is checked on the typed text and held; recalled from history (nothing
+    typed), it cannot be read whole and is refused."""
+    pad = " " * 2500  # 80 x 24 is 1,920 cells
+    with shell(agw, targets, oidc.token("agent-ci")) as pty:
+        pty.send(f"echo needs-approval-padded #{pad}tail\r".encode())
+        _wait_request(pty)
+        pty.send(b"\x03")
+        pty.expect(rb"cancelled with Ctrl-C")
+        pty.expect(PROMPT)
+        pty.send(b"P=needs; history -s \"echo $P-approval-padded #$(printf '%2500s')tail\"\r")
+        pty.expect(PROMPT)
+        pty.send(b"\x1b[A")
+        pty.expect(rb"tail")
+        pty.send(b"\r")
+        pty.expect(rb"does not fit on the screen")
+        pty.expect(PROMPT)
+        pty.send(b"echo short-$((2+2))\r")
+        pty.expect(rb"[\r\n]short-4\r\n")
+        pty.send(b"exit\r")
+        assert pty.wait(timeout=15) == 0

@@ -268,6 +268,21 @@ def test_detector_line_longer_than_the_screen_is_read_as_shown() -> None:
     type_keys(d, b"echo " + body)
     shown = d.command()
     assert 9 * 30 <= len(shown) <= 10 * 30 and body.decode().rstrip().endswith(shown)
+    assert d.cut_off  # so the gate checks the typed text too
+
+
+def test_detector_flags_a_line_whose_start_scrolled_off() -> None:
+    """A long padded line pushes its start (and the prompt) off the screen; the detector
+    says so, so that the typed text, which holds the start, is checked as well."""
+    d = CommandDetector(20, 5)
+    prompt(d)
+    line = b"rm -rf /data #" + b" " * 150 + b"echo hi"
+    type_keys(d, line)
+    assert "rm" not in d.command() and d.cut_off
+    d.enter()
+    prompt(d)
+    type_keys(d, b"ls")
+    assert d.command() == "ls" and not d.cut_off
 
 
 def test_detector_backlog_with_cursor_moves_falls_back_to_tail_limit() -> None:

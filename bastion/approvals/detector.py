@@ -31,8 +31,10 @@ needs the screen, and then only the part the screen still shows:
   ``tail_limit`` characters from a line start, as recorder/snapshot.py does:
   ``max(8 * cols * rows, 16 KiB)``. The screen is then rebuilt approximately (exact for
   what scrolls or redraws within the tail).
-* A command line longer than the screen was never readable whole (its start, with the
-  prompt, has scrolled off): the command is then the part on screen, as before.
+* A command line longer than the screen is not readable whole (its start, with the
+  prompt, has scrolled off): the command is then the part on screen, and ``cut_off`` is
+  set (as whenever no prompt anchors the line) so that the gate also checks what was
+  typed: a long or space-padded line cannot hide its start.
 
 Terminal state set in dropped output (a scroll region, autowrap off, a saved cursor) is
 lost with it. The alternate screen switches are found with a regex over the raw text, so
@@ -78,6 +80,8 @@ class CommandDetector:
         # before any output followed the last Enter (type-ahead, pasted lines).
         self.boundary: tuple[int, int, str] | None = None
         self.blind = False
+        # The last command() found no prompt to anchor on: the line read may be partial.
+        self.cut_off = False
         self.last_prompt = ""
         self.last_output = 0.0
         self.last_enter = 0.0
@@ -293,11 +297,15 @@ class CommandDetector:
                     break
         elif not self.blind and y0 <= cy:
             start = (y0, x0)
+        self.cut_off = False
         if start is None:  # no prompt to anchor on: the logical line at the cursor
             r = cy
             while r > 0 and _full(rows[r - 1]):
                 r -= 1
             start = (r, 0)
+            # Where typing started is not on screen (scrolled off behind a long or padded
+            # line, or redrawn away): what is shown may not be the whole command.
+            self.cut_off = True
         r0, x = start
         end = r0
         while end + 1 < len(rows) and _full(rows[end]):

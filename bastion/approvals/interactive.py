@@ -184,9 +184,18 @@ class InteractiveGate:
         screen = self.det.command()
         if not screen and not typed:
             return True, ""
+        if self.det.cut_off and not typed:
+            # Recalled (nothing typed) and not readable whole: its start is off the screen,
+            # and a rule could match there. Fail closed rather than judge a fragment.
+            reason = ("the command line does not fit on the screen, so guarita cannot read it whole; "
+                      "type it again, shorter, or enlarge the terminal")
+            self.session.marker("command", command=screen, mode="interactive", outcome="refused", rule=None,
+                                request=None, reason=reason)
+            return False, reason
         # The typed text is a second opinion only where the screen cannot be trusted; when the
         # terminal did not echo (a password), it is checked but never recorded unless it matches.
-        also = (typed,) if typed and typed != screen and (not settled or self.det.blind or not screen) else ()
+        untrusted = not settled or self.det.blind or not screen or self.det.cut_off
+        also = (typed,) if typed and typed != screen and untrusted else ()
         if self.det.joined(screen):  # the rest of a line continued with a backslash
             also = (*also, self.det.joined(screen))
         self.waiting = True
