@@ -52,6 +52,18 @@ def parse_duration(value: Any) -> float:
     return float(match.group(1)) * _UNIT_SECONDS[match.group(2) or "s"]
 
 
+def format_duration(seconds: float) -> str:
+    """Seconds -> ``"45s"``, ``"2m30s"``, ``"1h5m"`` (whole seconds, rounded), for messages."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        m, s = divmod(seconds, 60)
+        return f"{m}m" + (f"{s}s" if s else "")
+    h, rest = divmod(seconds, 3600)
+    return f"{h}h" + (f"{rest // 60}m" if rest // 60 else "")
+
+
 def parse_listen(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from bastion.config import format_duration
 from bastion.identity import Identity
 from bastion.logs import current_session
 from recorder import SessionRecording
@@ -555,14 +556,8 @@ def _clock(ts: float) -> str:
 
 
 def _span(seconds: float) -> str:
-    seconds = int(math.ceil(max(0.0, seconds)))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        m, s = divmod(seconds, 60)
-        return f"{m}m" + (f"{s}s" if s else "")
-    h, rest = divmod(seconds, 3600)
-    return f"{h}h" + (f"{rest // 60}m" if rest // 60 else "")
+    """A time left or a limit, rounded up: "1s" left, never "0s"."""
+    return format_duration(math.ceil(max(0.0, seconds)))
 
 
 def _audit_fields(info: SessionInfo) -> dict[str, Any]:

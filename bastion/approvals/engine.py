@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from bastion.approvals.rules import ApprovalPolicy, Context, Verdict
 from bastion.approvals.webhooks import Webhooks, public_request
+from bastion.config import format_duration
 from bastion.identity import Identity
 from bastion.state import Conflict, NotFound, StateError
 
@@ -54,17 +55,6 @@ class DecisionError(Exception):
         super().__init__(message)
         self.status = status
         self.code = code
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        m, s = divmod(seconds, 60)
-        return f"{m}m" + (f"{s}s" if s else "")
-    h, rest = divmod(seconds, 3600)
-    return f"{h}h" + (f"{rest // 60}m" if rest // 60 else "")
 
 
 def _who(identity: dict[str, Any]) -> str:
@@ -379,4 +369,4 @@ class ApprovalEngine:
                            approver=approver.subject, approver_issuer=approver.issuer)
 
 
-__all__ = ["ApprovalEngine", "DecisionError", "GateResult", "format_duration", "public_request"]
+__all__ = ["ApprovalEngine", "DecisionError", "GateResult", "public_request"]
