@@ -44,6 +44,7 @@ import pytest
 from recorder.events import Event
 from recorder.segment import parse_segment, segment_name
 from recorder.store import session_prefix
+from tests.support.moto import MotoServer, set_aws_env
 from tests.support.oidc import OIDCProvider
 from tests.support.openssh import (
     SshdTarget,
@@ -418,6 +419,20 @@ def check_config(path: Path) -> subprocess.CompletedProcess[str]:
 # ---------------------------------------------------------------------------
 # fixtures
 # ---------------------------------------------------------------------------
+
+
+# moto_server with Object Lock, one per test module (S3 recording tests).
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory: pytest.TempPathFactory):
+    server = MotoServer(tmp_path_factory.mktemp("moto"), record=False).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3env(moto: MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> MotoServer:
+    set_aws_env(monkeypatch, moto.url, tmp_path)
+    return moto
 
 
 @pytest.fixture(scope="session")

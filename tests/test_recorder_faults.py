@@ -88,19 +88,6 @@ def replay_cli(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60)
 
 
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory: pytest.TempPathFactory):
-    server = MotoServer(tmp_path_factory.mktemp("moto"), record=False).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def s3env(moto: MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> MotoServer:
-    set_aws_env(monkeypatch, moto.url, tmp_path)
-    return moto
-
-
 # -- a whole session on S3 verifies ---------------------------------------------------------------
 
 

@@ -48,19 +48,6 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
         time.sleep(interval)
 
 
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory: pytest.TempPathFactory):
-    server = MotoServer(tmp_path_factory.mktemp("moto"), record=False).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def s3env(moto: MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> MotoServer:
-    set_aws_env(monkeypatch, moto.url, tmp_path)
-    return moto
-
-
 # -- the store on a bucket with Object Lock -----------------------------------------------------
 
 
