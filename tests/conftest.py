@@ -217,7 +217,7 @@ class GatewayProcess:
         /healthz answers and the SSH port speaks SSH."""
         last: Exception | None = None
         for _ in range(4):
-            self.ssh_port, self.http_port = free_port(), free_port()
+            self._pick_ports()
             try:
                 self._spawn_and_wait(timeout)
                 return self
@@ -228,20 +228,31 @@ class GatewayProcess:
                     raise
         raise last  # type: ignore[misc]
 
+    # What a subclass with more front doors changes: ports, command line, environment, readiness.
+
+    def _pick_ports(self) -> None:
+        self.ssh_port, self.http_port = free_port(), free_port()
+
+    def _command(self) -> list[str]:
+        return [*BASTION, "serve", "--config", str(self.config_path),
+                "--ssh-listen", f"127.0.0.1:{self.ssh_port}", "--http-listen", f"127.0.0.1:{self.http_port}"]
+
+    def _environment(self) -> dict[str, str] | None:
+        return None  # inherit ours
+
+    def _ready(self) -> bool:
+        return _http_ok(self.http_url + "/healthz") and _ssh_banner(self.ssh_port)
+
     def _spawn_and_wait(self, timeout: float) -> None:
         with open(self.stderr_log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [*BASTION, "serve", "--config", str(self.config_path),
-                 "--ssh-listen", f"127.0.0.1:{self.ssh_port}",
-                 "--http-listen", f"127.0.0.1:{self.http_port}"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-            )
+            self.proc = subprocess.Popen(self._command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                         start_new_session=True, env=self._environment())
         deadline = time.monotonic() + timeout
         delay = 0.01
         while True:
             if self.proc.poll() is not None:
                 raise GatewayStartError(f"gateway exited with {self.proc.returncode}:\n{self.log_text()}")
-            if _http_ok(self.http_url + "/healthz") and _ssh_banner(self.ssh_port):
+            if self._ready():
                 return
             if time.monotonic() > deadline:
                 raise GatewayStartError(f"gateway not ready after {timeout}s:\n{self.log_text()}")

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.conftest import GatewayProcess, GatewayStartError, _http_ok
+from tests.conftest import GatewayProcess, _http_ok
 from tests.support.openssh import free_port
 
 KUBECTL_CANDIDATES = ("/usr/lib/google-cloud-sdk/bin/kubectl.1.32", "kubectl.1.32")
@@ -93,40 +93,21 @@ class KubeGateway(GatewayProcess):
         return self.data_dir / "kube_ca.crt"
 
     def start(self, timeout: float = 30.0) -> KubeGateway:
-        last: Exception | None = None
-        for _ in range(4):
-            self.ssh_port, self.http_port, self.kube_port = free_port(), free_port(), free_port()
-            try:
-                self._spawn_and_wait(timeout)
-                return self
-            except GatewayStartError as exc:
-                last = exc
-                self.stop()
-                if "address already in use" not in str(exc).lower():
-                    raise
-        raise last  # type: ignore[misc]
+        super().start(timeout)
+        return self
 
-    def _spawn_and_wait(self, timeout: float) -> None:
-        from tests.conftest import BASTION
+    def _pick_ports(self) -> None:
+        super()._pick_ports()
+        self.kube_port = free_port()
 
-        with open(self.stderr_log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [*BASTION, "serve", "--config", str(self.config_path),
-                 "--ssh-listen", f"127.0.0.1:{self.ssh_port}", "--http-listen", f"127.0.0.1:{self.http_port}",
-                 "--kube-listen", f"127.0.0.1:{self.kube_port}"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                env={**os.environ, **self.env})
-        deadline = time.monotonic() + timeout
-        delay = 0.01
-        while True:
-            if self.proc.poll() is not None:
-                raise GatewayStartError(f"gateway exited with {self.proc.returncode}:\n{self.log_text()}")
-            if _http_ok(self.http_url + "/healthz") and _port_open(self.kube_port):
-                return
-            if time.monotonic() > deadline:
-                raise GatewayStartError(f"gateway not ready after {timeout}s:\n{self.log_text()}")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.1)
+    def _command(self) -> list[str]:
+        return [*super()._command(), "--kube-listen", f"127.0.0.1:{self.kube_port}"]
+
+    def _environment(self) -> dict[str, str] | None:
+        return {**os.environ, **self.env}
+
+    def _ready(self) -> bool:
+        return _http_ok(self.http_url + "/healthz") and _port_open(self.kube_port)
 
 
 def kube_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
