@@ -191,14 +191,7 @@ class Recorder:
                 self._spool_used = max(0, self._spool_used + n)
 
     def _walk_spool(self) -> int:
-        total = 0
-        for dirpath, _, files in os.walk(self.spool_dir):
-            for name in files:
-                try:
-                    total += os.stat(os.path.join(dirpath, name)).st_size
-                except OSError:
-                    pass
-        return total
+        return _tree_bytes(self.spool_dir)
 
     # -- upload ------------------------------------------------------------------
 
