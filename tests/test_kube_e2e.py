@@ -818,3 +818,14 @@ def test_lock_refuses_requests_and_ends_a_live_exec(kube: Any, kgw: KubeGateway,
     assert [e.data["type"] for e in events if e.code == "m" and e.data.get("type") in ("lock", "terminated")] == [
         "lock", "terminated"]
     assert "kube drill" in manifest["end"]["reason"]
+
+
+def test_output_frames_merge_per_channel_in_order() -> None:
+    """Output that piles up while the client is busy goes as one frame per run of a channel."""
+    from bastion.kube.exec import Codec
+
+    binary = Codec("v5.channel.k8s.io")
+    frames: list[bytes | str] = [b"\x01ab", b"\x01cd", b"\x02err", b"\x01ef", b"\x03{}"]
+    assert binary.merge(frames) == [b"\x01abcd", b"\x02err", b"\x01ef", b"\x03{}"]
+    text = Codec("v4.base64.channel.k8s.io")
+    assert text.merge(["1YWI=", "1Y2Q="]) == ["1YWI=", "1Y2Q="]  # base64 frames are left alone

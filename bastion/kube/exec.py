@@ -64,6 +64,10 @@ CLIENT_PROTOCOLS = (V5, V4, V4_BASE64, BASE64, V1)
 UPSTREAM_PROTOCOLS = (V5, V4)
 STDIN, STDOUT, STDERR, ERROR, RESIZE, CLOSE = 0, 1, 2, 3, 4, 255
 MAX_MESSAGE = 16 * 1024 * 1024
+# Output waiting for the client is sent as one frame per channel, up to this size: under
+# load a 32 KiB message from the API server no longer costs a WebSocket frame and a socket
+# write of its own. Also the most output held before the relay waits for the client.
+MERGE_BYTES = 256 * 1024
 FIRST_RESIZE_WAIT = 1.0
 
 SPDY_MESSAGE = ("guarita: kubectl {what} through guarita needs kubectl {version} or newer: the gateway speaks "
@@ -134,6 +138,23 @@ class Codec:
         if self.base64:
             return chr(ord("0") + channel) + base64.b64encode(data).decode()
         return bytes([channel]) + data
+
+    def merge(self, frames: list[bytes | str]) -> list[bytes | str]:
+        """Consecutive binary frames of one channel as one frame (base64 frames as they are)."""
+        out: list[bytes | str] = []
+        run: list[bytes] = []
+        for frame in frames:
+            if isinstance(frame, bytes) and run and frame[:1] == run[0][:1]:
+                run.append(frame)
+                continue
+            if run:
+                out.append(run[0] if len(run) == 1 else run[0][:1] + b"".join(f[1:] for f in run))
+            run = [frame] if isinstance(frame, bytes) else []
+            if isinstance(frame, str):
+                out.append(frame)
+        if run:
+            out.append(run[0] if len(run) == 1 else run[0][:1] + b"".join(f[1:] for f in run))
+        return out
 
     def decode(self, msg: aiohttp.WSMessage) -> tuple[int, bytes] | None:
         if msg.type == WSMsgType.BINARY:
@@ -261,6 +282,8 @@ class KubeStream:
         self._end_reason: str | None = None
         self._send_lock = asyncio.Lock()
         self._outbox: list[bytes | str] = []
+        self._outbox_bytes = 0
+        self._drainer: asyncio.Task[None] | None = None
 
     # -- the whole life of the stream ------------------------------------------------------
 
@@ -437,17 +460,26 @@ class KubeStream:
     def _deliver(self, data: bytes, stream: str) -> None:
         """Output the pipeline released late (a masker's held-back tail), in order with the rest."""
         if self.client is not None and data:
-            self._outbox.append(self.codec.encode(STDOUT if stream == "o" else STDERR, data))
-            self.door.spawn(self._drain_outbox())
+            self._queue_output(STDOUT if stream == "o" else STDERR, data)
 
     async def _drain_outbox(self) -> None:
         # Frames are queued in the order the pipeline produced them; whoever drains sends them in
         # that order, so a late-released tail never overtakes later output.
         async with self._send_lock:
             while self._outbox:
-                frame = self._outbox.pop(0)
-                with contextlib.suppress(ConnectionError, RuntimeError):
-                    await _send(self.client, frame)
+                frames, self._outbox, self._outbox_bytes = self._outbox, [], 0
+                for frame in self.codec.merge(frames):
+                    with contextlib.suppress(ConnectionError, RuntimeError):
+                        await _send(self.client, frame)
+
+    def _queue_output(self, channel: int, data: bytes) -> None:
+        """Queue output for the client; a drainer task sends it, merging what piles up meanwhile."""
+        self._outbox.append(self.codec.encode(channel, data))
+        self._outbox_bytes += len(data)
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain_outbox())
+            self.door.tasks.add(self._drainer)
+            self._drainer.add_done_callback(self.door.tasks.discard)
 
     def _write_soon(self, ws: Any, codec: Codec, channel: int, data: bytes) -> None:
         """For the session's synchronous writers: sends in order, without blocking the caller."""
@@ -513,8 +545,9 @@ class KubeStream:
             if channel in (STDOUT, STDERR):
                 data = self.session.from_target(data, "o" if channel == STDOUT else "e")
                 if data:
-                    self._outbox.append(self.codec.encode(channel, data))
-                await self._drain_outbox()
+                    self._queue_output(channel, data)
+                if self._outbox_bytes >= MERGE_BYTES:
+                    await self._drain_outbox()  # the client is slower: wait for it
                 if self.session.recording.congested:
                     await self.session.recording.drained()
             elif channel == ERROR:
@@ -522,7 +555,9 @@ class KubeStream:
                 await self._drain_outbox()
                 await self._upstream_status(data)
             elif channel == CLOSE and self.codec.version == 5 and data:
+                await self._drain_outbox()  # output queued before the close goes first
                 await _send(self.client, bytes([CLOSE, data[0]]))
+        await self._drain_outbox()
 
     async def _upstream_status(self, data: bytes) -> None:
         assert self.session is not None
@@ -547,6 +582,7 @@ class KubeStream:
             return
         else:
             frame = self.codec.encode(ERROR, str(body.get("message") or "error").encode())
+        await self._drain_outbox()  # the status comes after all output
         with contextlib.suppress(ConnectionError, RuntimeError):
             await _send(self.client, frame)
 
