@@ -382,3 +382,156 @@ def test_state_url_errors() -> None:
     for bad in ("mysql://x/y", "sqlite://", "nonsense"):
         with pytest.raises(StateError):
             engine_url(bad)
+
+
+class _GateSession:
+    """What InteractiveGate uses of a Session: where its bytes and markers go."""
+
+    id = "s-test"
+
+    def __init__(self) -> None:
+        self.upstream = bytearray()
+
+    def send_upstream(self, data: bytes) -> None:
+        self.upstream += data
+
+    def say(self, text: str) -> None:
+        pass
+
+    def to_client(self, data: bytes) -> None:
+        pass
+
+    def marker(self, kind: str, **fields: Any) -> None:
+        pass
+
+    def cancel_approval(self, reason: str) -> None:
+        pass
+
+
+class _GateEngine:
+    def __init__(self, deny: tuple[str, ...] = ()) -> None:
+        self.checked: list[tuple[str, tuple[str, ...]]] = []
+        self.deny = deny
+
+    async def check(self, session: Any, command: str, kind: str, *, also: tuple[str, ...] = (),
+                    record: bool = True) -> Any:
+        self.checked.append((command, also))
+        allowed = command not in self.deny
+        return type("Result", (), {"allowed": allowed, "outcome": "allowed" if allowed else "denied",
+                                   "reason": "" if allowed else "denied by a test rule"})()
+
+
+async def _gate_enter(monkeypatch: pytest.MonkeyPatch, prompt: bytes, typed: bytes, echo: bytes) -> _GateEngine:
+    """Type ``typed`` and Enter at ``prompt``; only ``echo`` comes back before the gate gives up."""
+    from bastion.approvals import interactive
+    monkeypatch.setattr(interactive, "MAX_SETTLE", 0.05)
+    session, engine = _GateSession(), _GateEngine()
+    gate = interactive.InteractiveGate(session, engine, 80, 24)  # type: ignore[arg-type]
+    gate.output(prompt)
+    assert gate.input(typed + b"\r") == typed
+    gate.output(echo)
+    deadline = time.monotonic() + 5
+    while gate._task is not None and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert session.upstream == b"\r"  # the held Enter went on
+    return engine
+
+
+def test_gate_judges_the_typed_line_when_its_echo_lags(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A loaded target echoed only the start of the line within the settle window: the
+    # command is the typed line, whole, and the fragment on screen is checked as well.
+    engine = asyncio.run(_gate_enter(monkeypatch, b"$ ", b"echo one-$((1+1))", b"echo one-$"))
+    assert engine.checked == [("echo one-$((1+1))", ("echo one-$",))]
+
+
+def test_gate_never_takes_typed_text_for_an_empty_screen(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No echo at all (a password prompt): the typed text is only a second opinion.
+    engine = asyncio.run(_gate_enter(monkeypatch, b"Password: ", b"hunter2", b""))
+    assert engine.checked and engine.checked[0][0] != "hunter2"
+
+
+def test_gate_judges_typed_ahead_line_not_the_row_that_echoes_it_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A pasted second line reaches the target while the first runs: the terminal echoes it,
+    # then the shell prints its prompt and shows the line again, all on one row.
+    from bastion.approvals import interactive
+
+    async def run() -> _GateEngine:
+        monkeypatch.setattr(interactive, "MAX_SETTLE", 0.05)
+        session, engine = _GateSession(), _GateEngine()
+        gate = interactive.InteractiveGate(session, engine, 80, 24)  # type: ignore[arg-type]
+        gate.output(b"$ ")
+        assert gate.input(b"echo a\recho b\r") == b"echo a"
+        gate.output(b"echo a")
+        deadline = time.monotonic() + 5
+        while not session.upstream.endswith(b"echo b") and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        gate.output(b"\r\na\r\necho b$ echo b")
+        while gate._task is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert session.upstream == b"\recho b\r"
+        return engine
+
+    engine = asyncio.run(run())
+    assert engine.checked == [("echo a", ()), ("echo b", ("echo b$ echo b",))]
+
+
+def test_gate_judges_the_typed_line_when_the_boundary_lands_inside_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The first key was typed while a stale character stood right of the prompt; the shell
+    # then redrew the line. Read from that boundary, the screen misses the first letter.
+    engine = asyncio.run(_gate_enter(monkeypatch, b"$ e", b"echo hi", b"\r$ echo hi"))
+    assert engine.checked == [("echo hi", ("cho hi",))]
+
+
+def test_gate_judges_the_typed_line_when_a_learnt_prompt_swallows_its_start(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Typed before any output since the last Enter (blind), the line is read from the row's
+    # start less the last prompt; a prompt learnt from a half-redrawn screen ("$ e") then
+    # takes the first letter with it.
+    from bastion.approvals import interactive
+
+    async def run() -> _GateEngine:
+        monkeypatch.setattr(interactive, "MAX_SETTLE", 0.05)
+        session, engine = _GateSession(), _GateEngine()
+        gate = interactive.InteractiveGate(session, engine, 80, 24)  # type: ignore[arg-type]
+        gate.output(b"$ ")
+        gate.det.enter()
+        gate.det.last_prompt = "$ e"
+        assert gate.input(b"echo hi\r") == b"echo hi"
+        gate.output(b"echo hi")
+        deadline = time.monotonic() + 5
+        while gate._task is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return engine
+
+    assert asyncio.run(run()).checked == [("echo hi", ("cho hi",))]
+
+
+def test_gate_takes_keys_typed_during_a_refusal_as_a_new_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A refused line: while the gate lets the shell erase it, the agent types the next
+    # command. Those keys are a line of their own (not an Enter followed by the rest).
+    from bastion.approvals import interactive
+
+    async def run() -> tuple[_GateSession, _GateEngine]:
+        monkeypatch.setattr(interactive, "MAX_SETTLE", 0.2)
+        session, engine = _GateSession(), _GateEngine(deny=("rm x",))
+        gate = interactive.InteractiveGate(session, engine, 80, 24)  # type: ignore[arg-type]
+        gate.output(b"$ ")
+        assert gate.input(b"rm x\r") == b"rm x"
+        gate.output(b"rm x")
+        deadline = time.monotonic() + 5
+        while len(engine.checked) < 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        assert gate.input(b"echo ok\r") == b""  # held behind the refusal
+        gate.output(b"\r$ \x1b[K")  # the shell erased its line
+        while not session.upstream.endswith(b"echo ok") and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        gate.output(b"echo ok")
+        while len(engine.checked) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        while gate._task is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return session, engine
+
+    session, engine = asyncio.run(run())
+    assert engine.checked == [("rm x", ()), ("echo ok", ())]  # what was typed is the line on screen
+    assert session.upstream == interactive.CLEAR_LINE + b"echo ok\r"

@@ -39,6 +39,27 @@ _ENTER = re.compile(rb"[\r\n]")
 _PASTE_MARK = re.compile(rb"\x1b\[20([01])~")
 
 
+def _lagging(shown: str, typed: str) -> bool:
+    """Whether the screen shows only the start of the typed line. An empty screen does not
+    count: it may be a prompt that does not echo (a password), whose typed text is never
+    taken for the command."""
+    return bool(shown) and len(typed) > len(shown) and typed.startswith(shown)
+
+
+def _within(shown: str, typed: str) -> bool:
+    """Whether the screen shows only a part of the typed line: the rest of the echo did not
+    come in time (a loaded target), or the line was read from a boundary inside it (a
+    redraw arrived after the first key, or the last prompt was learnt from such a screen).
+    See _lagging for the empty screen."""
+    return bool(shown) and len(typed) > len(shown) and shown in typed
+
+
+def _typed_ahead(shown: str, typed: str, blind: bool) -> bool:
+    """Whether a line typed ahead (the rest of a paste, while the last command ran) shows
+    twice: echoed by the terminal before the prompt, and by the shell after it."""
+    return blind and bool(typed) and shown.endswith(typed) and typed in shown[:-len(typed)]
+
+
 class InteractiveGate:
     def __init__(self, session: Session, engine: ApprovalEngine, cols: int, rows: int) -> None:
         self.session = session
@@ -156,13 +177,12 @@ class InteractiveGate:
                 if allowed:
                     self.session.send_upstream(enter)
                 else:
-                    await self._refuse(reason)
-                    continue
-                if self._queue:
-                    i = self._find_enter(self._queue)
-                    chunk = bytes(self._queue if i < 0 else self._queue[:i])
-                    del self._queue[:len(chunk)]
-                    self._keys(chunk, send=True)
+                    await self._refuse(reason)  # what was queued then is new input
+                # The keys up to the next Enter go on; the queue starts with that Enter again.
+                i = self._find_enter(self._queue)
+                chunk = bytes(self._queue if i < 0 else self._queue[:i])
+                del self._queue[:len(chunk)]
+                self._keys(chunk, send=True)
         finally:
             self._task = None
             actions, self._after_drain = self._after_drain, []
@@ -184,6 +204,11 @@ class InteractiveGate:
         screen = self.det.command()
         if not screen and not typed:
             return True, ""
+        fragment: tuple[str, ...] = ()
+        if not hidden and (_within(screen, typed) or _typed_ahead(screen, typed, self.det.blind)):
+            # What the screen shows is not the line the shell got, and the typed line is:
+            # judge the typed line, and the screen's text as well (the strictest wins).
+            screen, fragment = typed, (screen,)
         if self.det.cut_off and not typed:
             # Recalled (nothing typed) and not readable whole: its start is off the screen,
             # and a rule could match there. Fail closed rather than judge a fragment.
@@ -195,7 +220,7 @@ class InteractiveGate:
         # The typed text is a second opinion only where the screen cannot be trusted; when the
         # terminal did not echo (a password), it is checked but never recorded unless it matches.
         untrusted = not settled or self.det.blind or not screen or self.det.cut_off
-        also = (typed,) if typed and typed != screen and untrusted else ()
+        also = ((typed,) if typed and typed != screen and untrusted else ()) + fragment
         if self.det.joined(screen):  # the rest of a line continued with a backslash
             also = (*also, self.det.joined(screen))
         self.waiting = True
@@ -223,9 +248,12 @@ class InteractiveGate:
         while True:
             last_output = self.det.last_output
             if last_output > self.last_key:
-                if time.monotonic() - last_output >= QUIET:
+                shown = self.det.command()
+                if typed and shown.endswith(typed):
                     return True
-                if typed and self.det.command().endswith(typed):
+                # Quiet after some output is enough, unless what is shown is only the start
+                # of what was typed: then the rest of the echo is still coming.
+                if time.monotonic() - last_output >= QUIET and not _lagging(shown, typed):
                     return True
             remaining = deadline - loop.time()
             if remaining <= 0:
