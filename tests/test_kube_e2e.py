@@ -824,8 +824,7 @@ def test_output_frames_merge_per_channel_in_order() -> None:
     """Output that piles up while the client is busy goes as one frame per run of a channel."""
     from bastion.kube.exec import Codec
 
-    binary = Codec("v5.channel.k8s.io")
-    frames: list[bytes | str] = [b"\x01ab", b"\x01cd", b"\x02err", b"\x01ef", b"\x03{}"]
-    assert binary.merge(frames) == [b"\x01abcd", b"\x02err", b"\x01ef", b"\x03{}"]
-    text = Codec("v4.base64.channel.k8s.io")
-    assert text.merge(["1YWI=", "1Y2Q="]) == ["1YWI=", "1Y2Q="]  # base64 frames are left alone
+    chunks = [(1, b"ab"), (1, b"cd"), (2, b"err"), (1, b"ef"), (3, b"{}")]
+    assert Codec("v5.channel.k8s.io").frames(chunks) == [b"\x01abcd", b"\x02err", b"\x01ef", b"\x03{}"]
+    assert Codec("v4.base64.channel.k8s.io").frames(chunks[:2]) == ["1YWJjZA=="]
+    assert Codec("v4.channel.k8s.io").frames([(1, b"x")]) == [b"\x01x"]
