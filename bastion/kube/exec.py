@@ -23,8 +23,10 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import itertools
 import json
 import logging
+import operator
 import shlex
 import time
 from dataclasses import dataclass, replace
@@ -143,17 +145,9 @@ class Codec:
         """Consecutive chunks of one channel as one frame, in order. A binary frame is built
         with one copy of its data: output crosses here at hundreds of MB/s."""
         out: list[bytes | str] = []
-        i = 0
-        while i < len(chunks):
-            channel = chunks[i][0]
-            j = i + 1
-            while j < len(chunks) and chunks[j][0] == channel:
-                j += 1
-            if self.base64:
-                out.append(self.encode(channel, b"".join(data for _, data in chunks[i:j])))
-            else:
-                out.append(b"".join([bytes([channel]), *(data for _, data in chunks[i:j])]))
-            i = j
+        for channel, run in itertools.groupby(chunks, key=operator.itemgetter(0)):
+            data = [piece for _, piece in run]
+            out.append(self.encode(channel, b"".join(data)) if self.base64 else b"".join([bytes([channel]), *data]))
         return out
 
     def decode(self, msg: aiohttp.WSMessage) -> tuple[int, bytes] | None:
