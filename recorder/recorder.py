@@ -39,6 +39,7 @@ from typing import Any
 
 from recorder import events as ev
 from recorder.segment import (
+    COMPRESSION_LEVEL,
     SegmentRecord,
     SegmentWriter,
     make_header,
@@ -776,7 +777,7 @@ def _resume_writer(writer: SegmentWriter, path: Path, index: int, kept: bytes, t
     writer.size = len(kept)
     writer.events = sum(1 for line in raw.split(b"\n")[1:] if line)
     writer._hash = hashlib.sha256(kept)
-    writer._cctx = zstandard.ZstdCompressor(level=3)
+    writer._cctx = zstandard.ZstdCompressor(level=COMPRESSION_LEVEL)
     writer._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
 
 
