@@ -825,6 +825,7 @@ def test_output_frames_merge_per_channel_in_order() -> None:
     from bastion.kube.exec import Codec
 
     chunks = [(1, b"ab"), (1, b"cd"), (2, b"err"), (1, b"ef"), (3, b"{}")]
-    assert Codec("v5.channel.k8s.io").frames(chunks) == [b"\x01abcd", b"\x02err", b"\x01ef", b"\x03{}"]
+    frames = Codec("v5.channel.k8s.io").frames(chunks)
+    assert [b"".join(f) for f in frames] == [b"\x01abcd", b"\x02err", b"\x01ef", b"\x03{}"]
     assert Codec("v4.base64.channel.k8s.io").frames(chunks[:2]) == ["1YWJjZA=="]
-    assert Codec("v4.channel.k8s.io").frames([(1, b"x")]) == [b"\x01x"]
+    assert [b"".join(f) for f in Codec("v4.channel.k8s.io").frames([(1, b"x")])] == [b"\x01x"]
