@@ -771,6 +771,15 @@ def test_exec_output_is_masked_on_a_masked_cluster(kube: Any, kgw: KubeGateway) 
     assert manifest["end"]["masking"] == {"cpf": 2, "email": 1}
 
 
+def test_masked_output_held_back_at_the_end_reaches_kubectl(kube: Any, kgw: KubeGateway) -> None:
+    """Output that ends in what could be the start of a value (digits, no newline) is held
+    back by the masker; it still reaches kubectl, before the stream's close (v5)."""
+    script = "printf 'pedido 12345'; printf 'erro 678' >&2"
+    result = kube(cluster="masked").run("exec", "web", "-c", "app", "--", "sh", "-c", script)
+    assert result.returncode == 0, _text(result)
+    assert (result.stdout, result.stderr) == (b"pedido 12345", b"erro 678")
+
+
 # ---------------------------------------------------------------------------
 # locks (bastion/control) on the Kubernetes front door
 # ---------------------------------------------------------------------------

@@ -550,9 +550,9 @@ class KubeStream:
                 self.session.flush_output()  # held-back output goes before the exit status
                 await self._drain_outbox()
                 await self._upstream_status(data)
-            elif channel == CLOSE and self.codec.version == 5 and data:
-                await self._drain_outbox()  # output queued before the close goes first
-                await _send(self.client, bytes([CLOSE, data[0]]))
+            # A CLOSE (v5) from the server, for stdout or stderr, is not passed on: kubectl knows
+            # that signal only from client to server, and prints "Unknown stream id 255" for it.
+            # The streams end with the error channel's Status, after all their output (above).
         await self._drain_outbox()
 
     async def _upstream_status(self, data: bytes) -> None:
