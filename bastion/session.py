@@ -195,6 +195,7 @@ class Session:
         self._mask_flush_after = 0.005
         self._mask_timer: asyncio.TimerHandle | None = None
         self._mask_fed = 0.0  # monotonic time of the last output fed to the maskers
+        self._target_held = False  # the front door has stopped reading the target (hold_target)
         self._start_masking()
         # Approvals. A front door gives the session a way to write to the agent (its terminal,
         # or stderr before the target is open) and, for interactive sessions, to the target
@@ -314,12 +315,23 @@ class Session:
             loop = asyncio.get_running_loop()
             self._mask_timer = loop.call_later(self._mask_flush_after, self._mask_silence)
 
+    def hold_target(self, held: bool) -> None:
+        """The front door stopped (True) or resumed (False) reading the target's output, because
+        the agent or the recorder is slower. A pause of the gateway's own making is not the
+        target's silence: the maskers keep their held tails through it (a flush would cut a
+        value in two, and its halves would go out unmasked)."""
+        self._target_held = held
+        if not held:
+            self._mask_fed = time.monotonic()  # silence counts from when reading resumes
+
     def _mask_silence(self) -> None:
         """The flush timer: release the held tail only once the output has been silent for
         flush_after. While output keeps coming the timer is pushed back: a flush in mid-stream
         ends the masker's segment, and a value split across it would go out unmasked."""
         self._mask_timer = None
         wait = self._mask_fed + self._mask_flush_after - time.monotonic()
+        if self._target_held:
+            wait = self._mask_flush_after
         if wait > 0:
             self._mask_timer = asyncio.get_running_loop().call_later(wait, self._mask_silence)
         else:

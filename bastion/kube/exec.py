@@ -542,10 +542,8 @@ class KubeStream:
                 data = self.session.from_target(data, "o" if channel == STDOUT else "e")
                 if data:
                     self._queue_output(channel, data)
-                if self._outbox_bytes >= MERGE_BYTES:
-                    await self._drain_outbox()  # the client is slower: wait for it
-                if self.session.recording.congested:
-                    await self.session.recording.drained()
+                if self._outbox_bytes >= MERGE_BYTES or self.session.recording.congested:
+                    await self._hold_upstream()
             elif channel == ERROR:
                 self.session.flush_output()  # held-back output goes before the exit status
                 await self._drain_outbox()
@@ -554,6 +552,18 @@ class KubeStream:
             # that signal only from client to server, and prints "Unknown stream id 255" for it.
             # The streams end with the error channel's Status, after all their output (above).
         await self._drain_outbox()
+
+    async def _hold_upstream(self) -> None:
+        """Stop reading the API server while the client or the recorder is slower."""
+        assert self.session is not None
+        self.session.hold_target(True)
+        try:
+            if self._outbox_bytes >= MERGE_BYTES:
+                await self._drain_outbox()
+            if self.session.recording.congested:
+                await self.session.recording.drained()
+        finally:
+            self.session.hold_target(False)
 
     async def _upstream_status(self, data: bytes) -> None:
         assert self.session is not None

@@ -484,12 +484,16 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
     def _pause_target(self, why: str) -> None:
         if not self._paused and self.target_chan is not None:
             self.target_chan.pause_reading()
+            if self.session is not None:
+                self.session.hold_target(True)
         self._paused.add(why)
 
     def _resume_target(self, why: str) -> None:
         self._paused.discard(why)
         if not self._paused and self.target_chan is not None:
             self.target_chan.resume_reading()
+            if self.session is not None:
+                self.session.hold_target(False)
 
     def _deliver(self, data: bytes, stream: str) -> None:
         """Output the pipeline released late (a masker's held-back tail)."""

@@ -1,0 +1,89 @@
+"""The session's masking flush timer, in process: a real Gateway (SQLite state, file://
+recordings in a temporary folder) and a Session fed by hand, as a front door feeds it."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from bastion.config import load_config
+from bastion.gateway import Gateway
+from bastion.identity.model import Identity
+from bastion.session import Session, SessionInfo
+
+CPF = b"529.982.247-25"
+
+
+def _config(tmp: Path) -> Path:
+    path = tmp / "guarita.toml"
+    path.write_text(f"""
+[gateway]
+data_dir = "{tmp}"
+
+[recording]
+url = "{(tmp / 'recordings').as_uri()}"
+
+[[oidc]]
+issuer = "https://issuer.invalid"
+audience = "guarita"
+
+[[targets]]
+name = "web"
+host = "127.0.0.1"
+port = 22
+logins = ["deploy"]
+credential = "ca"
+host_keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKbM5mZ7f0fZ3Y7nq6w6Ql6kq1q9r8m6b4y2Zt1Zt0Zt"]
+
+[[access]]
+name = "sre"
+groups = ["sre"]
+targets = ["web"]
+
+[masking]
+default_apply = "both"
+""")
+    return path
+
+
+def _run(tmp: Path, held: bool) -> tuple[bytes, bytes]:
+    """What the agent gets when a CPF's second half comes after a long gap: with the target
+    held by the gateway (``held``), or silent on its own."""
+
+    async def scenario() -> tuple[bytes, bytes]:
+        gw = Gateway(load_config(_config(tmp)))
+        await gw.recorder.start()
+        info = SessionInfo(front_door="ssh", identity=Identity("https://issuer.invalid", "agent", ("sre",)),
+                           source="127.0.0.1", target="web", login="deploy", kind="exec", command="x")
+        session = Session(gw, info)
+        released: list[bytes] = []
+        session.deliver_output = lambda data, stream: released.append(data)
+        shown = session.from_target(b"cpf=" + CPF[:8])  # could be the start of a CPF: held back
+        if held:
+            session.hold_target(True)  # the agent is slower: the front door stopped reading
+        session._mask_fed -= 1.0  # the last output came a second ago (no waiting in a test)
+        session._mask_silence()  # the flush timer fires
+        early = shown + b"".join(released)
+        if held:
+            session.hold_target(False)
+        shown = session.from_target(CPF[8:] + b" ok\n")
+        await session.end(0)
+        await gw.recorder.close()
+        return early, early + shown + b"".join(released[1:] if not held else released)
+
+    return asyncio.run(scenario())
+
+
+def test_a_pause_of_the_gateways_making_does_not_cut_a_value(tmp_path: Path) -> None:
+    early, seen = _run(tmp_path, held=True)
+    assert early == b"cpf="  # the tail is still held while the gateway holds the target
+    assert seen == b"cpf=***.***.***-** ok\n"
+
+
+def test_the_targets_own_silence_releases_the_tail(tmp_path: Path) -> None:
+    """The documented trade-off, which the pause above must not trigger: after flush_after of
+    the target's own silence the tail goes out, and a value split across that silence is not
+    found (docs/masking.md)."""
+    early, seen = _run(tmp_path, held=False)
+    assert early == b"cpf=" + CPF[:8]
+    assert seen == b"cpf=" + CPF + b" ok\n"
