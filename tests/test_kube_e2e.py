@@ -185,8 +185,12 @@ class Kubectl:
 
     def run(self, *args: str, input: bytes | None = None, timeout: float = 30,
             **env: str) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run(self.argv(list(args)), input=input, capture_output=True, timeout=timeout,
-                              env=self.env(**env), stdin=None if input is not None else subprocess.DEVNULL)
+        result = subprocess.run(self.argv(list(args)), input=input, capture_output=True, timeout=timeout,
+                                env=self.env(**env), stdin=None if input is not None else subprocess.DEVNULL)
+        # kubectl logs a frame it does not expect (a server-side CLOSE, an unknown channel)
+        # and goes on: the protocol error would otherwise pass unnoticed.
+        assert b"websocket.go" not in result.stderr, result.stderr.decode(errors="replace")
+        return result
 
     def popen(self, *args: str, **env: str) -> subprocess.Popen[bytes]:
         return subprocess.Popen(self.argv(list(args)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
