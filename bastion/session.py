@@ -476,7 +476,7 @@ class Session:
         exp = self.info.identity.expires_at or None
         hard: list[tuple[float, str, str, str]] = []  # (deadline, marker kind, end message, warning)
         if exp is not None and limits.on_expiry == "end":
-            hard.append((exp, "expired", f"your credential expired at {_clock(exp)}; the session ends (policy: "
+            hard.append((exp, "expired", f"your credential expired at {utc_clock(exp)}; the session ends (policy: "
                          "on_expiry = end). Get a fresh token (e.g. `bastion login`) and reconnect",
                          "your credential expires in {left}; this session will end then (get a fresh token, "
                          "e.g. `bastion login`, and reconnect)"))
@@ -516,7 +516,7 @@ class Session:
                     expiry_noted = True
                     self.marker("credential-expired", policy=limits.on_expiry, expired_at=exp, rule=limits.rule)
                     if limits.on_expiry == "warn":
-                        self.notify(f"your credential expired at {_clock(exp)}; policy lets this session go on for "
+                        self.notify(f"your credential expired at {utc_clock(exp)}; policy lets this session go on for "
                                     f"up to {_span(limits.max_session)} from its start (on_expiry = warn)")
                 else:
                     wake = min(wake, exp)
@@ -563,7 +563,8 @@ class Session:
                                 bytes=dict(self.recording.counts), **_audit_fields(self.info))
 
 
-def _clock(ts: float) -> str:
+def utc_clock(ts: float) -> str:
+    """``14:21:17 UTC``: when a credential expired, in messages to the user."""
     return datetime.fromtimestamp(ts, UTC).strftime("%H:%M:%S UTC")
 
 

@@ -78,6 +78,10 @@ CLIENTS = [
         "email": "agent-long@example.com",
         "extra": {"padding": "p" * 1300},
     },
+    # Tokens that live 5 s, for sessions that must end when the credential expires.
+    {"client_id": "agent-brief-sre", "client_secret": "brief-sre-secret", "groups": ["sre"], "ttl": 5},
+    {"client_id": "agent-brief-ci", "client_secret": "brief-ci-secret", "groups": ["ci"],
+     "extra": {"repository": "org/app"}, "ttl": 5},
 ]
 SHORT_CLIENTS = [{"client_id": "agent-short", "client_secret": "short-secret", "groups": ["sre"]}]
 

@@ -537,38 +537,93 @@ def test_port_forward_denied_without_policy(kube: Any, kgw: KubeGateway) -> None
     kgw.wait_audit("kube.portforward.denied", since=since, subject="agent-sre", cluster="prod")
 
 
+async def _tunnel(kgw: KubeGateway, token: str, while_open: Any) -> tuple[bytes, Any]:
+    """A port-forward to an echo server through guarita (WebSocket v4, as kubectl 1.31+ does):
+    one round trip, then ``while_open()`` (in a thread) while the tunnel stays open; returns
+    what came back and how the gateway closed the WebSocket (None if it did not)."""
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    context = ssl.create_default_context(cafile=str(kgw.ca_file))
+    url = f"{kgw.kube_url}/clusters/prod/api/v1/namespaces/default/pods/web/portforward?ports={port}"
+    try:
+        async with aiohttp.ClientSession() as http_session, http_session.ws_connect(
+                url, protocols=("v4.channel.k8s.io",), ssl=context,
+                headers={"Authorization": f"Bearer {token}"}) as ws:
+            opened = [await ws.receive_bytes(timeout=10) for _ in range(2)]
+            assert sorted(o[0] for o in opened) == [0, 1]
+            await ws.send_bytes(b"\x00ping through the gateway")
+            got = b""
+            while len(got) < len(b"ping through the gateway"):
+                msg = await ws.receive_bytes(timeout=10)
+                assert msg[0] == 0
+                got += msg[1:]
+            if while_open is None:
+                return got, None
+            await asyncio.to_thread(while_open)
+            closed = await ws.receive(timeout=20)
+            return got, (closed.type, closed.data, closed.extra)
+    finally:
+        server.close()
+
+
+def _operator(kgw: KubeGateway, oidc: OIDCProvider, method: str, path: str,
+              body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+    """A call to guarita's operator API as agent-sre (an operator in this gateway)."""
+    request = urllib.request.Request(f"{kgw.http_url}{path}", method=method,
+                                     data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Authorization": f"Bearer {oidc.token('agent-sre')}",
+                                              "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=15) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_port_forward_ends_on_a_lock_and_on_credential_expiry(kgw: KubeGateway, oidc: OIDCProvider) -> None:
+    """A live tunnel is held to its caller like a session: a lock on the subject closes it
+    (with the reason as the WebSocket close reason), and so does the token's expiry."""
+    since = kgw.audit_mark()
+    lock_ids: list[str] = []
+
+    def lock() -> None:
+        status, body = _operator(kgw, oidc, "POST", "/v1/locks",
+                                 {"kind": "subject", "value": "agent-ci", "reason": "tunnel drill"})
+        assert status == 201, body
+        lock_ids.append(body["lock"]["id"])
+
+    try:
+        got, closed = asyncio.run(_tunnel(kgw, oidc.token("agent-ci"), lock))
+    finally:
+        for lock_id in lock_ids:
+            assert _operator(kgw, oidc, "DELETE", f"/v1/locks/{lock_id}")[0] == 200
+    assert got == b"ping through the gateway"
+    assert closed is not None and closed[0] == aiohttp.WSMsgType.CLOSE and closed[1] == 1008, closed
+    assert "tunnel drill" in closed[2], closed
+    stopped = kgw.wait_audit("kube.portforward.stopped", since=since, subject="agent-ci")
+    assert stopped["kind"] == "lock" and stopped["lock"] == lock_ids[0]
+    end = kgw.wait_audit("kube.portforward.end", since=since, subject="agent-ci")
+    assert "tunnel drill" in end["reason"] and end["tunnel"] == stopped["tunnel"]
+
+    token = oidc.token("agent-brief-ci")  # lives 5 s
+    got, closed = asyncio.run(_tunnel(kgw, token, lambda: None))
+    assert got == b"ping through the gateway" and time.time() >= _exp(token) - 1
+    assert closed is not None and closed[1] == 1008 and "credential expired" in closed[2], closed
+    stopped = kgw.wait_audit("kube.portforward.stopped", since=since, subject="agent-brief-ci")
+    assert stopped["kind"] == "expired"
+
+
 def test_port_forward_allowed_is_relayed_and_audited(kgw: KubeGateway, oidc: OIDCProvider) -> None:
     since = kgw.audit_mark()
-    token = oidc.token("agent-ci")
-
-    async def scenario() -> bytes:
-        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-            writer.close()
-
-        server = await asyncio.start_server(echo, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        context = ssl.create_default_context(cafile=str(kgw.ca_file))
-        url = f"{kgw.kube_url}/clusters/prod/api/v1/namespaces/default/pods/web/portforward?ports={port}"
-        try:
-            async with aiohttp.ClientSession() as http_session, http_session.ws_connect(
-                    url, protocols=("v4.channel.k8s.io",), ssl=context,
-                    headers={"Authorization": f"Bearer {token}"}) as ws:
-                opened = [await ws.receive_bytes(timeout=10) for _ in range(2)]
-                assert sorted(o[0] for o in opened) == [0, 1]
-                await ws.send_bytes(b"\x00ping through the gateway")
-                got = b""
-                while len(got) < len(b"ping through the gateway"):
-                    msg = await ws.receive_bytes(timeout=10)
-                    assert msg[0] == 0
-                    got += msg[1:]
-                return got
-        finally:
-            server.close()
-
-    assert asyncio.run(scenario()) == b"ping through the gateway"
+    got, _ = asyncio.run(_tunnel(kgw, oidc.token("agent-ci"), None))
+    assert got == b"ping through the gateway"
     start = kgw.wait_audit("kube.portforward.start", since=since, subject="agent-ci")
     end = kgw.wait_audit("kube.portforward.end", since=since, subject="agent-ci")
     assert start["ports"] and end["bytes_in"] > 0 and end["bytes_out"] > 0
@@ -775,6 +830,21 @@ def test_exec_output_is_masked_on_a_masked_cluster(kube: Any, kgw: KubeGateway) 
     assert manifest["end"]["masking"] == {"cpf": 2, "email": 1}
 
 
+def test_exec_ends_when_the_credential_expires(kube: Any, kgw: KubeGateway, oidc: OIDCProvider) -> None:
+    """A kube session is held to its caller's token like an SSH one (on_expiry = end)."""
+    token = oidc.token("agent-brief-sre")  # lives 5 s
+    exp = _exp(token)
+    since = kgw.audit_mark()
+    result = kube(token=token).run("exec", "web", "-c", "app", "--", "sleep", "60", timeout=60)
+    ended = time.time()
+    assert result.returncode != 0, _text(result)
+    assert "your credential expired at" in _text(result) and "bastion login" in _text(result), _text(result)
+    assert ended < exp + 10
+    _, manifest, events = _session(kgw, since, command="sleep 60")
+    assert [e for e in events if e.code == "m" and e.data.get("type") == "expired"]
+    assert "credential expired" in manifest["end"]["reason"]
+
+
 def test_masked_output_held_back_at_the_end_reaches_kubectl(kube: Any, kgw: KubeGateway) -> None:
     """Output that ends in what could be the start of a value (digits, no newline) is held
     back by the masker; it still reaches kubectl, before the stream's close (v5)."""
@@ -794,15 +864,7 @@ def test_lock_refuses_requests_and_ends_a_live_exec(kube: Any, kgw: KubeGateway,
     makes gets a 403 Status until the lock is lifted."""
 
     def call(method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
-        request = urllib.request.Request(f"{kgw.http_url}{path}", method=method,
-                                         data=json.dumps(body).encode() if body is not None else None,
-                                         headers={"Authorization": f"Bearer {oidc.token('agent-sre')}",
-                                                  "Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=15) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
+        return _operator(kgw, oidc, method, path, body)
 
     ci = kube(client="agent-ci")
     since = kgw.audit_mark()

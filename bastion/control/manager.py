@@ -50,6 +50,9 @@ class Control:
         self.gw = gateway
         self.limiter = SessionLimiter()
         self.sessions: dict[str, Session] = {}
+        # Live port-forward tunnels (bastion/kube/exec.py): not sessions (nothing is recorded),
+        # but locks and kills end them the same way.
+        self.tunnels: dict[str, Any] = {}
         self.locks: list[Lock] = []  # in force (kills included), as last read
         self.loaded_at = 0.0
         self._task: asyncio.Task[None] | None = None
@@ -123,6 +126,12 @@ class Control:
         self.sessions.pop(session.id, None)
         self.limiter.ended(session.id)
 
+    def tunnel_started(self, tunnel: Any) -> None:
+        self.tunnels[tunnel.id] = tunnel
+
+    def tunnel_ended(self, tunnel: Any) -> None:
+        self.tunnels.pop(tunnel.id, None)
+
     def enforce(self) -> int:
         """End every local live session that a lock (or kill) in force matches; returns how many
         were told to end now."""
@@ -131,7 +140,7 @@ class Control:
         if not active:
             return 0
         ended = 0
-        for session in list(self.sessions.values()):
+        for session in [*self.sessions.values(), *self.tunnels.values()]:
             if session.ended or session.stopping:
                 continue
             info = session.info
