@@ -845,6 +845,32 @@ def test_exec_ends_when_the_credential_expires(kube: Any, kgw: KubeGateway, oidc
     assert "credential expired" in manifest["end"]["reason"]
 
 
+def test_pod_logs_are_masked_on_a_masked_cluster(kube: Any, kgw: KubeGateway, standin: KubeAPIStandIn) -> None:
+    """`kubectl logs` is no way around masking: on a masked cluster the log stream is masked
+    as exec output is, and the audit log holds the keyed hashes; elsewhere it passes as is."""
+    from bastion.masking.config import load_or_create_secret
+    from bastion.masking.detectors import hmac_value
+
+    cpf, mail = "529.982.247-25", "maria.silva@example.com.br"
+    standin.log_chunks["web/app"] = [f"pedido 1 cliente {cpf} ok\n".encode(), f"contato {mail}\n".encode(),
+                                     b"fim 12345"]
+    since = kgw.audit_mark()
+    try:
+        masked = kube(cluster="masked").run("logs", "web", "-c", "app")
+        plain = kube().run("logs", "web", "-c", "app")
+    finally:
+        del standin.log_chunks["web/app"]
+    assert masked.returncode == 0, _text(masked)
+    assert masked.stdout == b"pedido 1 cliente ***.***.***-** ok\ncontato *****.*****@*******.***.**\nfim 12345"
+    assert cpf.encode() in plain.stdout and mail.encode() in plain.stdout  # prod: masking "none"
+    event = kgw.wait_audit("kube.logs.masked", since=since, cluster="masked", pod="web")
+    secret = load_or_create_secret(kgw.data_dir / "masking.key")
+    assert sorted((v[0], v[3]) for v in event["values"]) == sorted([
+        ("cpf", hmac_value(secret, "cpf", cpf)), ("email", hmac_value(secret, "email", mail))])
+    assert event["masking"] == {"cpf": 1, "email": 1} and event["subject"] == "agent-sre"
+    assert cpf not in json.dumps(event) and mail not in json.dumps(event)
+
+
 def test_masked_output_held_back_at_the_end_reaches_kubectl(kube: Any, kgw: KubeGateway) -> None:
     """Output that ends in what could be the start of a value (digits, no newline) is held
     back by the masker; it still reaches kubectl, before the stream's close (v5)."""

@@ -27,6 +27,7 @@ from yarl import URL
 
 from bastion.config import ClusterConfig
 from bastion.identity import AuthError, Identity
+from bastion.kube.logmask import MaskedLogRelay, log_masker
 from bastion.kube.policy import PathError, authorize_kube, parse_path, reachable_clusters
 from bastion.kube.status import status_response, wants_text_errors
 from bastion.kube.tls import ensure_server_cert, server_context, server_names
@@ -254,6 +255,10 @@ class KubeFrontDoor:
         for key, value in (*creds.auth_headers().items(), *impersonation(cluster, identity)):
             headers.add(key, value)
         headers["X-Forwarded-For"] = request.remote or ""
+        masker = log_masker(self.gw, req, cluster.name, identity)
+        if masker is not None:  # the masker reads plain text: no compression on this response
+            headers.popall("Accept-Encoding", None)
+            headers["Accept-Encoding"] = "identity"
         query = request.raw_path.partition("?")[2]
         url = URL(creds.server + req.raw_path + (f"?{query}" if query else ""), encoded=True)
         body: Any = None
@@ -277,14 +282,23 @@ class KubeFrontDoor:
             raise Refused(502, f"guarita: cannot reach the API server of cluster {cluster.name!r}: "
                                f"{_short(exc)}") from None
         try:
+            if masker is not None and resp.headers.get("Content-Encoding", "identity").lower() != "identity":
+                raise Refused(502, f"guarita: the API server of cluster {cluster.name!r} compressed a log stream "
+                                   "that guarita must mask; it is not passed on")
             out = web.StreamResponse(status=resp.status, reason=resp.reason)
             for key, value in resp.headers.items():
-                if key.lower() not in _DROP_RESPONSE:
+                if key.lower() not in _DROP_RESPONSE and not (masker is not None and key.lower() == "content-length"):
                     out.headers.add(key, value)
             await out.prepare(request)
             try:
-                async for chunk in resp.content.iter_any():
-                    await out.write(chunk)
+                if masker is not None:
+                    await MaskedLogRelay(self.gw, masker, {
+                        "subject": identity.subject, "cluster": cluster.name, "namespace": req.namespace,
+                        "pod": req.name, "container": request.query.get("container"), "status": resp.status,
+                    }).relay(resp, out)
+                else:
+                    async for chunk in resp.content.iter_any():
+                        await out.write(chunk)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 # Headers are gone already: the only honest signal left is a cut connection.
                 log.info("cluster %s: upstream stream ended: %s", cluster.name, _short(exc))

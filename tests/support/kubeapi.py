@@ -207,6 +207,8 @@ class KubeAPIStandIn:
         self.execs: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self.ca = TestCA(workdir)
+        # Log output a test sets for "pod/container" (the stand-in runs in the test's process).
+        self.log_chunks: dict[str, list[bytes]] = {}
         self.pods: dict[str, dict[str, dict[str, Any]]] = {
             "default": {
                 "web": make_pod("default", "web", ["app", "sidecar"]),
@@ -420,6 +422,11 @@ class KubeAPIStandIn:
         await response.prepare(request)
         follow = request.query.get("follow") in ("1", "true")
         assert self._stopping is not None
+        given = self.log_chunks.get(f"{pod['metadata']['name']}/{container}")
+        if given is not None:  # set by a test: these chunks, each in its own write
+            for chunk in given:
+                await response.write(chunk)
+            return response
         for n in range(1, 600 if follow else 4):
             await response.write(f"log line {n} from {pod['metadata']['name']}/{container}\n".encode())
             if follow:

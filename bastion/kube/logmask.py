@@ -1,0 +1,95 @@
+"""Masking ``kubectl logs`` (the pods/log subresource) on clusters where masking applies.
+
+``kubectl logs`` is a plain HTTP response, not a session: nothing is recorded. Where the
+masking policy applies to live output for this cluster and identity (``live`` or
+``both``), the log stream goes through a :class:`StreamMasker` like exec output does:
+the client never gets an original value. What was masked is written to the audit log as
+``kube.logs.masked`` events (detector, stream offset, length and keyed hash per value,
+as in a recording's masking markers), at most :data:`VALUES_PER_EVENT` values each.
+
+With ``recording`` there is no recording to mask, so the logs pass as they are.
+Other API responses (ConfigMaps, Secrets, Events...) are JSON objects and are not
+masked: docs/masking.md says so, and what an agent may read there is a matter for
+the cluster's RBAC (guarita impersonates the caller).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from bastion.identity import Identity
+from bastion.masking import StreamMasker
+from bastion.masking.stream import Masked
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from bastion.gateway import Gateway
+    from bastion.kube.policy import KubeRequest
+
+VALUES_PER_EVENT = 500
+
+
+def log_masker(gw: Gateway, req: KubeRequest, cluster: str, identity: Identity) -> StreamMasker | None:
+    """A masker for this request if it reads pod logs where the live output is masked."""
+    masking = gw.config.masking
+    secret = getattr(gw, "masking_secret", None)
+    if masking is None or secret is None or req.resource != "pods" or req.subresource != "log":
+        return None
+    if masking.where(None, cluster, identity.groups) not in ("live", "both"):
+        return None
+    return masking.masker(secret)
+
+
+class MaskedLogRelay:
+    """Copies one log response to the client through a masker, releasing a held-back tail
+    after ``flush_after`` of silence (``logs -f``) and at the end."""
+
+    def __init__(self, gw: Gateway, masker: StreamMasker, fields: dict[str, Any]) -> None:
+        self.gw = gw
+        self.masker = masker
+        self.fields = fields
+        self.counts: Counter[str] = Counter()
+        self._values: list[list[Any]] = []
+
+    async def relay(self, resp: aiohttp.ClientResponse, out: web.StreamResponse) -> None:
+        flush_after = self.gw.config.masking.flush_after if self.gw.config.masking else 0.005
+        try:
+            while True:
+                try:
+                    chunk = await (asyncio.wait_for(resp.content.readany(), flush_after) if self.masker.holding
+                                   else resp.content.readany())
+                except TimeoutError:  # silence: release what was held back
+                    await self._write(out, *self.masker.flush())
+                    continue
+                if not chunk:
+                    break
+                await self._write(out, *self.masker.feed(chunk))
+            await self._write(out, *self.masker.flush())
+        finally:
+            self._emit()
+
+    async def _write(self, out: web.StreamResponse, data: bytes, found: list[Masked]) -> None:
+        if found:
+            self._note(found)
+        if data:
+            await out.write(data)
+
+    def _note(self, found: list[Masked]) -> None:
+        metrics = getattr(self.gw, "metrics", None)
+        for detector, n in Counter(m.detector for m in found).items():
+            self.counts[detector] += n
+            if metrics is not None and hasattr(metrics, "masked"):
+                metrics.masked(detector, n)
+        self._values.extend([m.detector, m.offset, m.length, m.hmac] for m in found)
+        if len(self._values) >= VALUES_PER_EVENT:
+            self._emit()
+
+    def _emit(self) -> None:
+        while self._values:
+            batch, self._values = self._values[:VALUES_PER_EVENT], self._values[VALUES_PER_EVENT:]
+            self.gw.audit.emit("kube.logs.masked", **self.fields, masking=dict(self.counts), values=batch)

@@ -1,0 +1,56 @@
+"""bastion/kube/logmask.py: the log relay releases a held-back tail after silence (``logs -f``)."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+from bastion.kube.logmask import MaskedLogRelay
+from bastion.masking import StreamMasker, default_detectors
+
+
+class _Content:
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def readany(self) -> bytes:
+        return await self.queue.get()
+
+
+class _Out:
+    def __init__(self) -> None:
+        self.data = b""
+        self.changed = asyncio.Event()
+
+    async def write(self, data: bytes) -> None:
+        self.data += data
+        self.changed.set()
+
+
+async def _until(out: _Out, expected: bytes) -> None:
+    async with asyncio.timeout(5):
+        while out.data != expected:
+            out.changed.clear()
+            await out.changed.wait()
+
+
+def test_follow_stream_releases_tail_after_silence_and_audits_values() -> None:
+    events: list[tuple[str, dict[str, Any]]] = []
+    gw = SimpleNamespace(config=SimpleNamespace(masking=SimpleNamespace(flush_after=0.005)),
+                         audit=SimpleNamespace(emit=lambda name, **fields: events.append((name, fields))))
+
+    async def scenario() -> bytes:
+        resp = SimpleNamespace(content=_Content())
+        out = _Out()
+        relay = MaskedLogRelay(gw, StreamMasker(default_detectors(), b"k" * 32), {"pod": "web"})  # type: ignore[arg-type]
+        task = asyncio.create_task(relay.relay(resp, out))  # type: ignore[arg-type]
+        resp.content.queue.put_nowait(b"cliente 529.982.247-25\npedido 12345")
+        await _until(out, b"cliente ***.***.***-**\npedido 12345")  # the tail, after 5 ms of silence
+        resp.content.queue.put_nowait(b"")  # end of the stream
+        await task
+        return out.data
+
+    assert asyncio.run(scenario()) == b"cliente ***.***.***-**\npedido 12345"
+    assert [name for name, _ in events] == ["kube.logs.masked"]
+    assert events[0][1]["masking"] == {"cpf": 1} and events[0][1]["values"][0][0] == "cpf"
