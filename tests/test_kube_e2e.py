@@ -12,6 +12,7 @@ import base64
 import http.client
 import json
 import os
+import selectors
 import shlex
 import ssl
 import stat
@@ -610,7 +611,7 @@ def test_port_forward_ends_on_a_lock_and_on_credential_expiry(kgw: KubeGateway, 
     stopped = kgw.wait_audit("kube.portforward.stopped", since=since, subject="agent-ci")
     assert stopped["kind"] == "lock" and stopped["lock"] == lock_ids[0]
     end = kgw.wait_audit("kube.portforward.end", since=since, subject="agent-ci")
-    assert "tunnel drill" in end["reason"] and end["tunnel"] == stopped["tunnel"]
+    assert "tunnel drill" in end["reason"] and end["stream"] == stopped["stream"]
 
     token = oidc.token("agent-brief-ci")  # lives 5 s
     got, closed = asyncio.run(_tunnel(kgw, token, lambda: None))
@@ -919,6 +920,54 @@ def test_lock_refuses_requests_and_ends_a_live_exec(kube: Any, kgw: KubeGateway,
     assert [e.data["type"] for e in events if e.code == "m" and e.data.get("type") in ("lock", "terminated")] == [
         "lock", "terminated"]
     assert "kube drill" in manifest["end"]["reason"]
+
+
+def _first_line(proc: subprocess.Popen[bytes], timeout: float = 20) -> bytes:
+    """The first line a streaming kubectl prints (its stream is open then)."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    line = b""
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while not line.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            assert left > 0 and sel.select(left), f"no output from {proc.args}"
+            byte = os.read(proc.stdout.fileno(), 1)
+            assert byte, f"{proc.args} ended: {proc.stderr.read() if proc.stderr else b''!r}"
+            line += byte
+    return line
+
+
+def test_lock_ends_watches_and_followed_logs(kube: Any, kgw: KubeGateway, oidc: OIDCProvider) -> None:
+    """`kubectl get -w` and `kubectl logs -f` are not sessions, but a lock ends them too: the
+    watch with an ERROR event kubectl prints, the log with a last line."""
+    ci = kube(client="agent-ci")
+    since = kgw.audit_mark()
+    logs = ci.popen("logs", "-f", "web", "-c", "sidecar")
+    watch = ci.popen("get", "pods", "-w")
+    lock_ids: list[str] = []
+    try:
+        assert b"log line" in _first_line(logs)
+        _first_line(watch)
+        status, body = _operator(kgw, oidc, "POST", "/v1/locks",
+                                 {"kind": "subject", "value": "agent-ci", "reason": "stream drill"})
+        assert status == 201, body
+        lock_ids.append(body["lock"]["id"])
+        logs_out, logs_err = logs.communicate(timeout=20)
+        watch_out, watch_err = watch.communicate(timeout=20)
+    finally:
+        for proc in (logs, watch):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        for lock_id in lock_ids:
+            assert _operator(kgw, oidc, "DELETE", f"/v1/locks/{lock_id}")[0] == 200
+    ended = "guarita: this session was ended: access for subject agent-ci was locked by an operator: stream drill"
+    assert ended.encode() in logs_out, (logs_out[-500:], logs_err)
+    assert ended.encode() in watch_out, (watch_out[-800:], watch_err)  # kubectl prints the Status as a row
+    stopped = kgw.audit_events(since)
+    assert sorted(e.get("subresource") or e.get("resource") for e in stopped
+                  if e["event"] == "kube.stream.stopped" and e["subject"] == "agent-ci") == ["log", "pods"]
 
 
 def test_output_frames_merge_per_channel_in_order() -> None:

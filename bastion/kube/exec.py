@@ -45,10 +45,11 @@ from bastion.kube.frontdoor import (
     forward_headers,
     impersonation,
 )
+from bastion.kube.held import HeldStream
 from bastion.kube.status import parse_exit, status
 from bastion.kube.upstream import ClusterUpstream, handshake_body
 from bastion.kube.wsframe import send_binary
-from bastion.session import Session, SessionInfo, utc_clock
+from bastion.session import Session, SessionInfo
 from recorder.recorder import new_session_id
 
 if TYPE_CHECKING:
@@ -655,9 +656,8 @@ async def handle_portforward(door: KubeFrontDoor, request: web.Request, identity
 class PortForwardRelay:
     """Opaque WebSocket relay: port-forward data is binary and never recorded, only audited.
 
-    A tunnel is held to its caller like a session (bastion/control): a lock or kill that
-    matches it ends it (``stop``, called by ``Control.enforce``), and so do the caller's
-    credential expiry and the access rule's ``max_duration`` (``_watch_limits``)."""
+    A tunnel is held to its caller like a session (bastion/kube/held.py): locks, kills,
+    credential expiry and ``max_duration`` close it, with the reason as the close reason."""
 
     def __init__(self, door: KubeFrontDoor, request: web.Request, identity: Identity, req: KubeRequest,
                  cluster: ClusterConfig, source: str, up: aiohttp.ClientWebSocketResponse) -> None:
@@ -667,52 +667,14 @@ class PortForwardRelay:
         self.bytes_in = 0
         self.bytes_out = 0
         self.reason = "closed"
-        # What bastion/control needs of a live session: id, info, ended, stopping, stop().
-        self.id = new_session_id()
-        self.info = SessionInfo(front_door="kube", identity=identity, source=source, target=cluster.name,
-                                kind="portforward", extra={"namespace": req.namespace, "pod": req.name})
-        self.ended = False
-        self.stopping = False
+        self.held = HeldStream(door.gw, "portforward", identity, source, cluster.name,
+                               {"namespace": req.namespace, "pod": req.name}, self._stopped)
         self._tasks: list[asyncio.Task[None]] = []
-        self._fields: dict[str, Any] = {}
 
-    def stop(self, kind: str, message: str, **fields: Any) -> bool:
-        """End the tunnel from the gateway's side (lock, kill, expiry); kubectl gets ``message``
-        as the WebSocket close reason."""
-        if self.ended:
-            return True
-        if not self.stopping:
-            self.stopping = True
-            self.reason = message
-            self.door.gw.audit.emit("kube.portforward.stopped", tunnel=self.id, kind=kind, reason=message,
-                                    **{k: v for k, v in {**self._fields, **fields}.items()
-                                       if k not in ("reason", "kind", "tunnel")})
+    def _stopped(self, message: str) -> None:
+        self.reason = message
         for task in self._tasks:
             task.cancel()
-        return True
-
-    async def _watch_limits(self) -> None:
-        control = getattr(self.door.gw, "control", None)
-        if control is None:
-            return
-        limits = control.limits_for(self.info)
-        started = time.time()
-        exp = self.identity.expires_at or None
-        ends: list[tuple[float, str, str]] = []
-        if exp is not None and limits.on_expiry == "end":
-            ends.append((exp, "expired", f"your credential expired at {utc_clock(exp)}; the port-forward ends "
-                         "(policy: on_expiry = end)"))
-        elif exp is not None:
-            ends.append((started + limits.max_session, "max-session",
-                         "the port-forward reached max_session, the longest it may outlive its credential"))
-        if limits.max_duration:
-            ends.append((started + limits.max_duration, "max-duration",
-                         "the port-forward reached its maximum duration (max_duration)"))
-        if not ends:
-            return
-        deadline, kind, message = min(ends)
-        await asyncio.sleep(max(0.0, deadline - time.time()))
-        self.stop(kind, message, limit=kind, rule=limits.rule)
 
     async def run(self) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(protocols=(self.up.protocol,) if self.up.protocol else (),
@@ -727,39 +689,30 @@ class PortForwardRelay:
         fields = {"subject": self.identity.subject, "source": self.source, "cluster": self.cluster.name,
                   "namespace": self.req.namespace, "pod": self.req.name,
                   "ports": self.request.query.getall("ports", []), "protocol": self.up.protocol}
-        fields["tunnel"] = self.id
-        self._fields = fields
+        fields["stream"] = self.held.id
         audit.emit("kube.portforward.start", **fields)
         started = time.monotonic()
         self.door.relays.add(self)
-        control = getattr(self.door.gw, "control", None)
-        if control is not None:
-            control.tunnel_started(self)
-        watchdog = asyncio.create_task(self._watch_limits())
+        stopped = False
         try:
-            a = asyncio.create_task(self._pump(ws, self.up, "in"))
-            b = asyncio.create_task(self._pump(self.up, ws, "out"))
-            self._tasks = [a, b]
-            if self.stopping:  # stopped while the tunnel was opening
-                for t in self._tasks:
-                    t.cancel()
-            try:
-                await asyncio.wait({a, b}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for t in (a, b):
-                    t.cancel()
-                await asyncio.gather(a, b, return_exceptions=True)
+            with self.held:
+                a = asyncio.create_task(self._pump(ws, self.up, "in"))
+                b = asyncio.create_task(self._pump(self.up, ws, "out"))
+                self._tasks = [a, b]
+                try:
+                    await asyncio.wait({a, b}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for t in (a, b):
+                        t.cancel()
+                    await asyncio.gather(a, b, return_exceptions=True)
+                stopped = self.held.stopping
         finally:
-            self.ended = True
-            watchdog.cancel()
-            if control is not None:
-                control.tunnel_ended(self)
             self.door.relays.discard(self)
             with contextlib.suppress(Exception):
                 await self.up.close()
             with contextlib.suppress(Exception):  # the reason reaches kubectl as the close reason
-                await ws.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION if self.stopping else aiohttp.WSCloseCode.OK,
-                               message=self.reason.encode()[:120] if self.stopping else b"")
+                await ws.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION if stopped else aiohttp.WSCloseCode.OK,
+                               message=self.reason.encode()[:120] if stopped else b"")
             audit.emit("kube.portforward.end", **fields, bytes_in=self.bytes_in, bytes_out=self.bytes_out,
                        duration=round(time.monotonic() - started, 3), reason=self.reason)
         return ws

@@ -16,8 +16,10 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import json
 import logging
 import time
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -27,6 +29,7 @@ from yarl import URL
 
 from bastion.config import ClusterConfig
 from bastion.identity import AuthError, Identity
+from bastion.kube.held import HeldStream
 from bastion.kube.logmask import MaskedLogRelay, log_masker
 from bastion.kube.policy import PathError, authorize_kube, parse_path, reachable_clusters
 from bastion.kube.status import status_response, wants_text_errors
@@ -290,15 +293,19 @@ class KubeFrontDoor:
                 if key.lower() not in _DROP_RESPONSE and not (masker is not None and key.lower() == "content-length"):
                     out.headers.add(key, value)
             await out.prepare(request)
+            if masker is not None:
+                body = MaskedLogRelay(self.gw, masker, {
+                    "subject": identity.subject, "cluster": cluster.name, "namespace": req.namespace,
+                    "pod": req.name, "container": request.query.get("container"), "status": resp.status,
+                }).relay(resp, out)
+            else:
+                body = _copy(resp, out)
             try:
-                if masker is not None:
-                    await MaskedLogRelay(self.gw, masker, {
-                        "subject": identity.subject, "cluster": cluster.name, "namespace": req.namespace,
-                        "pod": req.name, "container": request.query.get("container"), "status": resp.status,
-                    }).relay(resp, out)
+                if _long_lived(request):
+                    if await self._held(body, request, identity, req, cluster, resp, out):
+                        return out  # ended by the gateway (lock, kill, expiry)
                 else:
-                    async for chunk in resp.content.iter_any():
-                        await out.write(chunk)
+                    await body
             except (aiohttp.ClientError, TimeoutError) as exc:
                 # Headers are gone already: the only honest signal left is a cut connection.
                 log.info("cluster %s: upstream stream ended: %s", cluster.name, _short(exc))
@@ -309,6 +316,62 @@ class KubeFrontDoor:
             return out
         finally:
             resp.release()
+
+
+    async def _held(self, body: Coroutine[Any, Any, None], request: web.Request, identity: Identity,
+                    req: KubeRequest, cluster: ClusterConfig, resp: aiohttp.ClientResponse,
+                    out: web.StreamResponse) -> bool:
+        """A watch or followed log, held to its caller (bastion/kube/held.py); True if the
+        gateway ended it: the client gets the reason as a last watch event or log line."""
+        relay = asyncio.create_task(body)
+
+        def stop(message: str) -> None:
+            relay.cancel()
+
+        held = HeldStream(self.gw, "stream", identity, request.remote or "", cluster.name,
+                          {"namespace": req.namespace, "resource": req.resource, "name": req.name,
+                           "subresource": req.subresource}, stop)
+        try:
+            with held:
+                await relay
+            return False
+        except asyncio.CancelledError:
+            if not held.stopping or not relay.cancelled():
+                raise
+            await _last_word(resp, out, held.reason or "ended by the gateway")
+            if request.transport is not None:
+                request.transport.close()
+            return True
+        finally:
+            relay.cancel()
+
+
+async def _copy(resp: aiohttp.ClientResponse, out: web.StreamResponse) -> None:
+    async for chunk in resp.content.iter_any():
+        await out.write(chunk)
+
+
+def _long_lived(request: web.Request) -> bool:
+    """A watch or a followed log: open until someone closes it."""
+    return any(request.query.get(key, "").lower() in ("1", "true") for key in ("watch", "follow"))
+
+
+async def _last_word(resp: aiohttp.ClientResponse, out: web.StreamResponse, reason: str) -> None:
+    """Why the gateway ends a stream, in the stream's own terms: an ERROR watch event with a
+    Status (kubectl prints its message), or a line of text in a log."""
+    message = f"guarita: {reason}"
+    kind = resp.headers.get("Content-Type", "")
+    if "json" in kind:
+        event = {"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "metadata": {},
+                                             "status": "Failure", "message": message, "reason": "Forbidden",
+                                             "code": 403}}
+        data = json.dumps(event).encode() + b"\n"
+    elif kind.startswith("text/"):
+        data = f"\n{message}\n".encode()
+    else:
+        return
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        await out.write(data)
 
 
 def _short(exc: BaseException) -> str:
