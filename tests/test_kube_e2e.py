@@ -872,6 +872,22 @@ def test_pod_logs_are_masked_on_a_masked_cluster(kube: Any, kgw: KubeGateway, st
     assert cpf not in json.dumps(event) and mail not in json.dumps(event)
 
 
+def test_kubectl_cp_from_a_masked_cluster_copies_masked_contents(kube: Any, tmp_path: Path) -> None:
+    """`kubectl cp` is a tar stream over exec: on a masked cluster the files' contents come
+    out masked and the archive stays valid (redact keeps lengths). The documented limit: a
+    value within 32 bytes after binary data (here the tar header's padding) is left alone."""
+    cpf, other = "529.982.247-25", "111.444.777-35"
+    header = f"id;cpf\n1;{other}\n"  # right after the tar header: binary data before it
+    body = "".join(f"{n};cliente {n} cpf {cpf}\n" for n in range(2, 200))
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "clientes.csv").write_text(header + body)
+    local = tmp_path / "local.csv"
+    result = kube(cluster="masked").run("cp", f"web:{remote / 'clientes.csv'}", str(local), "-c", "app")
+    assert result.returncode == 0, _text(result)
+    assert local.read_text() == header + body.replace(cpf, "***.***.***-**")
+
+
 def test_masked_output_held_back_at_the_end_reaches_kubectl(kube: Any, kgw: KubeGateway) -> None:
     """Output that ends in what could be the start of a value (digits, no newline) is held
     back by the masker; it still reaches kubectl, before the stream's close (v5)."""
