@@ -50,9 +50,9 @@ class Control:
         self.gw = gateway
         self.limiter = SessionLimiter()
         self.sessions: dict[str, Session] = {}
-        # Live port-forward tunnels (bastion/kube/exec.py): not sessions (nothing is recorded),
-        # but locks and kills end them the same way.
-        self.tunnels: dict[str, Any] = {}
+        # Live Kubernetes connections that are not sessions (port-forward tunnels, watches,
+        # followed logs: bastion/kube/held.py): nothing is recorded, but locks and kills end them.
+        self.held: dict[str, Any] = {}
         self.locks: list[Lock] = []  # in force (kills included), as last read
         self.loaded_at = 0.0
         self._task: asyncio.Task[None] | None = None
@@ -126,11 +126,11 @@ class Control:
         self.sessions.pop(session.id, None)
         self.limiter.ended(session.id)
 
-    def tunnel_started(self, tunnel: Any) -> None:
-        self.tunnels[tunnel.id] = tunnel
+    def held_started(self, stream: Any) -> None:
+        self.held[stream.id] = stream
 
-    def tunnel_ended(self, tunnel: Any) -> None:
-        self.tunnels.pop(tunnel.id, None)
+    def held_ended(self, stream: Any) -> None:
+        self.held.pop(stream.id, None)
 
     def enforce(self) -> int:
         """End every local live session that a lock (or kill) in force matches; returns how many
@@ -140,7 +140,7 @@ class Control:
         if not active:
             return 0
         ended = 0
-        for session in [*self.sessions.values(), *self.tunnels.values()]:
+        for session in [*self.sessions.values(), *self.held.values()]:
             if session.ended or session.stopping:
                 continue
             info = session.info

@@ -688,8 +688,8 @@ class PortForwardRelay:
         audit = self.door.gw.audit
         fields = {"subject": self.identity.subject, "source": self.source, "cluster": self.cluster.name,
                   "namespace": self.req.namespace, "pod": self.req.name,
-                  "ports": self.request.query.getall("ports", []), "protocol": self.up.protocol}
-        fields["stream"] = self.held.id
+                  "ports": self.request.query.getall("ports", []), "protocol": self.up.protocol,
+                  "stream": self.held.id}
         audit.emit("kube.portforward.start", **fields)
         started = time.monotonic()
         self.door.relays.add(self)

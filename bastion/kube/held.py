@@ -43,7 +43,7 @@ class HeldStream:
 
     def __enter__(self) -> HeldStream:
         if self._control is not None:
-            self._control.tunnel_started(self)
+            self._control.held_started(self)
             self._watchdog = asyncio.create_task(self.watch_limits())
         return self
 
@@ -52,7 +52,7 @@ class HeldStream:
         if self._watchdog is not None:
             self._watchdog.cancel()
         if self._control is not None:
-            self._control.tunnel_ended(self)
+            self._control.held_ended(self)
 
     def stop(self, kind: str, message: str, **fields: Any) -> bool:
         """End it from the gateway's side (lock, kill, expiry): audited, then closed."""
