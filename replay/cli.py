@@ -369,6 +369,43 @@ def search(ctx: Context, pattern: str, commands_only: bool, ignore_case: bool, a
         sys.exit(1)
 
 
+@main.command()
+@click.argument("hmac")
+@filter_options
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per place.")
+@pass_store
+def masked(ctx: Context, hmac: str, as_json: bool, **kw: Any) -> None:
+    """Where the value with keyed hash HMAC was masked, across sessions.
+
+    HMAC is what `bastion mask-hash DETECTOR VALUE` prints: the value itself is never
+    stored, so this answers "was this CPF shown, and where was it masked?" from the
+    recordings alone. (`kubectl logs` is not recorded: its values are in the audit log's
+    `kube.logs.masked` events.)
+    """
+    from replay.search import masked_in_session
+
+    hmac = hmac.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", hmac):
+        raise click.BadParameter("a keyed hash is 64 hex digits: get it with `bastion mask-hash DETECTOR VALUE`",
+                                 param_hint="HMAC")
+    kw["masked"] = True  # only sessions that had masking can hold it
+    hits = 0
+    for summary in progress(_sessions(ctx, _filters(kw)), "searching"):
+        try:
+            for hit in masked_in_session(ctx.store(), summary, hmac):
+                hits += 1
+                if as_json:
+                    click.echo(json.dumps(hit.__dict__))
+                else:
+                    click.echo(f"{hit.session}  {format_offset(hit.t):>9}  {hit.stream}  {hit.detector:<10}  "
+                               f"bytes {hit.offset}-{hit.offset + hit.length}")
+        except ReplayError as exc:
+            click.echo(f"replay: {summary.id}: {exc} (searched up to there)", err=True)
+    if not hits:
+        click.echo("(not masked in any session searched)", err=True)
+        sys.exit(1)
+
+
 def format_offset(t: float) -> str:
     minutes, seconds = divmod(t, 60)
     hours, minutes = divmod(int(minutes), 60)

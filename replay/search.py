@@ -3,6 +3,9 @@
 Output is scanned segment by segment; a line is matched once it is complete (at its
 newline), with escape sequences removed, and reported at the time its first byte was
 printed, so ``replay play ID --from T`` lands just before it appears.
+
+``replay masked``: where a value was masked, found by its keyed hash in the recordings'
+``masking`` markers (docs/recording-format.md), without the value ever being stored.
 """
 
 from __future__ import annotations
@@ -62,3 +65,24 @@ def _line_hit(session: str, t: float, raw: str, pattern: re.Pattern[str]) -> Hit
     if "\r" in text:  # a redrawn line: what stayed on screen is after the last carriage return
         text = text.rstrip("\r").rsplit("\r", 1)[-1]
     return Hit(session, t, "output", text) if pattern.search(text) else None
+
+
+@dataclass(frozen=True)
+class MaskHit:
+    session: str
+    t: float
+    stream: str
+    detector: str
+    offset: int
+    length: int
+
+
+def masked_in_session(store: RecordingStore, summary: SessionSummary, hmac: str) -> Iterator[MaskHit]:
+    """Every place in the session where the value with this keyed hash was masked."""
+    for event in iter_events(store, summary):
+        if event.code != "m" or not isinstance(event.data, dict) or event.data.get("type") != "masking":
+            continue
+        for value in event.data.get("values") or []:
+            if isinstance(value, list) and len(value) == 4 and value[3] == hmac:
+                yield MaskHit(summary.id, event.t, str(event.data.get("stream", "o")), str(value[0]), int(value[1]),
+                              int(value[2]))

@@ -6,8 +6,10 @@ log (markers) holds detector, position and the keyed hash an auditor can recompu
 
 from __future__ import annotations
 
+import json
 import random
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +106,19 @@ def test_exec_output_is_masked_for_the_agent_and_the_recording(masking_gateway: 
     assert asked.returncode == 0, asked.stderr
     assert asked.stdout.strip() in {m["hmac"] for m in _masked(events)}
     assert manifest["session"]["masking"] == "both"
+    # ... and across sessions, from the recordings alone: where was it masked?
+    found = subprocess.run([sys.executable, "-m", "replay.cli", "--config", str(gw.config_path), "masked",
+                            asked.stdout.strip(), "--json"], capture_output=True, text=True, timeout=60)
+    assert found.returncode == 0, found.stderr
+    places = [json.loads(line) for line in found.stdout.splitlines()]
+    assert {(p["session"], p["detector"], p["stream"]) for p in places} >= {(sid, "cpf", "o")}
+    assert VALUES["cpf"] not in found.stdout
+    unknown = subprocess.run([sys.executable, "-m", "replay.cli", "--config", str(gw.config_path), "masked",
+                              "0" * 64], capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 1 and "not masked in any session" in unknown.stderr
+    bad = subprocess.run([sys.executable, "-m", "replay.cli", "--config", str(gw.config_path), "masked",
+                          VALUES["cpf"]], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "bastion mask-hash" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_recording_only_policy_shows_the_agent_the_original(masking_gateway: GatewayProcess,
