@@ -406,6 +406,41 @@ def masked(ctx: Context, hmac: str, as_json: bool, **kw: Any) -> None:
         sys.exit(1)
 
 
+@main.command()
+@filter_options
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The package to write (.tar.gz).")
+@click.option("--public-key", help="Trusted recording public key (PEM file or base64), see `bastion keys`.")
+@pass_store
+def evidence(ctx: Context, output: Path, public_key: str | None, **kw: Any) -> None:
+    """One package of the sessions the filters select, for an auditor or a regulator.
+
+    The stored objects as they are (re-checkable with `replay verify`), a transcript, an
+    asciicast file and the commands and approvals of each session, and an index (CSV and
+    JSON) of who, when, where, what, under whose approval, masking counts and the
+    verification result. Give at least one filter: `--subject ci-bot --since 30d`.
+    """
+    from replay.evidence import write_package
+
+    chosen = {k: v for k, v in kw.items() if v not in (None, False)}
+    if not chosen:
+        raise click.UsageError("give at least one filter (--subject, --target, --since ...): an evidence package "
+                               "is about someone, something or some time")
+    selection = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in chosen.items())
+    sessions = _sessions(ctx, _filters(kw))
+    if not sessions:
+        _fail(f"no sessions match {selection}")
+    if output.parent and not output.parent.is_dir():
+        raise click.BadParameter(f"{output.parent} is not a folder", param_hint="--output")
+    try:
+        ok, failed = write_package(ctx.store(), sessions, output, ctx.trusted_key(public_key), selection)
+    except (StoreError, OSError) as exc:
+        _fail(f"cannot write the package: {exc}")
+    click.echo(f"{output}: {len(sessions)} sessions, {ok} verified OK, {failed} with problems (see index.json)")
+    if failed:
+        sys.exit(1)
+
+
 def format_offset(t: float) -> str:
     minutes, seconds = divmod(t, 60)
     hours, minutes = divmod(int(minutes), 60)

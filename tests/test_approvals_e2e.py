@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 import urllib.request
 import uuid
@@ -171,7 +172,7 @@ def shell(gw: GatewayProcess, targets: Targets, token: str, target: str = "web-k
 
 
 def test_exec_approved_through_the_cli(agw: GatewayProcess, oidc: OIDCProvider, targets: Targets,
-                                       hooks: WebhookReceiver) -> None:
+                                       hooks: WebhookReceiver, tmp_path_factory: pytest.TempPathFactory) -> None:
     cmd = "echo needs-approval-$((6*7)); echo to-stderr >&2"
     mark = agw.audit_mark()
     job = BackgroundSsh([*dest(agw, f"{targets.login}@web-key"), cmd], oidc.token("agent-ci"))
@@ -211,6 +212,35 @@ def test_exec_approved_through_the_cli(agw: GatewayProcess, oidc: OIDCProvider, 
     assert shown.returncode == 0, shown.stderr
     assert "approval-request" in shown.stdout and "approval-decision" in shown.stdout
     assert "outcome=approved" in shown.stdout
+    _check_evidence_package(agw, sid, cmd, tmp_path_factory.mktemp("evidence"))
+
+
+def _check_evidence_package(gw: GatewayProcess, sid: str, cmd: str, folder: Path) -> None:
+    """`replay evidence`: the package names who, what and whose approval, and what it holds
+    verifies again from the package alone, against the key it names."""
+    package = folder / "agent-ci.tar.gz"
+    made = subprocess.run([sys.executable, "-m", "replay.cli", "--config", str(gw.config_path), "evidence",
+                           "--subject", "agent-ci", "--command", cmd, "-o", str(package)],
+                          capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    assert "1 sessions, 1 verified OK" in made.stdout
+    with tarfile.open(package) as tar:
+        names = tar.getnames()
+        index = json.loads(tar.extractfile("index.json").read())  # type: ignore[union-attr]
+        tar.extractall(folder / "x", filter="data")
+    assert [row["id"] for row in index] == [sid]
+    row = index[0]
+    assert (row["subject"], row["command"], row["exit_status"], row["verified"]) == ("agent-ci", cmd, 0, True)
+    assert [(a["approver"], a["decision"], a["reason"]) for a in row["approvals"]] == [
+        ("agent-sre", "approve", "ticket OPS-1")]
+    assert f"sessions/{sid}/session.cast" in names and any(n.endswith(f"{sid}/manifest.json") for n in names)
+    again = subprocess.run([sys.executable, "-m", "replay.cli", "--recordings", (folder / "x" / "store").as_uri(),
+                            "verify", "--all", "--public-key", str(folder / "x" / "recording-key.pub")],
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and f"{sid}: OK" in again.stdout, again.stdout + again.stderr
+    none = subprocess.run([sys.executable, "-m", "replay.cli", "--config", str(gw.config_path), "evidence",
+                           "-o", str(folder / "all.tar.gz")], capture_output=True, text=True, timeout=60)
+    assert none.returncode == 2 and "at least one filter" in none.stderr and not (folder / "all.tar.gz").exists()
 
 
 def test_exec_denied_ends_with_status_1_and_the_reason(agw: GatewayProcess, oidc: OIDCProvider,

@@ -1,0 +1,156 @@
+"""``replay evidence``: one package for an auditor or a regulator.
+
+For the sessions a filter selects (a data subject's operator, a target, a time range),
+a ``.tar.gz`` holding, per session, the stored objects exactly as they are in the store
+(``start.json``, the segments, the signed ``manifest.json``: anyone can check them again
+with ``replay --recordings file://... verify``), a readable transcript, an asciicast
+file for ``asciinema play``, the commands with their approvals, and the result of
+``replay verify`` at export time. At the top: ``index.json`` and ``index.csv`` (who,
+when, where, what, exit status, approvals, masking counts, verification), the trusted
+recording public key when one was given, and a README saying how to check all of it.
+
+The package is written to a temporary file next to the output and renamed into place,
+so an interrupted export never leaves a partial file under the final name.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import os
+import tarfile
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from recorder.signing import public_key_id
+from recorder.store import RecordingStore, session_prefix
+from replay.asciicast import marker_label, write_text, write_v2
+from replay.reader import ReplayError, SessionSummary, iter_events
+from replay.verify import verify_session
+
+INDEX_FIELDS = ("id", "started_at", "state", "subject", "email", "groups", "source", "front_door", "target", "login",
+                "namespace", "pod", "container", "kind", "command", "exit_status", "end_reason", "approvals", "masking", "verified",
+                "problems")
+
+README = """guarita evidence package
+========================
+
+Made {made} by `replay evidence` for: {selection}
+Sessions: {count}. Verified at export: {ok} OK, {failed} with problems (index.json "problems").
+
+index.json / index.csv   one row per session: who (OIDC subject, e-mail, groups, source
+                         address), where (target or cluster, login, namespace, pod), what
+                         (kind, command), when, exit status, end reason, approvals
+                         (request, approver, decision, reason), masking counts per
+                         detector, and the result of `replay verify` at export time.
+store/                   the sessions' objects exactly as stored, under their own keys:
+                         start.json, the zstd segments (hash-chained) and manifest.json
+                         (signed, Ed25519). It is a recordings folder `replay` can read.
+sessions/ID/transcript.txt   what the session printed (and typed input), with its markers.
+sessions/ID/session.cast     asciicast v2: `asciinema play sessions/ID/session.cast`.
+sessions/ID/commands.txt     commands and approval events, with their time offsets.
+recording-key.pub        the trusted recording public key, base64 ({key_id}).
+
+To check it without trusting whoever made it (`pip install guarita` gives `replay`):
+
+    mkdir evidence && tar xzf PACKAGE.tar.gz -C evidence && cd evidence
+    replay --recordings "file://$PWD/store" verify --all --public-key recording-key.pub
+    replay --recordings "file://$PWD/store" ls
+
+Compare recording-key.pub with the key the gateway's operators published (`bastion keys`).
+Masking markers hold keyed hashes, never values: `bastion mask-hash DETECTOR VALUE` with
+the gateway's masking secret gives a value's hash, and `replay masked HASH` finds it.
+"""
+
+def write_package(store: RecordingStore, sessions: list[SessionSummary], out: Path, trusted_key: bytes | None,
+                  selection: str) -> tuple[int, int]:
+    """Write the package; returns (sessions verified OK, sessions with problems)."""
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    rows: list[dict[str, Any]] = []
+    try:
+        with tarfile.open(tmp, "w:gz") as tar:
+            for summary in sessions:
+                rows.append(_add_session(tar, store, summary, trusted_key))
+            ok = sum(1 for r in rows if r["verified"])
+            _add(tar, "index.json", json.dumps(rows, ensure_ascii=False, indent=1).encode())
+            _add(tar, "index.csv", _csv(rows))
+            key_id = "none given: signatures were checked against the keys in the manifests"
+            if trusted_key is not None:
+                key_id = public_key_id(trusted_key)
+                _add(tar, "recording-key.pub", base64.b64encode(trusted_key) + b"\n")
+            _add(tar, "README.txt", README.format(made=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                                                  selection=selection, count=len(rows), ok=ok,
+                                                  failed=len(rows) - ok, key_id=key_id).encode())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ok, len(rows) - ok
+
+
+def _add_session(tar: tarfile.TarFile, store: RecordingStore, summary: SessionSummary,
+                 trusted_key: bytes | None) -> dict[str, Any]:
+    base = f"sessions/{summary.id}/"
+    for key in store.list(session_prefix(summary.id)):
+        _add(tar, "store/" + key, store.get(key))
+    result = verify_session(store, summary, trusted_key)
+    problems = list(result.problems)
+    try:
+        events = list(iter_events(store, summary))
+    except ReplayError as exc:
+        events = []
+        problems.append(f"cannot be read: {exc}")
+    text = io.StringIO()
+    write_text(summary, events, text)
+    _add(tar, base + "transcript.txt", text.getvalue().encode())
+    cast = io.StringIO()
+    write_v2(summary, events, cast)
+    _add(tar, base + "session.cast", cast.getvalue().encode())
+    _add(tar, base + "commands.txt", "".join(_commands(summary, events)).encode())
+    return _row(summary, events, not problems, problems)
+
+
+def _commands(summary: SessionSummary, events: Iterable[Any]) -> Iterator[str]:
+    marks = [e for e in events if e.code == "m" and isinstance(e.data, dict)
+             and str(e.data.get("type", "")).startswith(("command", "approval"))]
+    if summary.meta.get("command") and not any(e.data.get("type") == "command" for e in marks):
+        yield f"0.0\tcommand: {summary.meta['command']}\n"
+    for e in marks:
+        yield f"{e.t:.1f}\t{marker_label(e.data)}\n"
+
+
+def _row(summary: SessionSummary, events: list[Any], verified: bool, problems: list[str]) -> dict[str, Any]:
+    meta, identity = summary.meta, summary.identity
+    approvals = [{k: v for k, v in e.data.items() if k != "type"} for e in events
+                 if e.code == "m" and isinstance(e.data, dict) and e.data.get("type") == "approval-decision"]
+    return {
+        "id": summary.id, "started_at": meta.get("started_at"), "state": summary.state,
+        "subject": identity.get("subject"), "email": identity.get("email"), "groups": identity.get("groups") or [],
+        "source": meta.get("source"), "front_door": meta.get("front_door"), "target": meta.get("target"),
+        "login": meta.get("login"), "namespace": meta.get("namespace"), "pod": meta.get("pod"),
+        "container": meta.get("container"),
+        "kind": meta.get("kind"), "command": meta.get("command"), "exit_status": summary.exit_status,
+        "end_reason": summary.end.get("reason"), "approvals": approvals, "masking": summary.end.get("masking") or {},
+        "verified": verified, "problems": problems,
+    }
+
+
+def _csv(rows: list[dict[str, Any]]) -> bytes:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=INDEX_FIELDS)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v
+                         for k, v in row.items()})
+    return buf.getvalue().encode()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = int(time.time())
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
