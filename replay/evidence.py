@@ -21,10 +21,11 @@ import io
 import json
 import os
 import tarfile
+import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from recorder.signing import public_key_id
 from recorder.store import RecordingStore, session_prefix
@@ -98,34 +99,44 @@ def _add_session(tar: tarfile.TarFile, store: RecordingStore, summary: SessionSu
         _add(tar, "store/" + key, store.get(key))
     result = verify_session(store, summary, trusted_key)
     problems = list(result.problems)
+    # Each view reads the recording again, through a temporary file: memory stays flat
+    # whatever the session's size.
+    marks: list[Any] = []
     try:
-        events = list(iter_events(store, summary))
+        _add_written(tar, base + "transcript.txt", lambda out: write_text(summary, iter_events(store, summary), out))
+        _add_written(tar, base + "session.cast", lambda out: write_v2(summary, iter_events(store, summary), out))
+        marks = [e for e in iter_events(store, summary) if e.code == "m" and isinstance(e.data, dict)]
     except ReplayError as exc:
-        events = []
         problems.append(f"cannot be read: {exc}")
-    text = io.StringIO()
-    write_text(summary, events, text)
-    _add(tar, base + "transcript.txt", text.getvalue().encode())
-    cast = io.StringIO()
-    write_v2(summary, events, cast)
-    _add(tar, base + "session.cast", cast.getvalue().encode())
-    _add(tar, base + "commands.txt", "".join(_commands(summary, events)).encode())
-    return _row(summary, events, not problems, problems)
+    _add(tar, base + "commands.txt", "".join(_commands(summary, marks)).encode())
+    return _row(summary, marks, not problems, problems)
+
+
+def _add_written(tar: tarfile.TarFile, name: str, write: Callable[[IO[str]], None]) -> None:
+    with tempfile.TemporaryFile() as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+        write(text)
+        text.flush()
+        size = raw.tell()
+        raw.seek(0)
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, int(time.time()), 0o644
+        tar.addfile(info, raw)
+        text.detach()
 
 
 def _commands(summary: SessionSummary, events: Iterable[Any]) -> Iterator[str]:
-    marks = [e for e in events if e.code == "m" and isinstance(e.data, dict)
-             and str(e.data.get("type", "")).startswith(("command", "approval"))]
+    marks = [e for e in events if str(e.data.get("type", "")).startswith(("command", "approval"))]
     if summary.meta.get("command") and not any(e.data.get("type") == "command" for e in marks):
         yield f"0.0\tcommand: {summary.meta['command']}\n"
     for e in marks:
         yield f"{e.t:.1f}\t{marker_label(e.data)}\n"
 
 
-def _row(summary: SessionSummary, events: list[Any], verified: bool, problems: list[str]) -> dict[str, Any]:
+def _row(summary: SessionSummary, marks: list[Any], verified: bool, problems: list[str]) -> dict[str, Any]:
     meta, identity = summary.meta, summary.identity
-    approvals = [{k: v for k, v in e.data.items() if k != "type"} for e in events
-                 if e.code == "m" and isinstance(e.data, dict) and e.data.get("type") == "approval-decision"]
+    approvals = [{k: v for k, v in e.data.items() if k != "type"} for e in marks
+                 if e.data.get("type") == "approval-decision"]
     return {
         "id": summary.id, "started_at": meta.get("started_at"), "state": summary.state,
         "subject": identity.get("subject"), "email": identity.get("email"), "groups": identity.get("groups") or [],
