@@ -6,7 +6,7 @@ import json
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -353,19 +353,24 @@ def search(ctx: Context, pattern: str, commands_only: bool, ignore_case: bool, a
         regex = re.compile(pattern, re.IGNORECASE if ignore_case else 0)
     except re.error as exc:
         raise click.BadParameter(f"not a valid regular expression: {exc}", param_hint="PATTERN") from None
+    _report(ctx, _filters(kw), lambda summary: search_session(ctx.store(), summary, regex, commands_only),
+            lambda hit: f"{hit.session}  {format_offset(hit.t):>9}  {hit.kind:<7}  {hit.text}", as_json, "(no matches)")
+
+
+def _report(ctx: Context, filters: Filters, find: Callable[[SessionSummary], Iterator[Any]],
+            line: Callable[[Any], str], as_json: bool, nothing: str) -> None:
+    """Hits across the sessions the filters select, a line (or JSON object) each; exit 1
+    when there are none. A session that cannot be read is said so and skipped."""
     hits = 0
-    for summary in progress(_sessions(ctx, _filters(kw)), "searching"):
+    for summary in progress(_sessions(ctx, filters), "searching"):
         try:
-            for hit in search_session(ctx.store(), summary, regex, commands_only):
+            for hit in find(summary):
                 hits += 1
-                if as_json:
-                    click.echo(json.dumps(hit.__dict__, ensure_ascii=False))
-                else:
-                    click.echo(f"{hit.session}  {format_offset(hit.t):>9}  {hit.kind:<7}  {hit.text}")
+                click.echo(json.dumps(hit.__dict__, ensure_ascii=False) if as_json else line(hit))
         except ReplayError as exc:
             click.echo(f"replay: {summary.id}: {exc} (searched up to there)", err=True)
     if not hits:
-        click.echo("(no matches)", err=True)
+        click.echo(nothing, err=True)
         sys.exit(1)
 
 
@@ -389,21 +394,9 @@ def masked(ctx: Context, hmac: str, as_json: bool, **kw: Any) -> None:
         raise click.BadParameter("a keyed hash is 64 hex digits: get it with `bastion mask-hash DETECTOR VALUE`",
                                  param_hint="HMAC")
     kw["masked"] = True  # only sessions that had masking can hold it
-    hits = 0
-    for summary in progress(_sessions(ctx, _filters(kw)), "searching"):
-        try:
-            for hit in masked_in_session(ctx.store(), summary, hmac):
-                hits += 1
-                if as_json:
-                    click.echo(json.dumps(hit.__dict__))
-                else:
-                    click.echo(f"{hit.session}  {format_offset(hit.t):>9}  {hit.stream}  {hit.detector:<10}  "
-                               f"bytes {hit.offset}-{hit.offset + hit.length}")
-        except ReplayError as exc:
-            click.echo(f"replay: {summary.id}: {exc} (searched up to there)", err=True)
-    if not hits:
-        click.echo("(not masked in any session searched)", err=True)
-        sys.exit(1)
+    _report(ctx, _filters(kw), lambda summary: masked_in_session(ctx.store(), summary, hmac),
+            lambda hit: (f"{hit.session}  {format_offset(hit.t):>9}  {hit.stream}  {hit.detector:<10}  "
+                         f"bytes {hit.offset}-{hit.offset + hit.length}"), as_json, "(not masked in any session searched)")
 
 
 @main.command()
