@@ -218,6 +218,7 @@ class Config:
     audit_log: str = "-"
     env_allowlist: tuple[str, ...] = DEFAULT_ENV_ALLOWLIST
     cert_max_ttl: float = 3600.0
+    ssh_banner: str | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
     dev: bool = False
@@ -258,6 +259,21 @@ class Config:
 
     def cluster(self, name: str) -> ClusterConfig | None:
         return next((c for c in self.clusters if c.name == name), None)
+
+
+def _banner(r: _Reader, value: Any) -> str | None:
+    """``ssh.banner``: printable text and newlines, at most 2,000 characters, shown by ssh
+    clients before authentication (the notice that sessions are recorded, for instance)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        r.problems.append(("ssh.banner", "must be a non-empty string"))
+        return None
+    if len(value) > 2000 or any(not c.isprintable() and c not in "\n\t" for c in value):
+        r.problems.append(("ssh.banner", "must be at most 2,000 printable characters (newlines allowed): a banner "
+                                         "reaches every client's terminal, so no escape sequences"))
+        return None
+    return value.rstrip("\n").replace("\r", "").replace("\n", "\r\n") + "\r\n"
 
 
 def env_allowed(name: str, allowlist: tuple[str, ...]) -> bool:
@@ -352,7 +368,8 @@ def parse_config(raw: dict[str, Any], base: Path, overrides: dict[str, Any] | No
 
     recording = _recording(r, r.get(raw, "recording", "", dict, {}), data_dir, overrides)
     ssh = r.get(raw, "ssh", "", dict, {})
-    r.unknown(ssh, {"env_allowlist", "cert_max_ttl"}, "ssh.")
+    r.unknown(ssh, {"env_allowlist", "cert_max_ttl", "banner"}, "ssh.")
+    ssh_banner = _banner(r, ssh.get("banner"))
 
     issuers = tuple(_issuer(r, t, f"oidc[{i}].") for i, t in enumerate(_tables(r, raw, "oidc")))
     if not issuers:
@@ -420,6 +437,7 @@ def parse_config(raw: dict[str, Any], base: Path, overrides: dict[str, Any] | No
         audit_log=r.get(gw, "audit_log", "gateway.", str, "-"),
         env_allowlist=r.strings(ssh, "env_allowlist", "ssh.", DEFAULT_ENV_ALLOWLIST),
         cert_max_ttl=r.duration(ssh, "cert_max_ttl", "ssh.", 3600.0),
+        ssh_banner=ssh_banner,
         tls_cert=tls_cert,
         tls_key=tls_key,
         clusters=clusters,
@@ -783,6 +801,8 @@ CONFIG_KEYS = (
               "(globs) passed to targets; `LD_*`, `PATH` and other dangerous ones never are.", reload=True),
     ConfigKey("ssh.cert_max_ttl", "duration", "1h", "Longest lifetime of a certificate from `bastion ssh-cert` "
               "(never past the token's)."),
+    ConfigKey("ssh.banner", "string", None, "Text ssh clients show before authentication, e.g. that sessions "
+              "are recorded and why (LGPD transparency); printable, at most 2,000 characters.", reload=True),
     # [[oidc]]
     ConfigKey("oidc[].issuer", "URL", REQUIRED, "Issuer URL (`https://`; `http://` only on loopback)."),
     ConfigKey("oidc[].audience", "string", REQUIRED, "The `aud` tokens must carry."),

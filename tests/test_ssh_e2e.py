@@ -700,3 +700,36 @@ def test_malformed_config_names_the_key(case: str, tmp_path: Path, start_gateway
     assert gw.proc.wait(timeout=30) == 2
     log = gw.log_text()
     assert message in log and "Traceback" not in log
+
+
+def test_banner_is_shown_before_authentication(start_gateway: Any, oidc: OIDCProvider, targets: Targets,
+                                               tmp_path: Path) -> None:
+    """`ssh.banner`: the operator's notice (that sessions are recorded, say) reaches the
+    OpenSSH client before it authenticates, as written, line by line."""
+    t = targets
+    data_dir = tmp_path / "banner-gw"
+    text = gateway_config(data_dir, [(oidc.issuer, "5s")],  # type: ignore[list-item]
+                          target_block("web-key", t.web_key.port, [t.login], [t.web_key.host_key_line], "key",
+                                       t.gateway_key),
+                          '[[access]]\nname = "everyone"\nsubjects = ["*"]\n')
+    text += ('\n[ssh]\nbanner = """Sessions through this gateway are recorded (LGPD, Art. 37).\n'
+             'Questions: dpo@example.com"""\n')
+    gw = start_gateway(text, data_dir=data_dir)
+    with tempfile.TemporaryDirectory(prefix="guarita-ssh-") as tmp:
+        cmd, env = _prepare_ssh(["-p", str(gw.ssh_port), f"{t.login}@web-key@127.0.0.1", "echo ok"],
+                                token=oidc.token("agent-sre"), identity=None, env=None, tmpdir=Path(tmp))
+        cmd = [("LogLevel=INFO" if arg == "LogLevel=ERROR" else arg) for arg in cmd]  # ssh hides banners below INFO
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, env=env, timeout=30,
+                           start_new_session=True)
+    assert r.returncode == 0 and r.stdout == b"ok\n", r.stderr
+    assert b"Sessions through this gateway are recorded (LGPD, Art. 37).\r\nQuestions: dpo@example.com" in r.stderr
+
+
+def test_banner_with_escape_sequences_is_refused(tmp_path: Path) -> None:
+    from bastion.config import ConfigError, parse_config
+
+    raw = {"oidc": [{"issuer": "https://idp.example.com", "audience": "guarita"}],
+           "ssh": {"banner": "recorded \x1b[2J"}}
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, base=tmp_path)
+    assert "printable" in dict(info.value.problems)["ssh.banner"]

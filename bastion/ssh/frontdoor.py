@@ -75,6 +75,9 @@ class FrontDoorServer(asyncssh.SSHServer):
         conn._validate_openssh_certificate = capture  # type: ignore[attr-defined,method-assign]
 
     def begin_auth(self, username: str) -> bool:
+        banner = self.gw.config.ssh_banner
+        if banner and self.conn is not None:  # the operator's notice (e.g. "sessions are recorded")
+            self.conn.send_auth_banner(banner)
         return True
 
     # -- token as password or keyboard-interactive answer --------------------------------
