@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("guarita.lifecycle")
 
 # Config attributes a reload replaces (their keys are marked reload=True in CONFIG_KEYS).
-RELOADED_FIELDS = ("targets", "access", "approvals", "env_allowlist", "drain_grace", "metrics_public")
+RELOADED_FIELDS = ("targets", "access", "approvals", "env_allowlist", "ssh_banner", "drain_grace", "metrics_public")
 # How long the spool may take to upload after the sessions ended (then it waits for the next start).
 UPLOAD_TIMEOUT = 10.0
 
