@@ -190,14 +190,15 @@ def ls(ctx: Context, as_json: bool, **kw: Any) -> None:
         for s in sessions:
             click.echo(json.dumps(s.to_dict(), ensure_ascii=False))
         return
-    rows = [("ID", "STARTED (UTC)", "SUBJECT", "TARGET", "KIND", "EXIT", "STATE", "COMMAND")]
+    rows = [("ID", "STARTED (UTC)", "SUBJECT", "TARGET", "KIND", "EXIT", "STATE", "MASKED", "COMMAND")]
     for s in sessions:
         login = s.meta.get("login")
         where = f"{login}@{s.meta.get('target')}" if login else str(s.meta.get("target"))
         status = s.exit_status
+        masked = " ".join(f"{k}:{v}" for k, v in sorted((s.end.get("masking") or {}).items()) if v) or "-"
         rows.append((s.id, s.started_at.strftime("%Y-%m-%d %H:%M:%S"), str(s.identity.get("subject", "?")), where,
                      str(s.meta.get("kind", "?")) + ("/tty" if s.meta.get("tty") else ""),
-                     "-" if status is None else str(status), s.state, _short(s.meta.get("command") or "")))
+                     "-" if status is None else str(status), s.state, masked, _short(s.meta.get("command") or "")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])

@@ -106,6 +106,11 @@ def test_exec_output_is_masked_for_the_agent_and_the_recording(masking_gateway: 
     assert asked.returncode == 0, asked.stderr
     assert asked.stdout.strip() in {m["hmac"] for m in _masked(events)}
     assert manifest["session"]["masking"] == "both"
+    listed = subprocess.run([sys.executable, "-m", "replay.cli", "--config", str(gw.config_path), "ls", "--masked"],
+                            capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and "MASKED" in listed.stdout.splitlines()[0], listed.stderr
+    assert [line for line in listed.stdout.splitlines() if line.startswith(sid)][0].split()[8:11] == [
+        "card:1", "cpf:1", "email:1"]  # per-detector counts, per session
     # ... and across sessions, from the recordings alone: where was it masked?
     found = subprocess.run([sys.executable, "-m", "replay.cli", "--config", str(gw.config_path), "masked",
                             asked.stdout.strip(), "--json"], capture_output=True, text=True, timeout=60)
