@@ -67,6 +67,7 @@ Masking markers hold keyed hashes, never values: `bastion mask-hash DETECTOR VAL
 the gateway's masking secret gives a value's hash, and `replay masked HASH` finds it.
 """
 
+
 def write_package(store: RecordingStore, sessions: list[SessionSummary], out: Path, trusted_key: bytes | None,
                   selection: str) -> tuple[int, int]:
     """Write the package; returns (sessions verified OK, sessions with problems)."""
