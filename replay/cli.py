@@ -48,13 +48,11 @@ class Context:
                                        "--data-dir DIR (or run replay where `bastion serve --dev` ran)")
         return folder.resolve().as_uri()
 
-    def trusted_key(self, public_key: str | None) -> bytes | None:
-        if public_key:
-            text = Path(public_key).read_text() if Path(public_key).exists() else public_key
-            try:
-                return load_public_key(text)
-            except ValueError as exc:
-                raise click.BadParameter(str(exc), param_hint="--public-key") from None
+    def trusted_keys(self, public_keys: tuple[str, ...]) -> tuple[bytes, ...]:
+        """The keyring from --public-key (each a PEM file, base64, or a folder of key files),
+        else the key the config or data folder names; empty when there is none."""
+        if public_keys:
+            return tuple(key for value in public_keys for key in _load_keys(value))
         key_file = None
         if self.config:
             from bastion.config import load_config
@@ -65,8 +63,25 @@ class Context:
         if key_file and key_file.exists():
             from recorder.signing import RecordingKey
 
-            return RecordingKey.load_or_create(key_file).public_raw
-        return None
+            return (RecordingKey.load_or_create(key_file).public_raw,)
+        return ()
+
+
+def _load_keys(value: str) -> list[bytes]:
+    path = Path(value)
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else []
+    if path.is_dir() and not files:
+        raise click.BadParameter(f"{value}: the folder holds no key files", param_hint="--public-key")
+    try:
+        if files:
+            return [load_public_key(f.read_text()) for f in files]
+        return [load_public_key(path.read_text() if path.is_file() else value)]
+    except (ValueError, OSError, UnicodeDecodeError) as exc:
+        raise click.BadParameter(f"{value}: {exc}", param_hint="--public-key") from None
+
+
+PUBLIC_KEY_HELP = ("Trusted recording public key: a PEM file, base64, or a folder of key files (a keyring across "
+                   "rotations); repeatable. See `bastion keys`.")
 
 
 def pass_store(fn: Any) -> Any:
@@ -404,9 +419,9 @@ def masked(ctx: Context, hmac: str, as_json: bool, **kw: Any) -> None:
 @filter_options
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="The package to write (.tar.gz).")
-@click.option("--public-key", help="Trusted recording public key (PEM file or base64), see `bastion keys`.")
+@click.option("--public-key", "public_keys", multiple=True, help=PUBLIC_KEY_HELP)
 @pass_store
-def evidence(ctx: Context, output: Path, public_key: str | None, **kw: Any) -> None:
+def evidence(ctx: Context, output: Path, public_keys: tuple[str, ...], **kw: Any) -> None:
     """One package of the sessions the filters select, for an auditor or a regulator.
 
     The stored objects as they are (re-checkable with `replay verify`), a transcript, an
@@ -427,7 +442,7 @@ def evidence(ctx: Context, output: Path, public_key: str | None, **kw: Any) -> N
     if output.parent and not output.parent.is_dir():
         raise click.BadParameter(f"{output.parent} is not a folder", param_hint="--output")
     try:
-        ok, failed = write_package(ctx.store(), sessions, output, ctx.trusted_key(public_key), selection)
+        ok, failed = write_package(ctx.store(), sessions, output, ctx.trusted_keys(public_keys), selection)
     except (StoreError, OSError) as exc:
         _fail(f"cannot write the package: {exc}")
     click.echo(f"{output}: {len(sessions)} sessions, {ok} verified OK, {failed} with problems (see index.json)")
@@ -504,15 +519,15 @@ def progress_events(ctx: Context, summary: SessionSummary, label: str | None) ->
 @click.argument("session", required=False)
 @click.option("--all", "all_", is_flag=True, help="Verify every session (with --since, those since).")
 @click.option("--since", help="With --all: only sessions started in the last DURATION or since a date.")
-@click.option("--public-key", help="Trusted recording public key (PEM file or base64), see `bastion keys`.")
+@click.option("--public-key", "public_keys", multiple=True, help=PUBLIC_KEY_HELP)
 @click.option("--lock-mode", type=click.Choice(["COMPLIANCE", "GOVERNANCE"]), help="Expected Object Lock mode.")
 @pass_store
-def verify(ctx: Context, session: str | None, all_: bool, since: str | None, public_key: str | None,
+def verify(ctx: Context, session: str | None, all_: bool, since: str | None, public_keys: tuple[str, ...],
            lock_mode: str | None) -> None:
     """Check hashes, chain, signature and retention; exit 1 at the first broken recording."""
     if bool(session) == all_:
         raise click.UsageError("give a SESSION or --all")
-    trusted = ctx.trusted_key(public_key)
+    trusted = ctx.trusted_keys(public_keys)
     targets = _sessions(ctx, Filters(since=since)) if all_ else [_open(ctx, session or "")]
     failed = 0
     warned: set[str] = set()

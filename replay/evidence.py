@@ -54,21 +54,21 @@ store/                   the sessions' objects exactly as stored, under their ow
 sessions/ID/transcript.txt   what the session printed (and typed input), with its markers.
 sessions/ID/session.cast     asciicast v2: `asciinema play sessions/ID/session.cast`.
 sessions/ID/commands.txt     commands and approval events, with their time offsets.
-recording-key.pub        the trusted recording public key, base64 ({key_id}).
+recording-keys/          the trusted recording public keys, base64, one file each ({key_ids}).
 
 To check it without trusting whoever made it (`pip install guarita` gives `replay`):
 
     mkdir evidence && tar xzf PACKAGE.tar.gz -C evidence && cd evidence
-    replay --recordings "file://$PWD/store" verify --all --public-key recording-key.pub
+    replay --recordings "file://$PWD/store" verify --all --public-key recording-keys
     replay --recordings "file://$PWD/store" ls
 
-Compare recording-key.pub with the key the gateway's operators published (`bastion keys`).
+Compare recording-keys/ with the keys the gateway's operators published (`bastion keys`).
 Masking markers hold keyed hashes, never values: `bastion mask-hash DETECTOR VALUE` with
 the gateway's masking secret gives a value's hash, and `replay masked HASH` finds it.
 """
 
 
-def write_package(store: RecordingStore, sessions: list[SessionSummary], out: Path, trusted_key: bytes | None,
+def write_package(store: RecordingStore, sessions: list[SessionSummary], out: Path, trusted_keys: tuple[bytes, ...],
                   selection: str) -> tuple[int, int]:
     """Write the package; returns (sessions verified OK, sessions with problems)."""
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
@@ -76,17 +76,17 @@ def write_package(store: RecordingStore, sessions: list[SessionSummary], out: Pa
     try:
         with tarfile.open(tmp, "w:gz") as tar:
             for summary in sessions:
-                rows.append(_add_session(tar, store, summary, trusted_key))
+                rows.append(_add_session(tar, store, summary, trusted_keys))
             ok = sum(1 for r in rows if r["verified"])
             _add(tar, "index.json", json.dumps(rows, ensure_ascii=False, indent=1).encode())
             _add(tar, "index.csv", _csv(rows))
-            key_id = "none given: signatures were checked against the keys in the manifests"
-            if trusted_key is not None:
-                key_id = public_key_id(trusted_key)
-                _add(tar, "recording-key.pub", base64.b64encode(trusted_key) + b"\n")
+            for key in trusted_keys:
+                _add(tar, f"recording-keys/{public_key_id(key).replace(':', '-')}.pub", base64.b64encode(key) + b"\n")
+            key_ids = ", ".join(public_key_id(k) for k in trusted_keys) or (
+                "none given: signatures were checked against the keys in the manifests")
             _add(tar, "README.txt", README.format(made=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                                                   selection=selection, count=len(rows), ok=ok,
-                                                  failed=len(rows) - ok, key_id=key_id).encode())
+                                                  failed=len(rows) - ok, key_ids=key_ids).encode())
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -94,11 +94,11 @@ def write_package(store: RecordingStore, sessions: list[SessionSummary], out: Pa
 
 
 def _add_session(tar: tarfile.TarFile, store: RecordingStore, summary: SessionSummary,
-                 trusted_key: bytes | None) -> dict[str, Any]:
+                 trusted_keys: tuple[bytes, ...]) -> dict[str, Any]:
     base = f"sessions/{summary.id}/"
     for key in store.list(session_prefix(summary.id)):
         _add(tar, "store/" + key, store.get(key))
-    result = verify_session(store, summary, trusted_key)
+    result = verify_session(store, summary, trusted_keys)
     problems = list(result.problems)
     # Each view reads the recording again, through a temporary file: memory stays flat
     # whatever the session's size.

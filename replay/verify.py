@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -34,8 +35,10 @@ class VerifyResult:
         return not self.problems
 
 
-def verify_session(store: RecordingStore, summary: SessionSummary, trusted_key: bytes | None,
+def verify_session(store: RecordingStore, summary: SessionSummary, trusted_key: bytes | Collection[bytes] | None,
                    lock_mode: str | None = None) -> VerifyResult:
+    """``trusted_key``: the recording key, or a keyring (every key the gateways signed with
+    across rotations); None checks the signature against the manifest's own key only."""
     result = VerifyResult(summary.id)
     prefix = session_prefix(summary.id)
     try:
@@ -57,11 +60,13 @@ def verify_session(store: RecordingStore, summary: SessionSummary, trusted_key: 
     if not verify_signature(public_raw, manifest, signature):
         result.problems.append("manifest.json: signature does not match its content (manifest altered)")
         return result
-    if trusted_key is None:
+    keyring = (trusted_key,) if isinstance(trusted_key, bytes) else tuple(trusted_key or ())
+    if not keyring:
         result.warnings.append("no trusted public key given: the signature was checked only against the key "
                                "inside the manifest (pass --public-key or --data-dir)")
-    elif public_raw != trusted_key:
-        result.problems.append(f"manifest.json: signed by {manifest.get('key_id')}, not by the trusted recording key")
+    elif public_raw not in keyring:
+        trusted = "the trusted recording key" if len(keyring) == 1 else f"any of the {len(keyring)} trusted keys"
+        result.problems.append(f"manifest.json: signed by {manifest.get('key_id')}, not by {trusted}")
         return result
     if manifest.get("session", {}).get("id") != summary.id:
         result.problems.append("manifest.json: belongs to another session")

@@ -235,7 +235,7 @@ def _check_evidence_package(gw: GatewayProcess, sid: str, cmd: str, folder: Path
         ("agent-sre", "approve", "ticket OPS-1")]
     assert f"sessions/{sid}/session.cast" in names and any(n.endswith(f"{sid}/manifest.json") for n in names)
     again = subprocess.run([sys.executable, "-m", "replay.cli", "--recordings", (folder / "x" / "store").as_uri(),
-                            "verify", "--all", "--public-key", str(folder / "x" / "recording-key.pub")],
+                            "verify", "--all", "--public-key", str(folder / "x" / "recording-keys")],
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and f"{sid}: OK" in again.stdout, again.stdout + again.stderr
     none = subprocess.run([sys.executable, "-m", "replay.cli", "--config", str(gw.config_path), "evidence",

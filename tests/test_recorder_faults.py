@@ -297,6 +297,19 @@ def test_tampering_through_the_cli(moto: MotoServer, pristine, tmp_path: Path,
     proc = replay_cli("--recordings", store.url, "verify", sid)
     assert proc.returncode == 0
     assert "warning: no trusted public key given" in proc.stderr
+    # Across a key rotation the auditor holds a keyring: a manifest signed by any key in it verifies,
+    # one signed by a key outside it does not.
+    keyring = tmp_path / "keyring"
+    keyring.mkdir()
+    (keyring / "2025.pem").write_text(key.public_pem())
+    (keyring / "2026.pub").write_text(base64.b64encode(OTHER_KEY.public_raw).decode())
+    proc = replay_cli("--recordings", store.url, "verify", sid, "--public-key", str(keyring))
+    assert proc.returncode == 0 and proc.stdout.startswith(f"{sid}: OK"), proc.stdout + proc.stderr
+    proc = replay_cli("--recordings", store.url, "verify", sid, "--public-key", str(pem),
+                      "--public-key", base64.b64encode(RecordingKey(Ed25519PrivateKey.generate()).public_raw).decode())
+    assert proc.returncode == 1 and "not by any of the 2 trusted keys" in proc.stdout, proc.stdout
+    proc = replay_cli("--recordings", store.url, "verify", sid, "--public-key", str(tmp_path / "moto"))
+    assert proc.returncode == 2 and "--public-key" in proc.stderr and "Traceback" not in proc.stderr
 
 
 # -- an S3 outage in the middle of a session ----------------------------------------------------------
