@@ -474,22 +474,7 @@ class Session:
     async def _watch_limits(self, limits: SessionLimits) -> None:
         """Credential expiry (per ``on_expiry``), maximum duration and idle timeout."""
         exp = self.info.identity.expires_at or None
-        hard: list[tuple[float, str, str, str]] = []  # (deadline, marker kind, end message, warning)
-        if exp is not None and limits.on_expiry == "end":
-            hard.append((exp, "expired", f"your credential expired at {utc_clock(exp)}; the session ends (policy: "
-                         "on_expiry = end). Get a fresh token (e.g. `bastion login`) and reconnect",
-                         "your credential expires in {left}; this session will end then (get a fresh token, "
-                         "e.g. `bastion login`, and reconnect)"))
-        elif exp is not None:
-            end = self.started + limits.max_session
-            hard.append((end, "max-session", f"the session reached {_span(limits.max_session)}, the longest a "
-                         "session may outlive its credential here (max_session)",
-                         "this session outlives its credential and reaches max_session in {left}; it will end "
-                         "then"))
-        if limits.max_duration:
-            hard.append((self.started + limits.max_duration, "max-duration",
-                         f"the session reached its maximum duration of {_span(limits.max_duration)} (max_duration)",
-                         "this session reaches its maximum duration in {left}; it will end then"))
+        hard = hard_limits(exp, limits, self.started)
         expiry_noted = exp is None or limits.on_expiry == "end"
         warned: set[str] = set()
         if not hard and expiry_noted and not limits.idle_timeout:
@@ -561,6 +546,28 @@ class Session:
         self.gateway.audit.emit("session.end", session=self.id, exit_status=status, exit_signal=signal,
                                 reason=reason, duration=round(time.time() - self.started, 3),
                                 bytes=dict(self.recording.counts), **_audit_fields(self.info))
+
+
+def hard_limits(exp: float | None, limits: SessionLimits, started: float,
+                what: str = "session") -> list[tuple[float, str, str, str]]:
+    """When a session (or another held connection: ``what``) must end, by its credential's
+    expiry (``exp``, per ``on_expiry``), ``max_session`` and ``max_duration``:
+    (deadline, marker kind, end message, warning with ``{left}``)."""
+    hard: list[tuple[float, str, str, str]] = []
+    if exp is not None and limits.on_expiry == "end":
+        hard.append((exp, "expired", f"your credential expired at {utc_clock(exp)}; the {what} ends (policy: "
+                     "on_expiry = end). Get a fresh token (e.g. `bastion login`) and reconnect",
+                     f"your credential expires in {{left}}; this {what} will end then (get a fresh token, "
+                     "e.g. `bastion login`, and reconnect)"))
+    elif exp is not None:
+        hard.append((started + limits.max_session, "max-session", f"the {what} reached {_span(limits.max_session)}, "
+                     f"the longest a {what} may outlive its credential here (max_session)",
+                     f"this {what} outlives its credential and reaches max_session in {{left}}; it will end then"))
+    if limits.max_duration:
+        hard.append((started + limits.max_duration, "max-duration",
+                     f"the {what} reached its maximum duration of {_span(limits.max_duration)} (max_duration)",
+                     f"this {what} reaches its maximum duration in {{left}}; it will end then"))
+    return hard
 
 
 def utc_clock(ts: float) -> str:

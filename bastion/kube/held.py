@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from bastion.session import SessionInfo, utc_clock
+from bastion.session import SessionInfo, hard_limits
 from recorder.recorder import new_session_id
 
 if TYPE_CHECKING:
@@ -72,21 +72,10 @@ class HeldStream:
     async def watch_limits(self) -> None:
         assert self._control is not None
         limits = self._control.limits_for(self.info)
-        started = time.time()
-        exp = self.info.identity.expires_at or None
-        ends: list[tuple[float, str, str]] = []
         what = "port-forward" if self.kind == "portforward" else "stream"
-        if exp is not None and limits.on_expiry == "end":
-            ends.append((exp, "expired", f"your credential expired at {utc_clock(exp)}; the {what} ends "
-                         "(policy: on_expiry = end)"))
-        elif exp is not None:
-            ends.append((started + limits.max_session, "max-session",
-                         f"the {what} reached max_session, the longest it may outlive its credential"))
-        if limits.max_duration:
-            ends.append((started + limits.max_duration, "max-duration",
-                         f"the {what} reached its maximum duration (max_duration)"))
+        ends = hard_limits(self.info.identity.expires_at or None, limits, time.time(), what)
         if not ends:
             return
-        deadline, kind, message = min(ends)
+        deadline, kind, message, _ = min(ends)
         await asyncio.sleep(max(0.0, deadline - time.time()))
         self.stop(kind, message, limit=kind, rule=limits.rule)
