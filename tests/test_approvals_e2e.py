@@ -241,6 +241,14 @@ def _check_evidence_package(gw: GatewayProcess, sid: str, cmd: str, folder: Path
     none = subprocess.run([sys.executable, "-m", "replay.cli", "--config", str(gw.config_path), "evidence",
                            "-o", str(folder / "all.tar.gz")], capture_output=True, text=True, timeout=60)
     assert none.returncode == 2 and "at least one filter" in none.stderr and not (folder / "all.tar.gz").exists()
+    nowhere = subprocess.run([sys.executable, "-m", "replay.cli", "--config", str(gw.config_path), "evidence",
+                              "--subject", "agent-ci", "-o", str(folder / "missing" / "x.tar.gz")],
+                             capture_output=True, text=True, timeout=60)
+    assert nowhere.returncode == 2 and "is not a folder" in nowhere.stderr and "Traceback" not in nowhere.stderr
+    nobody = subprocess.run([sys.executable, "-m", "replay.cli", "--config", str(gw.config_path), "evidence",
+                             "--subject", "nobody-at-all", "-o", str(folder / "n.tar.gz")],
+                            capture_output=True, text=True, timeout=60)
+    assert nobody.returncode == 1 and "no sessions match --subject nobody-at-all" in nobody.stderr
 
 
 def test_exec_denied_ends_with_status_1_and_the_reason(agw: GatewayProcess, oidc: OIDCProvider,
