@@ -14,7 +14,6 @@ import contextlib
 import math
 import re
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from bastion.config import format_duration
 from bastion.identity import Identity
 from bastion.logs import current_session
+from bastion.masking.engine import marker_values
 from recorder import SessionRecording
 
 if TYPE_CHECKING:
@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 # A session about to reach a hard limit (credential expiry, maximum duration) is warned
 # this long before (at most; a fifth of the session's whole allowance when shorter).
 LIMIT_WARNING = 300.0
+# The most masked output Session._paced keeps back for the next chunk (bytes).
+_CARRY_MAX = 4096
 
 
 @dataclass
@@ -196,6 +198,7 @@ class Session:
         self._mask_timer: asyncio.TimerHandle | None = None
         self._mask_fed = 0.0  # monotonic time of the last output fed to the maskers
         self._target_held = False  # the front door has stopped reading the target (hold_target)
+        self._carry: dict[str, bytes] = {}  # masked output waiting for the next chunk (_paced)
         self._start_masking()
         # Approvals. A front door gives the session a way to write to the agent (its terminal,
         # or stderr before the target is open) and, for interactive sessions, to the target
@@ -252,14 +255,30 @@ class Session:
         """Output from the target; returns what the agent gets (masked where policy says)."""
         self.bytes_out += len(data)
         self.last_activity = time.monotonic()
-        if self._maskers:
-            self._mask_fed = self.last_activity
-            shown, recorded = self._mask(data, stream)
-            if self._maskers[stream].holding:
-                self._arm_mask_flush()
-        else:
-            shown = recorded = data
-        return self._emit(shown, recorded, stream)
+        if not self._maskers:
+            return self._emit(data, data, stream)
+        self._mask_fed = self.last_activity
+        shown, recorded = self._mask(data, stream)
+        shown = self._paced(self._emit(shown, recorded, stream), len(data), stream)
+        if self._maskers[stream].holding or self._carry.get(stream):
+            self._arm_mask_flush()
+        return shown
+
+    def _paced(self, shown: bytes, size: int, stream: str) -> bytes:
+        """Masked output goes to the agent in pieces no larger than the chunk that came in;
+        what the masker released from its held tail waits for the next chunk, or for the
+        silence flush. Otherwise, on a plain log, every other chunk comes out a few bytes
+        over the channel's packet size and costs a second, tiny packet (a third of the
+        gateway's CPU for masking, bench/masking). Tags longer than their values are never
+        kept waiting beyond _CARRY_MAX."""
+        carry = self._carry.get(stream)
+        if carry:
+            shown = carry + shown
+        if len(shown) <= size or len(shown) - size > _CARRY_MAX:
+            self._carry[stream] = b""
+            return shown
+        self._carry[stream] = shown[size:]
+        return shown[:size]
 
     def _emit(self, shown: bytes, recorded: bytes, stream: str) -> bytes:
         if self._echo is not None and stream == "o":
@@ -300,15 +319,16 @@ class Session:
 
     def _note_masked(self, found: Any, stream: str) -> None:
         """One ``masking`` marker per output chunk, listing its values as [detector, offset,
-        length, hmac] (docs/recording-format.md): a marker per value cost more than finding it."""
+        length, hmac] (docs/recording-format.md): a marker per value cost more than finding it,
+        and the list is encoded in C where the engine is built (bastion/masking/engine.py)."""
         if not found:
             return
-        for detector, n in Counter(item.detector for item in found).items():
+        values, counts = marker_values(found)
+        for detector, n in counts.items():
             self.masked_counts[detector] = self.masked_counts.get(detector, 0) + n
             if self._metrics is not None and hasattr(self._metrics, "masked"):
                 self._metrics.masked(detector, n)
-        self.recording.marker("masking", stream=stream,  # values as in bastion.masking.MARKER_FIELDS
-                              values=[[item.detector, item.offset, item.length, item.hmac] for item in found])
+        self.recording.marker_json("masking", "values", values, stream=stream)
 
     def _arm_mask_flush(self) -> None:
         if self._mask_timer is None:
@@ -344,9 +364,9 @@ class Session:
         for stream, masker in self._maskers.items():
             out, found = masker.flush()
             self._note_masked(found, stream)
-            if not out:
-                continue
-            shown = self._emit(out if self._mask_live else b"", out, stream)
+            shown = self._carry.pop(stream, b"")
+            if out:
+                shown += self._emit(out if self._mask_live else b"", out, stream)
             if shown and self.deliver_output is not None:
                 self.deliver_output(shown, stream)
 

@@ -55,6 +55,15 @@ def encode(t: float, code: str, data: Any) -> bytes:
     return json.dumps([round(t, 6), code, data], ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
 
+def encode_with_json(t: float, code: str, data: dict[str, Any], key: str, raw: bytes) -> bytes:
+    """:func:`encode` of ``{**data, key: value}`` where ``raw`` is already the JSON text of
+    ``value`` (large marker payloads encoded in C, bastion/masking/engine.py)."""
+    line = encode(t, code, data)
+    assert line.endswith(b"}]\n")
+    sep = b"," if data else b""
+    return b"".join((line[:-3], sep, json.dumps(key).encode(), b":", raw, b"}]\n"))
+
+
 def encode_text(t: float, code: str, utf8: bytes) -> bytes:
     """``[t, code, "<text>"]`` from valid UTF-8 bytes: what :func:`encode` writes for the
     decoded string, built without decoding it."""

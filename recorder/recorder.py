@@ -410,6 +410,12 @@ class SessionRecording:
         t = self.now()
         self._append(ev.encode(t, "m", {"type": kind, **fields}), t)
 
+    def marker_json(self, kind: str, key: str, raw: bytes, **fields: Any) -> None:
+        """:meth:`marker` with the field ``key`` given as JSON text (``raw``), last."""
+        self.markers[kind] = self.markers.get(kind, 0) + 1
+        t = self.now()
+        self._append(ev.encode_with_json(t, "m", {"type": kind, **fields}, key, raw), t)
+
     def exit(self, status: int | None, signal: str | None = None, reason: str | None = None) -> None:
         t = self.now()
         self._append((t, "flush", b""), t, 0)  # a UTF-8 character left incomplete is kept, as bytes

@@ -240,12 +240,12 @@ def test_image_install_script_builds_a_venv_that_runs_every_module(tmp_path: Pat
     machine-local pip settings): the lock installs with --require-hashes and wheels only,
     `pip check` passes, and every module of the product imports in that venv alone."""
     src = tmp_path / "src"
-    for name in ("pyproject.toml", "README.md", "bastion", "recorder", "replay", "deploy/requirements.lock",
+    for name in ("pyproject.toml", "setup.py", "README.md", "bastion", "recorder", "replay", "deploy/requirements.lock",
                  "deploy/docker/install.sh"):
         source, dest = ROOT / name, src / name
         dest.parent.mkdir(parents=True, exist_ok=True)
         if source.is_dir():
-            shutil.copytree(source, dest, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(source, dest, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
         else:
             shutil.copy2(source, dest)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
@@ -264,6 +264,10 @@ def test_image_install_script_builds_a_venv_that_runs_every_module(tmp_path: Pat
     )
     proc = run([str(venv / "bin" / "python"), "-c", imports], cwd=tmp_path, env=env)
     assert proc.stdout.strip() == "ok"
+    # This machine has gcc and OpenSSL's headers (.ci/install-deps): the engine is built.
+    proc = run([str(venv / "bin" / "python"), "-c", "from bastion.masking import engine; print(engine.ENABLED)"],
+               cwd=tmp_path, env=env)
+    assert proc.stdout.strip() == "True"
     run([str(venv / "bin" / "bastion"), "check-config", str(COMPOSE_CONFIG)], cwd=tmp_path, env=env)
     run([str(venv / "bin" / "replay"), "--help"], cwd=tmp_path, env=env)
 

@@ -206,6 +206,7 @@ def _stream(rng: random.Random) -> bytes:
 def test_the_engine_under_test_is_the_one_in_use(prefilter_engine: str) -> None:  # noqa: F811
     m = StreamMasker(default_detectors(), SECRET)
     assert (m._hs_scratch is not None) == (prefilter_engine == "hyperscan")
+    assert (m._engine is not None) == (prefilter_engine == "compiled")
     assert m._prefilter
 
 
@@ -218,6 +219,7 @@ def test_shape_prefilter_finds_every_value_the_patterns_find() -> None:
         fast = StreamMasker(detectors, SECRET)
         slow = StreamMasker(detectors, SECRET)
         slow._prefilter = False  # every position is a hit: the patterns alone decide
+        slow._engine = None
         expected = slow.feed(data), slow.flush()
         assert (fast.feed(data), fast.flush()) == expected, data
         found_any += len(expected[0][1]) + len(expected[1][1])

@@ -87,3 +87,33 @@ def test_the_targets_own_silence_releases_the_tail(tmp_path: Path) -> None:
     early, seen = _run(tmp_path, held=False)
     assert early == b"cpf=" + CPF[:8]
     assert seen == b"cpf=" + CPF + b" ok\n"
+
+
+def test_masked_output_goes_out_no_larger_than_it_came_in(tmp_path: Path) -> None:
+    """The masker's released tail waits for the next chunk: a chunk of the channel's packet
+    size never turns into a full packet plus a tiny one. Nothing is lost or reordered."""
+
+    async def scenario() -> tuple[list[bytes], list[bytes], bytes, int]:
+        gw = Gateway(load_config(_config(tmp_path)))
+        await gw.recorder.start()
+        info = SessionInfo(front_door="ssh", identity=Identity("https://issuer.invalid", "agent", ("sre",)),
+                           source="127.0.0.1", target="web", login="deploy", kind="exec", command="x")
+        session = Session(gw, info)
+        released: list[bytes] = []
+        session.deliver_output = lambda data, stream: released.append(data)
+        # Chunks that end in digits (held back) and start with the rest of them (released).
+        text = b"".join(b"line %d id=1234567 cpf=%s\n" % (i, CPF) for i in range(3000))
+        chunks = [text[i:i + 1000] for i in range(0, len(text), 1000)]
+        shown, carried = [], 0
+        for c in chunks:
+            shown.append(session.from_target(c))
+            carried += bool(session._carry.get("o"))
+        await session.end(0)
+        await gw.recorder.close()
+        return chunks, shown, b"".join(shown) + b"".join(released), carried
+
+    chunks, shown, seen, carried = asyncio.run(scenario())
+    assert all(len(s) <= len(c) for s, c in zip(shown, chunks, strict=True))
+    assert carried > 10  # released tails did wait for the next chunk
+    expected = b"".join(b"line %d id=1234567 cpf=***.***.***-**\n" % i for i in range(3000))
+    assert seen == expected

@@ -46,6 +46,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from bastion.masking import engine as _engine_mod
 from bastion.masking.detectors import _NUM_L, _NUM_R, BUILTINS, DIGIT_FAMILY, EMAIL_FAMILY, Detector
 
 try:  # optional: a wheel for x86-64 Linux bundles the library; elsewhere the Python pre-filter
@@ -207,6 +208,9 @@ class StreamMasker:
         self._hs_scratch = hyperscan.Scratch(_hs_database()) if HYPERSCAN and self._prefilter and self._digits else None
         self._bin_v: bytes | None = None
         self._bin_any = False
+        # The compiled engine (bastion/masking/engine.py) for plain text, when it covers
+        # these detectors; None: everything runs here.
+        self._engine = _engine_mod.build(self.detectors, secret, Masked)
         self._email_re = (re.compile(b"|".join(b"(?:" + p.pattern + b")" for _, d in self._emails
                                                for p in d.patterns)) if self._emails else None)
         self._w_digits = max((d.max_length for _, d in self._digits), default=0)
@@ -276,6 +280,10 @@ class StreamMasker:
     def _run(self, final: bool) -> tuple[bytes, list[Masked]]:
         buf = self._buf
         if not self._alt and b"\x1b" not in buf:
+            if self._engine is not None:
+                done = self._run_plain(buf, final)
+                if done is not None:
+                    return done
             ctx = self._ctx
             segs = [_Seg(ctx + buf, len(ctx), [(len(ctx), 0, len(buf))], [len(ctx)])]
             tok_end, state = len(buf), (0, False, False)
@@ -320,6 +328,28 @@ class StreamMasker:
             out = b"".join(parts)
         else:
             out = buf[:cut] if cut < len(buf) else buf
+        self._buf = buf[cut:]
+        self._offset += cut
+        self._bin_v = None
+        return out, masked
+
+    def _run_plain(self, buf: bytes, final: bool) -> tuple[bytes, list[Masked]] | None:
+        """_run for plain text, in the compiled engine: the same cut, output and records."""
+        assert self._engine is not None
+        ctx = self._ctx
+        v = ctx + buf if ctx else buf
+        start = len(ctx)
+        limit = len(v) if final else self._limit(v, start)
+        try:
+            out, decided, masked = self._engine.plain(v, start, limit, final, self._offset)
+        except RuntimeError:  # pragma: no cover - its backtracking bound: Python decides
+            return None
+        cut = decided - start
+        if decided < len(v):
+            self._ctx = v[max(0, decided - self._ctx_len):decided]
+        else:
+            self._ctx = v[-self._ctx_len:]
+        self._gap, self._broken, self._alt = 0, False, False
         self._buf = buf[cut:]
         self._offset += cut
         self._bin_v = None

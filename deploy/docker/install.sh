@@ -7,8 +7,11 @@
 #                                     `pip check` and pip's removal from the venv
 #
 # Used by deploy/Dockerfile (build stage), by tests/test_deploy.py (so the test runs
-# exactly what the image build runs) and for a plain host (docs/operations.md). Wheels
-# only (--only-binary): nothing is compiled, so no compiler is needed anywhere.
+# exactly what the image build runs) and for a plain host (docs/operations.md). The
+# dependencies are wheels only (--only-binary): none of them is compiled. guarita itself
+# compiles its masking engine (bastion/masking/_engine.c) where gcc and OpenSSL's headers
+# are present, and `app` says whether it did: without it, masking runs in Python (slower,
+# same output).
 set -eu
 step=$1
 venv=$2
@@ -26,6 +29,11 @@ case "$step" in
     $pip install --no-deps "$src"
     # Fails the build if the lock misses a dependency of guarita's.
     $pip check
+    if "$venv/bin/python" -c "import bastion.masking._engine" 2>/dev/null; then
+      echo "install.sh: the compiled masking engine is built"
+    else
+      echo "install.sh: WARNING: no compiled masking engine (install gcc and libssl-dev to build it); masking runs in Python" >&2
+    fi
     # pip is not needed at run time.
     $pip uninstall --yes pip
     ;;

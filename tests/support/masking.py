@@ -1,5 +1,6 @@
-"""The masking tests run once per pre-filter engine: Hyperscan (when it imports) and the
-pure-Python fallback used on platforms without a wheel. Both must give the same bytes and
+"""The masking tests run once per engine: the compiled engine (bastion/masking/_engine.c,
+when it is built), the Python masker with the Hyperscan pre-filter (when it imports), and
+the pure-Python masker used where neither is available. All must give the same bytes and
 records as the patterns alone."""
 
 from __future__ import annotations
@@ -8,23 +9,27 @@ from collections.abc import Iterator
 
 import pytest
 
-from bastion.masking import stream
+from bastion.masking import engine, stream
 
-ENGINES = ("hyperscan", "python")
+ENGINES = ("compiled", "hyperscan", "python")
 
 
 @pytest.fixture(scope="module", params=ENGINES)
 def prefilter_engine(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Sets bastion.masking.stream.HYPERSCAN for the maskers a test module builds.
+    """Sets the engine flags (stream.HYPERSCAN, engine.ENABLED) for the maskers a test
+    module builds.
 
-    Module scope: hypothesis refuses function-scoped fixtures, and the flag is read when a
-    masker is built, so a whole module runs with one engine, then with the other.
+    Module scope: hypothesis refuses function-scoped fixtures, and the flags are read when a
+    masker is built, so a whole module runs with one engine, then with the next.
     """
     if request.param == "hyperscan" and stream.hyperscan is None:
         pytest.skip("hyperscan is not installed (no wheel for this platform)")
-    saved = stream.HYPERSCAN
+    if request.param == "compiled" and engine._engine is None:
+        pytest.skip("the compiled masking engine is not built (no C compiler or OpenSSL headers)")
+    saved = stream.HYPERSCAN, engine.ENABLED
     stream.HYPERSCAN = request.param == "hyperscan"
+    engine.ENABLED = request.param == "compiled"
     try:
         yield request.param
     finally:
-        stream.HYPERSCAN = saved
+        stream.HYPERSCAN, engine.ENABLED = saved

@@ -1,0 +1,17 @@
+"""The compiled masking engine (bastion/masking/_engine.c) is optional: where no C compiler
+or no OpenSSL headers are found (Debian: gcc, python3-dev, libssl-dev), the install goes
+on without it and the masker runs in Python, with the same output (bastion/masking/engine.py)."""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "bastion.masking._engine",
+            ["bastion/masking/_engine.c"],
+            libraries=["crypto"],
+            extra_compile_args=["-O2", "-std=c11", "-Wall"],
+            optional=True,
+        )
+    ]
+)

@@ -1,0 +1,208 @@
+"""The compiled masking engine (bastion/masking/_engine.c) against the Python masker.
+
+The Python masker defines masking; the engine must agree with it byte for byte and record
+for record. Three levels: each compiled pattern program against ``re`` at every position;
+whole streams, chunked at random, through random configurations of the built-in detectors
+(subset, order, replacement style); and the switches that decide which one runs.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import subprocess
+import sys
+
+import pytest
+
+from bastion.masking import (
+    StreamMasker,
+    builtin_detector,
+    custom_detector,
+    default_detectors,
+    engine,
+    samples,
+)
+from bastion.masking.detectors import BUILTIN_NAMES, BUILTINS
+
+pytestmark = pytest.mark.skipif(engine._engine is None, reason="the compiled masking engine is not built")
+
+SECRET = b"engine-secret-" + b"z" * 18
+NAMES = list(samples.GENERATORS)
+NOISE = ["", " ", "=", ", ", "-", "(", ")", "+", ".", "/", "@", "_", "a", "Z", ":", "\n", "\t", "0", "55", "..",
+         "x.y", "@b.co", "user", ".com", "-1", "ção", "v1.2.3", "192.168.0.1", "2024-01-31", "20240131235959",
+         "deadbeef0123456789ab", "git@github.com:org/repo"]
+
+
+def _digits_regrouped(rng: random.Random) -> str:
+    name = rng.choice(["cpf", "cnpj", "card", "phone_br", "phone_e164"])
+    digits = re.sub(r"[^0-9]", "", samples.value(rng, name))
+    out, i = [rng.choice(["", "", "+", "55 ", "+55 ", "0", "(", "+55 (", "55"])], 0
+    while i < len(digits):
+        n = rng.choice([1, 2, 3, 4, 4, 5, 6, 8, 9, 11])
+        out.append(digits[i:i + n])
+        i += n
+        if i < len(digits):
+            out.append(rng.choice(["", " ", "-", "/", ".", "(", ")", ") ", "+", "  "]))
+    return "".join(out)
+
+
+def _text(rng: random.Random, pieces: int) -> bytes:
+    out = []
+    for _ in range(pieces):
+        r = rng.random()
+        if r < 0.35:
+            out.append(samples.value(rng, rng.choice(NAMES)))
+        elif r < 0.55:
+            out.append(_digits_regrouped(rng))
+        elif r < 0.65:
+            out.append(str(rng.randrange(10 ** rng.randint(1, 20))))
+        else:
+            out.append(rng.choice(NOISE))
+        out.append(rng.choice(NOISE))
+    data = "".join(out).encode()
+    if rng.random() < 0.1:  # binary bytes before some values: those must be left alone
+        k = rng.randrange(len(data) + 1)
+        data = data[:k] + bytes([rng.choice([0, 1, 5, 0x10, 0x1f, 0xff, 0xc3])]) + data[k:]
+    return data
+
+
+def _config(rng: random.Random) -> list:
+    names = rng.sample(BUILTIN_NAMES, rng.randint(1, len(BUILTIN_NAMES)))
+    dets = []
+    for n in names:
+        style = rng.choice([None, "redact", "keep_last", "tag", "fixed"])
+        text = rng.choice([None, "#", "[" + "X" * 62 + "]"])  # tags much longer than their values too
+        dets.append(builtin_detector(n, style=style, keep_last=rng.randint(1, 8) if style == "keep_last" else None,
+                                     tag=text, fixed=text))
+    return dets
+
+
+def _feed(m: StreamMasker, data: bytes, cuts: list[int]) -> tuple[bytes, list]:
+    outs, found, prev = [], [], 0
+    for c in [*cuts, len(data)]:
+        out, f = m.feed(data[prev:c])
+        outs.append(out)
+        found += f
+        prev = c
+    out, f = m.flush()
+    return b"".join(outs) + out, found + f
+
+
+def _python(detectors: list) -> StreamMasker:
+    m = StreamMasker(detectors, SECRET)
+    m._engine = None
+    m._prefilter = False  # every start tried: the patterns alone decide
+    m._hs_scratch = None
+    return m
+
+
+def test_each_program_matches_like_re() -> None:
+    rng = random.Random(11)
+    patterns = [p.encode() for spec in BUILTINS.values() for p in spec.patterns]
+    eng, pcs = engine.compile_patterns(patterns)
+    compiled = [re.compile(p) for p in patterns]
+    firsts = [engine._first(list(re._parser.parse(p, 0))) for p in patterns]  # type: ignore[attr-defined]
+    checked = matched = 0
+    for _ in range(3000):
+        text = _text(rng, rng.randint(1, 5))
+        for pat, pc, first in zip(compiled, pcs, firsts, strict=True):
+            for pos in range(len(text) + 1):
+                m = pat.match(text, pos)
+                assert eng.match(pc, text, pos) == (m.end() if m else -1), (pat.pattern, text, pos)
+                assert m is None or text[pos] in first  # the engine skips programs by first byte
+                checked += 1
+                matched += m is not None
+    assert matched > 1500 and checked > 300_000, (matched, checked)
+
+
+def test_the_engine_agrees_with_the_python_masker() -> None:
+    rng = random.Random(5)
+    values = 0
+    for i in range(4000):
+        dets = default_detectors() if i % 4 == 0 else _config(rng)
+        data = _text(rng, rng.randint(1, 12))
+        cuts = sorted(rng.sample(range(len(data) + 1), min(len(data) + 1, rng.randint(0, 4))))
+        fast = StreamMasker(dets, SECRET)
+        assert fast._engine is not None
+        expected = _feed(_python(dets), data, cuts)
+        assert _feed(fast, data, cuts) == expected, (data, cuts, [d.name for d in dets])
+        values += len(expected[1])
+    assert values > 1500, values
+
+
+def test_chunks_with_escapes_fall_back_and_the_stream_stays_the_same() -> None:
+    rng = random.Random(3)
+    for _ in range(500):
+        parts = [_text(rng, 3) for _ in range(rng.randint(2, 6))]
+        data = b"".join(p + rng.choice([b"", b"\x1b[31m", b"\x1b[0m", b"\x1b[?1049h", b"\x1b[?1049l"]) for p in parts)
+        cuts = sorted(rng.sample(range(len(data) + 1), min(len(data) + 1, 4)))
+        dets = default_detectors()
+        assert _feed(StreamMasker(dets, SECRET), data, cuts) == _feed(_python(dets), data, cuts)
+
+
+def test_byte_by_byte_and_whole_agree() -> None:
+    rng = random.Random(9)
+    data = b" ".join(_text(rng, 4) for _ in range(30))
+    m = StreamMasker(default_detectors(), SECRET)
+    assert _feed(m, data, list(range(1, len(data)))) == _feed(_python(default_detectors()), data, [])
+
+
+def test_pathological_input() -> None:
+    dets = default_detectors()
+    for data in (b"1" * 1_000_000, b"4" + b" 1111" * 200_000, b"a@" * 300_000, b"a" * 2_000_000 + b"@x.com",
+                 b"(11) " * 100_000, b"." * 500_000 + b"123.456.789-09"):
+        assert _feed(StreamMasker(dets, SECRET), data, [len(data) // 3]) == _feed(_python(dets), data, [len(data) // 3])
+
+
+def test_which_configurations_use_it() -> None:
+    assert StreamMasker(default_detectors(), SECRET)._engine is not None
+    # custom detectors: the Python masker
+    custom = default_detectors() + [custom_detector("matricula", r"MAT-[0-9]{6}")]
+    assert StreamMasker(custom, SECRET)._engine is None
+    # a built-in name with other patterns is not a built-in
+    cpf = builtin_detector("cpf")
+    other = type(cpf)(cpf.name, (re.compile(rb"[0-9]{11}"),), cpf.normalise, cpf.replacement, cpf.family,
+                      11, 11, 0)
+    assert StreamMasker([other], SECRET)._engine is None
+
+
+def test_the_environment_switches_it_off() -> None:
+    code = "from bastion.masking import engine; print(engine.ENABLED)"
+    env = {**os.environ, "GUARITA_MASKING_ENGINE": "python"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    env.pop("GUARITA_MASKING_ENGINE")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+
+
+def test_marker_values_are_the_json_of_the_records() -> None:
+    import json
+
+    from bastion.masking.stream import Masked
+    from recorder import events as ev
+
+    rng = random.Random(2)
+    data = b" ".join(_text(rng, 4) for _ in range(50))
+    _, found = _feed(StreamMasker(default_detectors(), SECRET), data, [])
+    assert found
+    odd = found + [Masked('we"ird\\name', 10**12, 3, "ab", "***"), Masked("nome_ção", 1, 2, "cd", "**")]
+    for records in (found, odd, []):
+        raw, counts = engine.marker_values(records)
+        values = [[m.detector, m.offset, m.length, m.hmac] for m in records]
+        assert raw == json.dumps(values, ensure_ascii=False, separators=(",", ":")).encode()
+        assert counts == {n: sum(1 for m in records if m.detector == n) for n in {m.detector for m in records}}
+        fields = {"type": "masking", "stream": "o"}
+        assert ev.encode_with_json(1.5, "m", fields, "values", raw) == ev.encode(1.5, "m", {**fields, "values": values})
+
+
+def test_tags_longer_than_their_values_grow_the_output() -> None:
+    rng = random.Random(4)
+    tag = "[" + "T" * 62 + "]"
+    dets = [builtin_detector(n, style="tag", tag=tag) for n in BUILTIN_NAMES]
+    data = " ".join(samples.value(rng, rng.choice(NAMES)) for _ in range(20000)).encode()
+    out, found = _feed(StreamMasker(dets, SECRET), data, [len(data) // 2])
+    assert (out, found) == _feed(_python(dets), data, [len(data) // 2])
+    assert len(out) > 3 * len(data) and len(found) > 19000
