@@ -206,3 +206,20 @@ def test_tags_longer_than_their_values_grow_the_output() -> None:
     out, found = _feed(StreamMasker(dets, SECRET), data, [len(data) // 2])
     assert (out, found) == _feed(_python(dets), data, [len(data) // 2])
     assert len(out) > 3 * len(data) and len(found) > 19000
+
+
+def test_the_start_up_log_says_which_engine_masks(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bastion.gateway import _log_masking_engine
+
+    caplog.set_level("INFO", logger="guarita")
+    _log_masking_engine(default_detectors())
+    _log_masking_engine(default_detectors() + [custom_detector("matricula", r"MAT-[0-9]{6}")])
+    monkeypatch.setattr(engine, "ENABLED", False)
+    _log_masking_engine(default_detectors())
+    monkeypatch.setattr(engine, "_engine", None)
+    _log_masking_engine(default_detectors())
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert lines[0] == ("INFO", "masking: compiled engine")
+    assert "custom detectors" in lines[1][1]
+    assert "GUARITA_MASKING_ENGINE=python" in lines[2][1]
+    assert lines[3][0] == "WARNING" and "not built" in lines[3][1]

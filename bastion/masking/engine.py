@@ -228,7 +228,7 @@ def _category(cat: Any) -> set[int]:
     return set(table[cat])
 
 
-def _is_builtin(det: Detector) -> bool:
+def is_builtin(det: Detector) -> bool:
     spec = BUILTINS.get(det.name)
     return (spec is not None and det.normalise is spec.normalise and det.family == spec.family
             and tuple(p.pattern.decode() for p in det.patterns) == spec.patterns)
@@ -236,7 +236,7 @@ def _is_builtin(det: Detector) -> bool:
 
 def build(detectors: Sequence[Detector], secret: bytes, masked_type: type) -> Any | None:
     """An engine for this list of detectors, or None where the Python masker must run."""
-    if not ENABLED or not all(_is_builtin(d) for d in detectors):
+    if not ENABLED or not all(is_builtin(d) for d in detectors):
         return None
     try:
         code, classes, pcs, firsts = _programs(tuple(tuple(p.pattern for p in d.patterns) for d in detectors))
