@@ -25,6 +25,7 @@ from bastion.masking import (
     samples,
 )
 from bastion.masking.detectors import BUILTIN_NAMES, BUILTINS
+from tests.support.masking import feed_in_pieces
 
 pytestmark = pytest.mark.skipif(engine._engine is None, reason="the compiled masking engine is not built")
 
@@ -80,14 +81,8 @@ def _config(rng: random.Random) -> list:
 
 
 def _feed(m: StreamMasker, data: bytes, cuts: list[int]) -> tuple[bytes, list]:
-    outs, found, prev = [], [], 0
-    for c in [*cuts, len(data)]:
-        out, f = m.feed(data[prev:c])
-        outs.append(out)
-        found += f
-        prev = c
-    out, f = m.flush()
-    return b"".join(outs) + out, found + f
+    outs, found = feed_in_pieces(m, data, cuts)
+    return b"".join(outs), found
 
 
 def _python(detectors: list) -> StreamMasker:

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bastion.masking import StreamMasker, custom_detector, default_detectors, hmac_value, samples
-from tests.support.masking import prefilter_engine  # noqa: F401 (the fixture)
+from tests.support.masking import feed_in_pieces, prefilter_engine  # noqa: F401 (the fixture)
 
 pytestmark = pytest.mark.usefixtures("prefilter_engine")
 
@@ -69,16 +69,7 @@ def streams(draw: st.DrawFn) -> bytes:
 
 def run(data: bytes, cuts: list[int], hold_limit: int | None = None) -> tuple[bytes, list, list[bytes]]:
     m = StreamMasker(DETECTORS, SECRET, hold_limit=hold_limit)
-    outs, found, prev = [], [], 0
-    for c in [*cuts, len(data)]:
-        out, f = m.feed(data[prev:c])
-        outs.append(out)
-        found += f
-        prev = c
-        assert m.held <= m.hold_limit
-    out, f = m.flush()
-    outs.append(out)
-    found += f
+    outs, found = feed_in_pieces(m, data, cuts)
     assert not m.holding
     return b"".join(outs), found, outs
 

@@ -46,18 +46,25 @@ default_apply = "both"
     return path
 
 
+async def _session(tmp: Path) -> tuple[Gateway, Session, list[bytes]]:
+    """A real gateway and an exec session on it; what the session releases on its own
+    (the silence flush) lands in the list."""
+    gw = Gateway(load_config(_config(tmp)))
+    await gw.recorder.start()
+    info = SessionInfo(front_door="ssh", identity=Identity("https://issuer.invalid", "agent", ("sre",)),
+                       source="127.0.0.1", target="web", login="deploy", kind="exec", command="x")
+    session = Session(gw, info)
+    released: list[bytes] = []
+    session.deliver_output = lambda data, stream: released.append(data)
+    return gw, session, released
+
+
 def _run(tmp: Path, held: bool) -> tuple[bytes, bytes]:
     """What the agent gets when a CPF's second half comes after a long gap: with the target
     held by the gateway (``held``), or silent on its own."""
 
     async def scenario() -> tuple[bytes, bytes]:
-        gw = Gateway(load_config(_config(tmp)))
-        await gw.recorder.start()
-        info = SessionInfo(front_door="ssh", identity=Identity("https://issuer.invalid", "agent", ("sre",)),
-                           source="127.0.0.1", target="web", login="deploy", kind="exec", command="x")
-        session = Session(gw, info)
-        released: list[bytes] = []
-        session.deliver_output = lambda data, stream: released.append(data)
+        gw, session, released = await _session(tmp)
         shown = session.from_target(b"cpf=" + CPF[:8])  # could be the start of a CPF: held back
         if held:
             session.hold_target(True)  # the agent is slower: the front door stopped reading
@@ -94,13 +101,7 @@ def test_masked_output_goes_out_no_larger_than_it_came_in(tmp_path: Path) -> Non
     size never turns into a full packet plus a tiny one. Nothing is lost or reordered."""
 
     async def scenario() -> tuple[list[bytes], list[bytes], bytes, int]:
-        gw = Gateway(load_config(_config(tmp_path)))
-        await gw.recorder.start()
-        info = SessionInfo(front_door="ssh", identity=Identity("https://issuer.invalid", "agent", ("sre",)),
-                           source="127.0.0.1", target="web", login="deploy", kind="exec", command="x")
-        session = Session(gw, info)
-        released: list[bytes] = []
-        session.deliver_output = lambda data, stream: released.append(data)
+        gw, session, released = await _session(tmp_path)
         # Chunks that end in digits (held back) and start with the rest of them (released).
         text = b"".join(b"line %d id=1234567 cpf=%s\n" % (i, CPF) for i in range(3000))
         chunks = [text[i:i + 1000] for i in range(0, len(text), 1000)]

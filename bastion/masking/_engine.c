@@ -373,11 +373,13 @@ static int binary_before(const uint8_t *v, Py_ssize_t q) {
 
 /* The first of the detectors (in list order), and the first of its patterns, whose match
  * at q validates: 1 and *c filled; 0 if none or binary data precedes q; -2 on overflow.
- * The caller has tested the boundary look-behinds the programs leave out (_NUM_L). */
-static int digit_at(const Engine *e, const uint8_t *v, Py_ssize_t n, Py_ssize_t q, Cand *c) {
+ * For the numeric detectors the caller has tested the boundary look-behinds their
+ * programs leave out (_NUM_L). */
+static int value_at(const Engine *e, const Det *dets, int ndets, const uint8_t *v, Py_ssize_t n, Py_ssize_t q,
+                    Cand *c) {
     int b = v[q];
-    for (int j = 0; j < e->ndigits; j++) {
-        const Det *d = &e->digits[j];
+    for (int j = 0; j < ndets; j++) {
+        const Det *d = &dets[j];
         for (int k = 0; k < d->nprogs; k++) {
             if (!(e->classes[d->firsts[k]][b >> 3] >> (b & 7) & 1))
                 continue;
@@ -400,26 +402,6 @@ static int digit_at(const Engine *e, const uint8_t *v, Py_ssize_t n, Py_ssize_t 
         }
     }
     return 0;
-}
-
-static int email_at(const Engine *e, const uint8_t *v, Py_ssize_t n, Py_ssize_t q, Cand *c) {
-    const Det *d = &e->email;
-    if (!(e->classes[d->firsts[0]][v[q] >> 3] >> (v[q] & 7) & 1))
-        return 0;
-    Py_ssize_t end = vm(e, d->progs[0], v, n, q);
-    if (end == -2)
-        return -2;
-    if (end < 0)
-        return 0;
-    int len = normalise(K_EMAIL, v + q, end - q, c->norm);
-    if (!len || binary_before(v, q))
-        return 0;
-    c->q = q;
-    c->end = end;
-    c->rank = d->rank;
-    c->det = d;
-    c->nlen = len;
-    return 1;
 }
 
 /* A source yields, for a position p, its leftmost valid value starting in [p, limit).
@@ -545,12 +527,12 @@ static int source_next(const Engine *e, Source *s, int is_email, Py_ssize_t p) {
             if (is_email) {
                 if (!T_LOCAL[c] || (q > 0 && T_LOCAL[v[q - 1]]))
                     continue;
-                r = email_at(e, v, s->n, q, &s->cand);
+                r = value_at(e, &e->email, 1, v, s->n, q, &s->cand);
             } else {
                 if (!T_NUMFIRST[c] || (q > 0 && T_NUMPREV[v[q - 1]]) ||
                     (q > 1 && (v[q - 1] == '.' || v[q - 1] == '-') && T_DIGIT[v[q - 2]]))
                     continue;
-                r = digit_at(e, v, s->n, q, &s->cand);
+                r = value_at(e, e->digits, e->ndigits, v, s->n, q, &s->cand);
             }
             if (r == -2)
                 return -2;

@@ -33,3 +33,18 @@ def prefilter_engine(request: pytest.FixtureRequest) -> Iterator[str]:
         yield request.param
     finally:
         stream.HYPERSCAN, engine.ENABLED = saved
+
+
+def feed_in_pieces(masker: stream.StreamMasker, data: bytes, cuts: list[int]) -> tuple[list[bytes], list]:
+    """Feed ``data`` cut at ``cuts``, then flush: every output (the flush's last) and every
+    record. Checks the held tail's bound after each feed."""
+    outs, found, prev = [], [], 0
+    for c in [*cuts, len(data)]:
+        out, f = masker.feed(data[prev:c])
+        outs.append(out)
+        found += f
+        prev = c
+        assert masker.held <= masker.hold_limit
+    out, f = masker.flush()
+    outs.append(out)
+    return outs, found + f
