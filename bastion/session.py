@@ -34,8 +34,10 @@ if TYPE_CHECKING:
 # A session about to reach a hard limit (credential expiry, maximum duration) is warned
 # this long before (at most; a fifth of the session's whole allowance when shorter).
 LIMIT_WARNING = 300.0
-# The most masked output Session._paced keeps back for the next chunk (bytes).
+# Session._paced: the most masked output kept back for the next chunk, and the smallest
+# chunk it paces (bulk output; interactive output, in small chunks, is never kept back).
 _CARRY_MAX = 4096
+_PACE_MIN = 8192
 
 
 @dataclass
@@ -269,12 +271,13 @@ class Session:
         what the masker released from its held tail waits for the next chunk, or for the
         silence flush. Otherwise, on a plain log, every other chunk comes out a few bytes
         over the channel's packet size and costs a second, tiny packet (a third of the
-        gateway's CPU for masking, bench/masking). Tags longer than their values are never
-        kept waiting beyond _CARRY_MAX."""
+        gateway's CPU for masking, bench/masking). Only bulk output is paced: a small chunk
+        (a prompt, an echo) goes out whole at once, and tags longer than their values are
+        never kept waiting beyond _CARRY_MAX."""
         carry = self._carry.get(stream)
         if carry:
             shown = carry + shown
-        if len(shown) <= size or len(shown) - size > _CARRY_MAX:
+        if size < _PACE_MIN or len(shown) <= size or len(shown) - size > _CARRY_MAX:
             self._carry[stream] = b""
             return shown
         self._carry[stream] = shown[size:]
