@@ -218,3 +218,32 @@ def test_the_start_up_log_says_which_engine_masks(caplog: pytest.LogCaptureFixtu
     assert "custom detectors" in lines[1][1]
     assert "GUARITA_MASKING_ENGINE=python" in lines[2][1]
     assert lines[3][0] == "WARNING" and "not built" in lines[3][1]
+
+
+def test_malformed_programs_are_refused() -> None:
+    import struct
+
+    def make(words: list[int], classes: int = 1) -> object:
+        return engine._engine.Engine(struct.pack(f"={len(words)}i", *words), bytes(32 * classes), [], None, 0,
+                                     b"k", tuple)
+
+    make([engine.OP_CLASS, 0, engine.OP_MATCH])  # fine
+    for words in ([engine.OP_CLASS, 5, engine.OP_MATCH], [engine.OP_JMP, 7, engine.OP_MATCH], [99],
+                  [engine.OP_SPLIT, 0, 1, engine.OP_MATCH], [engine.OP_LOOK, 0, 0, 0, 9], [engine.OP_REP, 0, 3, 1]):
+        with pytest.raises(ValueError, match="malformed program"):
+            make(words)
+    eng, pcs = engine.compile_patterns([b"[0-9]{3}x"])
+    assert eng.match(pcs[0], b"123x", 0) == 4
+    with pytest.raises(ValueError):
+        eng.match(pcs[0] + 1, b"123x", 0)  # not the start of an instruction
+
+
+def test_an_engine_error_falls_back_to_python_for_that_chunk() -> None:
+    class Failing:
+        def plain(self, *args: object) -> None:
+            raise RuntimeError("masking engine: backtracking limit")
+
+    data = b"cpf 529.982.247-25 mail ana@example.com\n" * 3
+    m = StreamMasker(default_detectors(), SECRET)
+    m._engine = Failing()
+    assert _feed(m, data, [20, 50]) == _feed(_python(default_detectors()), data, [20, 50])

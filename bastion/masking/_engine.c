@@ -60,6 +60,7 @@ typedef struct {
     PyObject_HEAD
     int32_t *code;
     Py_ssize_t ncode;
+    uint8_t *boundary;   /* 1 where an instruction starts (check_code) */
     uint8_t (*classes)[32];
     Py_ssize_t nclasses;
     Det digits[MAX_DIGIT_DETS];
@@ -749,7 +750,7 @@ static int parse_det(const Engine *e, PyObject *t, Det *d) {
         long fc = PyLong_AsLong(PyList_GET_ITEM(firsts, i));
         if (PyErr_Occurred())
             return -1;
-        if (pc < 0 || pc >= e->ncode || fc < 0 || fc >= e->nclasses) {
+        if (pc < 0 || pc >= e->ncode || !e->boundary[pc] || fc < 0 || fc >= e->nclasses) {
             PyErr_SetString(PyExc_ValueError, "program or class out of range");
             return -1;
         }
@@ -762,8 +763,59 @@ static int parse_det(const Engine *e, PyObject *t, Det *d) {
     return 0;
 }
 
+/* The programs come from engine.py, but the engine never trusts them: every operand in
+ * range, every jump to the start of an instruction, every sub-program closed by a MATCH. */
+static int check_code(Engine *e) {
+    const int32_t *c = e->code;
+    Py_ssize_t n = e->ncode;
+    e->boundary = PyMem_Calloc((size_t)n + 1, 1);
+    if (e->boundary == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    Py_ssize_t pc = 0;
+    while (pc < n) {
+        e->boundary[pc] = 1;
+        int size;
+        switch (c[pc]) {
+        case OP_CLASS: size = 2; break;
+        case OP_SPLIT: size = 3; break;
+        case OP_JMP: size = 2; break;
+        case OP_MATCH: size = 1; break;
+        case OP_LOOK: size = 5; break;
+        case OP_REP: size = 4; break;
+        default: goto bad;
+        }
+        if (pc + size > n)
+            goto bad;
+        if ((c[pc] == OP_CLASS || c[pc] == OP_REP) && (c[pc + 1] < 0 || c[pc + 1] >= e->nclasses))
+            goto bad;
+        if (c[pc] == OP_REP && (c[pc + 2] < 0 || c[pc + 3] < c[pc + 2]))
+            goto bad;
+        if (c[pc] == OP_LOOK && (c[pc + 3] < 0 || c[pc + 4] < 1 || pc + 5 + c[pc + 4] > n ||
+                                 c[pc + 5 + c[pc + 4] - 1] != OP_MATCH))
+            goto bad;
+        pc += size;
+    }
+    pc = 0;
+    while (pc < n) { /* jumps land on instructions */
+        int op = c[pc];
+        if (op == OP_SPLIT && (c[pc + 1] < 0 || c[pc + 1] >= n || !e->boundary[c[pc + 1]] || c[pc + 2] < 0 ||
+                               c[pc + 2] >= n || !e->boundary[c[pc + 2]]))
+            goto bad;
+        if (op == OP_JMP && (c[pc + 1] < 0 || c[pc + 1] >= n || !e->boundary[c[pc + 1]]))
+            goto bad;
+        pc += op == OP_CLASS || op == OP_JMP ? 2 : op == OP_SPLIT ? 3 : op == OP_MATCH ? 1 : op == OP_LOOK ? 5 : 4;
+    }
+    return 0;
+bad:
+    PyErr_Format(PyExc_ValueError, "masking engine: malformed program at %zd", pc);
+    return -1;
+}
+
 static void engine_dealloc(Engine *e) {
     PyMem_Free(e->code);
+    PyMem_Free(e->boundary);
     PyMem_Free(e->classes);
     for (int i = 0; i < e->ndigits; i++) {
         Py_XDECREF(e->digits[i].name);
@@ -805,6 +857,8 @@ static PyObject *engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
         goto done;
     }
     memcpy(e->code, code.buf, (size_t)code.len);
+    if (check_code(e) < 0)
+        goto done;
     memcpy(e->classes, classes.buf, (size_t)classes.len);
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(digits); i++) {
         if (parse_det(e, PyList_GET_ITEM(digits, i), &e->digits[i]) < 0)
@@ -850,7 +904,8 @@ static PyObject *engine_match(Engine *e, PyObject *args) {
     Py_ssize_t pos;
     if (!PyArg_ParseTuple(args, "iy*n", &pc, &vb, &pos))
         return NULL;
-    Py_ssize_t r = (pc < 0 || pc >= e->ncode || pos < 0 || pos > vb.len) ? -2 : vm(e, pc, vb.buf, vb.len, pos);
+    Py_ssize_t r = (pc < 0 || pc >= e->ncode || !e->boundary[pc] || pos < 0 || pos > vb.len)
+                       ? -2 : vm(e, pc, vb.buf, vb.len, pos);
     PyBuffer_Release(&vb);
     if (r == -2) {
         PyErr_SetString(PyExc_ValueError, "bad program or position, or backtracking limit");
