@@ -87,6 +87,9 @@ def _check_recording(gw: GatewayProcess, events: list[Any], expect_clean: bool) 
 def test_exec_output_is_masked_for_the_agent_and_the_recording(masking_gateway: GatewayProcess,
                                                                oidc: OIDCProvider) -> None:
     gw = masking_gateway
+    # The compiled engine masks here (.ci/install-deps builds it); the Python masker is
+    # checked against it in tests/test_masking_engine.py.
+    assert '"masking: compiled engine"' in gw.log_text()
     mark = gw.audit_mark()
     r = run_ssh(["-p", str(gw.ssh_port), "masked@127.0.0.1", _printf(VALUES) + "; echo done"],
                 token=oidc.token("agent-sre"))
