@@ -127,14 +127,33 @@ def test_the_engine_agrees_with_the_python_masker() -> None:
     assert values > 1500, values
 
 
-def test_chunks_with_escapes_fall_back_and_the_stream_stays_the_same() -> None:
+ESCAPES = [b"\x1b[31m", b"\x1b[0m", b"\x1b[1C", b"\x1b[m\x1b[K", b"\x1b[01;31m\x1b[K", b"\x1b(B", b"\x1b[2J",
+           b"\x1b[?1049h", b"\x1b[?1049l", b"\x1b]0;title\x07", b"\x1b[0m" * 12, b"\x1b"]
+
+
+def _coloured(rng: random.Random, data: bytes) -> bytes:
+    """``data`` with escape sequences between some bytes, values' insides included."""
+    cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randint(1, 6)))) if len(data) > 1 else []
+    out, prev = [], 0
+    for c in cuts:
+        out += [data[prev:c], rng.choice(ESCAPES)]
+        prev = c
+    return b"".join(out) + data[prev:]
+
+
+def test_text_with_escape_sequences_agrees_too() -> None:
+    """Chunks with escape sequences are tokenised in Python and scanned in the engine
+    (Engine.scan): colour codes inside values, mode changes, the alternate screen."""
     rng = random.Random(3)
-    for _ in range(500):
-        parts = [_text(rng, 3) for _ in range(rng.randint(2, 6))]
-        data = b"".join(p + rng.choice([b"", b"\x1b[31m", b"\x1b[0m", b"\x1b[?1049h", b"\x1b[?1049l"]) for p in parts)
-        cuts = sorted(rng.sample(range(len(data) + 1), min(len(data) + 1, 4)))
-        dets = default_detectors()
-        assert _feed(StreamMasker(dets, SECRET), data, cuts) == _feed(_python(dets), data, cuts)
+    values = 0
+    for i in range(2000):
+        dets = default_detectors() if i % 2 == 0 else _config(rng)
+        data = _coloured(rng, _text(rng, rng.randint(1, 10)))
+        cuts = sorted(rng.sample(range(len(data) + 1), min(len(data) + 1, rng.randint(0, 4))))
+        expected = _feed(_python(dets), data, cuts)
+        assert _feed(StreamMasker(dets, SECRET), data, cuts) == expected, (data, cuts, [d.name for d in dets])
+        values += len(expected[1])
+    assert values > 600, values
 
 
 def test_byte_by_byte_and_whole_agree() -> None:
@@ -243,7 +262,9 @@ def test_an_engine_error_falls_back_to_python_for_that_chunk() -> None:
         def plain(self, *args: object) -> None:
             raise RuntimeError("masking engine: backtracking limit")
 
-    data = b"cpf 529.982.247-25 mail ana@example.com\n" * 3
+        scan = plain
+
+    data = b"cpf 529.982.247-25 \x1b[1mmail\x1b[0m ana@example.com\n" * 3 + b"plain 529.982.247-25\n"
     m = StreamMasker(default_detectors(), SECRET)
     m._engine = Failing()
     assert _feed(m, data, [20, 50]) == _feed(_python(default_detectors()), data, [20, 50])

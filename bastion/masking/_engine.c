@@ -617,6 +617,48 @@ static Py_ssize_t utf8_boundary(const uint8_t *v, Py_ssize_t d, Py_ssize_t floor
     return d;
 }
 
+/* The values of v[start:limit], left to right: both sources, and where the last value
+ * ended (StreamMasker._scan). */
+typedef struct {
+    Source dig, em;
+    Py_ssize_t p;
+} Finder;
+
+static void finder_init(const Engine *e, Finder *f, const uint8_t *v, Py_ssize_t n, Py_ssize_t start,
+                        Py_ssize_t limit) {
+    source_init(&f->dig, v, n, limit);
+    source_init(&f->em, v, n, limit);
+    f->dig.done = e->ndigits == 0 || limit <= start;
+    f->em.done = !e->has_email || limit <= start;
+    f->p = start;
+}
+
+/* The next value: 1 and *out set (valid until the next call), 0 at the end, -1 with an
+ * exception set. The leftmost wins; at the same start the longer, then the earlier
+ * detector. */
+static int finder_next(const Engine *e, Finder *f, const Cand **out) {
+    int rd = source_next(e, &f->dig, 0, f->p), re = source_next(e, &f->em, 1, f->p);
+    if (rd == -2 || re == -2) {
+        PyErr_SetString(PyExc_RuntimeError, "masking engine: backtracking limit");
+        return -1;
+    }
+    const Cand *c;
+    if (rd && re) {
+        const Cand *a = &f->dig.cand, *b = &f->em.cand;
+        c = (a->q != b->q) ? (a->q < b->q ? a : b) : (a->end != b->end) ? (a->end > b->end ? a : b)
+            : (a->rank <= b->rank ? a : b);
+    } else if (rd) {
+        c = &f->dig.cand;
+    } else if (re) {
+        c = &f->em.cand;
+    } else {
+        return 0;
+    }
+    f->p = c->end;
+    *out = c;
+    return 1;
+}
+
 /* Engine.plain(v, start, limit, final, offset) -> (out, decided, masked)
  *
  * v is the masker's context followed by the held and new bytes, start where the new
@@ -648,75 +690,58 @@ static PyObject *engine_plain(Engine *e, PyObject *args) {
         PyErr_NoMemory();
         goto done;
     }
-    Py_ssize_t w = 0, copied = start, p = start;
-    Source dig, em;
-    source_init(&dig, v, n, limit);
-    source_init(&em, v, n, limit);
-    dig.done = e->ndigits == 0;
-    em.done = !e->has_email;
-    if (limit > start) {
-        for (;;) {
-            int rd = source_next(e, &dig, 0, p), re = source_next(e, &em, 1, p);
-            if (rd == -2 || re == -2) {
-                PyErr_SetString(PyExc_RuntimeError, "masking engine: backtracking limit");
+    Py_ssize_t w = 0, copied = start;
+    Finder f;
+    finder_init(e, &f, v, n, start, limit);
+    for (;;) {
+        const Cand *c;
+        int r = finder_next(e, &f, &c);
+        if (r < 0)
+            goto done;
+        if (r == 0)
+            break;
+        if (w + (n - copied) + 64 > cap) {
+            Py_ssize_t ncap = 2 * cap + 64;
+            char *nb = PyMem_Realloc(buf, (size_t)ncap);
+            if (nb == NULL) {
+                PyErr_NoMemory();
                 goto done;
             }
-            Cand *c;
-            if (rd && re) {
-                Cand *a = &dig.cand, *b = &em.cand;
-                c = (a->q != b->q) ? (a->q < b->q ? a : b) : (a->end != b->end) ? (a->end > b->end ? a : b)
-                    : (a->rank <= b->rank ? a : b);
-            } else if (rd) {
-                c = &dig.cand;
-            } else if (re) {
-                c = &em.cand;
-            } else {
-                break;
-            }
-            if (w + (n - copied) + 64 > cap) {
-                Py_ssize_t ncap = 2 * cap + 64;
-                char *nb = PyMem_Realloc(buf, (size_t)ncap);
-                if (nb == NULL) {
-                    PyErr_NoMemory();
-                    goto done;
-                }
-                buf = nb;
-                cap = ncap;
-            }
-            memcpy(buf + w, v + copied, (size_t)(c->q - copied));
-            w += c->q - copied;
-            Py_ssize_t rl = replace(c->det, v + c->q, c->end - c->q, buf + w, cap - w);
-            if (rl < 0) {
-                PyErr_SetString(PyExc_RuntimeError, "masking engine: output overflow");
-                goto done;
-            }
-            PyObject *rep = PyUnicode_DecodeASCII(buf + w, rl, "replace");
-            w += rl;
-            copied = c->end;
-            PyObject *h = hmac_hex(e, c->norm, c->nlen);
-            PyObject *item = e->masked_type->tp_alloc(e->masked_type, 5);
-            if (rep == NULL || h == NULL || item == NULL) {
-                Py_XDECREF(rep);
-                Py_XDECREF(h);
-                Py_XDECREF(item);
-                goto done;
-            }
-            Py_INCREF(c->det->name);
-            PyTuple_SET_ITEM(item, 0, c->det->name);
-            PyTuple_SET_ITEM(item, 1, PyLong_FromSsize_t(offset + (c->q - start)));
-            PyTuple_SET_ITEM(item, 2, PyLong_FromSsize_t(c->end - c->q));
-            PyTuple_SET_ITEM(item, 3, h);
-            PyTuple_SET_ITEM(item, 4, rep);
-            if (PyTuple_GET_ITEM(item, 1) == NULL || PyTuple_GET_ITEM(item, 2) == NULL ||
-                PyList_Append(masked, item) < 0) {
-                Py_DECREF(item);
-                goto done;
-            }
-            Py_DECREF(item);
-            p = c->end;
+            buf = nb;
+            cap = ncap;
         }
+        memcpy(buf + w, v + copied, (size_t)(c->q - copied));
+        w += c->q - copied;
+        Py_ssize_t rl = replace(c->det, v + c->q, c->end - c->q, buf + w, cap - w);
+        if (rl < 0) {
+            PyErr_SetString(PyExc_RuntimeError, "masking engine: output overflow");
+            goto done;
+        }
+        PyObject *rep = PyUnicode_DecodeASCII(buf + w, rl, "replace");
+        w += rl;
+        copied = c->end;
+        PyObject *h = hmac_hex(e, c->norm, c->nlen);
+        PyObject *item = e->masked_type->tp_alloc(e->masked_type, 5);
+        if (rep == NULL || h == NULL || item == NULL) {
+            Py_XDECREF(rep);
+            Py_XDECREF(h);
+            Py_XDECREF(item);
+            goto done;
+        }
+        Py_INCREF(c->det->name);
+        PyTuple_SET_ITEM(item, 0, c->det->name);
+        PyTuple_SET_ITEM(item, 1, PyLong_FromSsize_t(offset + (c->q - start)));
+        PyTuple_SET_ITEM(item, 2, PyLong_FromSsize_t(c->end - c->q));
+        PyTuple_SET_ITEM(item, 3, h);
+        PyTuple_SET_ITEM(item, 4, rep);
+        if (PyTuple_GET_ITEM(item, 1) == NULL || PyTuple_GET_ITEM(item, 2) == NULL ||
+            PyList_Append(masked, item) < 0) {
+            Py_DECREF(item);
+            goto done;
+        }
+        Py_DECREF(item);
     }
-    Py_ssize_t decided = limit > p ? limit : p;
+    Py_ssize_t decided = limit > f.p ? limit : f.p;
     if (decided < start)
         decided = start;
     if (!final)
@@ -734,6 +759,56 @@ done:
     PyMem_Free(buf);
     Py_XDECREF(out);
     Py_XDECREF(masked);
+    PyBuffer_Release(&vb);
+    return result;
+}
+
+/* Engine.scan(v, pos, limit) -> (decided, [(q, end, rank, hmac, replacement), ...])
+ *
+ * StreamMasker._scan for one segment of visible text (escape sequences removed), with
+ * each value's keyed hash and replacement: the tokenised path places them around the
+ * escape sequences in Python. */
+static PyObject *engine_scan(Engine *e, PyObject *args) {
+    Py_buffer vb;
+    Py_ssize_t start, limit;
+    if (!PyArg_ParseTuple(args, "y*nn", &vb, &start, &limit))
+        return NULL;
+    const uint8_t *v = vb.buf;
+    Py_ssize_t n = vb.len;
+    PyObject *values = NULL, *result = NULL;
+    char rep[NORM_CAP + 64];
+    if (start < 0 || start > n || limit > n) {
+        PyErr_SetString(PyExc_ValueError, "start/limit out of range");
+        goto done;
+    }
+    values = PyList_New(0);
+    if (values == NULL)
+        goto done;
+    Finder f;
+    finder_init(e, &f, v, n, start, limit);
+    for (;;) {
+        const Cand *c;
+        int r = finder_next(e, &f, &c);
+        if (r < 0)
+            goto done;
+        if (r == 0)
+            break;
+        Py_ssize_t rl = replace(c->det, v + c->q, c->end - c->q, rep, (Py_ssize_t)sizeof rep);
+        if (rl < 0) {
+            PyErr_SetString(PyExc_RuntimeError, "masking engine: output overflow");
+            goto done;
+        }
+        PyObject *item = Py_BuildValue("(nniNy#)", c->q, c->end, c->rank, hmac_hex(e, c->norm, c->nlen), rep, rl);
+        if (item == NULL || PyList_Append(values, item) < 0) {
+            Py_XDECREF(item);
+            goto done;
+        }
+        Py_DECREF(item);
+    }
+    Py_ssize_t decided = limit > f.p ? limit : f.p;
+    result = Py_BuildValue("(nO)", decided < start ? start : decided, values);
+done:
+    Py_XDECREF(values);
     PyBuffer_Release(&vb);
     return result;
 }
@@ -1014,6 +1089,7 @@ static PyMethodDef module_methods[] = {
 
 static PyMethodDef engine_methods[] = {
     {"plain", (PyCFunction)engine_plain, METH_VARARGS, "Mask plain text: (out, decided, masked)."},
+    {"scan", (PyCFunction)engine_scan, METH_VARARGS, "The values of a segment: (decided, values)."},
     {"match", (PyCFunction)engine_match, METH_VARARGS, "Run one program at a position."},
     {NULL, NULL, 0, NULL},
 };
@@ -1040,7 +1116,7 @@ PyMODINIT_FUNC PyInit__engine(void) {
     if (m == NULL)
         return NULL;
     /* engine.py refuses a build of another version (a stale in-place build after an update) */
-    if (PyModule_AddIntConstant(m, "ABI", 1) < 0) {
+    if (PyModule_AddIntConstant(m, "ABI", 2) < 0) {
         Py_DECREF(m);
         return NULL;
     }

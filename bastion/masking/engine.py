@@ -33,7 +33,7 @@ from bastion.masking.detectors import _NUM_L, BUILTINS, Detector
 
 # The calling convention between this module and _engine.c; a build of another version
 # (an in-place build left from before an update) is not used.
-ABI = 1
+ABI = 2
 
 try:
     from bastion.masking import _engine  # type: ignore[attr-defined]

@@ -297,9 +297,15 @@ class StreamMasker:
         for k, seg in enumerate(segs):
             is_last = k == len(segs) - 1
             limit = self._limit(seg.v, seg.start) if is_last and not final else len(seg.v)
-            found, decided = self._scan(seg.v, seg.start, limit)
-            for c in found:
-                self._apply(seg, c, edits, masked)
+            values = self._engine_scan(seg, limit)
+            if values is not None:  # the compiled engine found, validated and hashed them
+                decided, found_c = values
+                for q, e, rank, digest, rep in found_c:
+                    self._place(seg, q, e, self.detectors[rank].name, digest, rep, edits, masked)
+            else:
+                found, decided = self._scan(seg.v, seg.start, limit)
+                for c in found:
+                    self._apply(seg, c, edits, masked)
             if is_last:
                 d_last = decided
 
@@ -333,6 +339,15 @@ class StreamMasker:
         self._bin_v = None
         return out, masked
 
+    def _engine_scan(self, seg: _Seg, limit: int) -> tuple[int, list[tuple[int, int, int, str, bytes]]] | None:
+        """_scan in the compiled engine, with hashes and replacements; None: do it here."""
+        if self._engine is None:
+            return None
+        try:
+            return self._engine.scan(seg.v, seg.start, limit)  # type: ignore[no-any-return]
+        except RuntimeError:  # pragma: no cover - its backtracking bound: Python decides
+            return None
+
     def _run_plain(self, buf: bytes, final: bool) -> tuple[bytes, list[Masked]] | None:
         """_run for plain text, in the compiled engine: the same cut, output and records."""
         assert self._engine is not None
@@ -359,7 +374,11 @@ class StreamMasker:
                masked: list[Masked]) -> None:
         q, e, rank, norm = c[0], -c[1], c[2], c[3]
         det = self.detectors[rank]
-        rep = det.replacement.apply(seg.v[q:e])
+        self._place(seg, q, e, det.name, self._digest(norm), det.replacement.apply(seg.v[q:e]), edits, masked)
+
+    def _place(self, seg: _Seg, q: int, e: int, detector: str, digest: str, rep: bytes,
+               edits: list[tuple[int, int, bytes]], masked: list[Masked]) -> None:
+        """The edits that put ``rep`` where the visible bytes v[q:e] are, and its record."""
         if len(seg.runs) == 1:  # no escape sequence in the segment: one piece
             v0, o0, _ = seg.runs[0]
             o, oe = o0 + q - v0, o0 + e - v0
@@ -372,8 +391,7 @@ class StreamMasker:
                 take = rep[i:] if n == len(pieces) - 1 else rep[i:i + (poe - po)]
                 i += len(take)
                 edits.append((po, poe, take))
-        masked.append(Masked(det.name, self._offset + o, oe - o, self._digest(norm),
-                             rep.decode("utf-8", "replace")))
+        masked.append(Masked(detector, self._offset + o, oe - o, digest, rep.decode("utf-8", "replace")))
 
     def _digest(self, norm: str) -> str:
         inner = self._inner.copy()
