@@ -34,6 +34,13 @@ detector examines from a value's start (the longest value plus its look-ahead), 
 longest escape sequence recognised. In practice the tail is the trailing run of
 characters that could still belong to a value (a few bytes at a shell prompt).
 Multibyte UTF-8 characters are never split between two outputs.
+
+Speed
+-----
+Where it is built, the compiled engine (``bastion/masking/engine.py``) does the work of
+:meth:`StreamMasker._scan` and ``_apply`` for the built-in detectors: a whole plain chunk in
+one call (``_run_plain``), or each segment of a tokenised one (``_engine_scan``). This
+module stays the definition; the tests hold the engine to it byte for byte.
 """
 
 from __future__ import annotations
