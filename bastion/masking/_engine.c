@@ -1,5 +1,5 @@
 /* The compiled masking engine: finds, validates, replaces and hashes the built-in
- * detectors' values in one call per chunk of plain terminal text.
+ * detectors' values in one call per chunk of terminal text.
  *
  * It is an accelerator, not a second definition of masking. Everything it decides is
  * defined by the Python masker (bastion/masking/stream.py and detectors.py), and
@@ -14,8 +14,10 @@
  *     the longer, then the earlier detector (StreamMasker._scan);
  *   - the keyed hash is HMAC-SHA256 through OpenSSL's SHA-256 (the one hashlib uses).
  *
- * Only plain text reaches it: no escape sequence in the chunk, no alternate screen, no
- * custom detector. The masker keeps the Python path for the rest.
+ * Two entry points: Engine.plain masks a whole chunk of plain text (no escape sequence,
+ * not on the alternate screen); Engine.scan returns the values of one segment of visible
+ * text, which the Python tokeniser cut out of a chunk with escape sequences and around
+ * which it places the replacements. Configurations with custom detectors never get here.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
