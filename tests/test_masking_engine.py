@@ -268,3 +268,11 @@ def test_an_engine_error_falls_back_to_python_for_that_chunk() -> None:
     m = StreamMasker(default_detectors(), SECRET)
     m._engine = Failing()
     assert _feed(m, data, [20, 50]) == _feed(_python(default_detectors()), data, [20, 50])
+
+
+def test_positions_outside_the_text_are_refused() -> None:
+    eng = StreamMasker(default_detectors(), SECRET)._engine
+    with pytest.raises(ValueError, match="out of range"):
+        eng.plain(b"abc", 5, 3, False, 0)
+    with pytest.raises(ValueError, match="out of range"):
+        eng.scan(b"abc", 0, 9)

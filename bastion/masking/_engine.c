@@ -626,13 +626,26 @@ typedef struct {
     Py_ssize_t p;
 } Finder;
 
-static void finder_init(const Engine *e, Finder *f, const uint8_t *v, Py_ssize_t n, Py_ssize_t start,
-                        Py_ssize_t limit) {
+/* 0, or -1 with ValueError when start/limit do not fit v. */
+static int finder_init(const Engine *e, Finder *f, const uint8_t *v, Py_ssize_t n, Py_ssize_t start,
+                       Py_ssize_t limit) {
+    if (start < 0 || start > n || limit > n) {
+        PyErr_SetString(PyExc_ValueError, "start/limit out of range");
+        return -1;
+    }
     source_init(&f->dig, v, n, limit);
     source_init(&f->em, v, n, limit);
     f->dig.done = e->ndigits == 0 || limit <= start;
     f->em.done = !e->has_email || limit <= start;
     f->p = start;
+    return 0;
+}
+
+/* The first position not yet decided once every value is found: past the last value,
+ * and at least limit and start (StreamMasker._scan's second result). */
+static Py_ssize_t finder_decided(const Finder *f, Py_ssize_t start, Py_ssize_t limit) {
+    Py_ssize_t d = limit > f->p ? limit : f->p;
+    return d < start ? start : d;
 }
 
 /* The next value: 1 and *out set (valid until the next call), 0 at the end, -1 with an
@@ -677,10 +690,9 @@ static PyObject *engine_plain(Engine *e, PyObject *args) {
     Py_ssize_t n = vb.len;
     PyObject *masked = NULL, *out = NULL, *result = NULL;
     char *buf = NULL;
-    if (start < 0 || start > n || limit > n) {
-        PyErr_SetString(PyExc_ValueError, "start/limit out of range");
+    Finder f;
+    if (finder_init(e, &f, v, n, start, limit) < 0)
         goto done;
-    }
     masked = PyList_New(0);
     if (masked == NULL)
         goto done;
@@ -693,8 +705,6 @@ static PyObject *engine_plain(Engine *e, PyObject *args) {
         goto done;
     }
     Py_ssize_t w = 0, copied = start;
-    Finder f;
-    finder_init(e, &f, v, n, start, limit);
     for (;;) {
         const Cand *c;
         int r = finder_next(e, &f, &c);
@@ -743,9 +753,7 @@ static PyObject *engine_plain(Engine *e, PyObject *args) {
         }
         Py_DECREF(item);
     }
-    Py_ssize_t decided = limit > f.p ? limit : f.p;
-    if (decided < start)
-        decided = start;
+    Py_ssize_t decided = finder_decided(&f, start, limit);
     if (!final)
         decided = utf8_boundary(v, decided, start);
     if (decided > copied) {
@@ -779,15 +787,12 @@ static PyObject *engine_scan(Engine *e, PyObject *args) {
     Py_ssize_t n = vb.len;
     PyObject *values = NULL, *result = NULL;
     char rep[NORM_CAP + 64];
-    if (start < 0 || start > n || limit > n) {
-        PyErr_SetString(PyExc_ValueError, "start/limit out of range");
+    Finder f;
+    if (finder_init(e, &f, v, n, start, limit) < 0)
         goto done;
-    }
     values = PyList_New(0);
     if (values == NULL)
         goto done;
-    Finder f;
-    finder_init(e, &f, v, n, start, limit);
     for (;;) {
         const Cand *c;
         int r = finder_next(e, &f, &c);
@@ -807,8 +812,7 @@ static PyObject *engine_scan(Engine *e, PyObject *args) {
         }
         Py_DECREF(item);
     }
-    Py_ssize_t decided = limit > f.p ? limit : f.p;
-    result = Py_BuildValue("(nO)", decided < start ? start : decided, values);
+    result = Py_BuildValue("(nO)", finder_decided(&f, start, limit), values);
 done:
     Py_XDECREF(values);
     PyBuffer_Release(&vb);

@@ -22,20 +22,15 @@ import atheris
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 with atheris.instrument_imports(include=["bastion.masking"]):
     from bastion.masking import StreamMasker, default_detectors
+from tests.support.masking import feed_in_pieces  # noqa: E402
 
 DETECTORS = default_detectors()
 SECRET = b"fuzz-secret-" + b"x" * 20
 
 
 def _feed(m: StreamMasker, data: bytes, cuts: list[int]) -> tuple[bytes, list]:
-    outs, found, prev = [], [], 0
-    for c in [*cuts, len(data)]:
-        out, f = m.feed(data[prev:c])
-        outs.append(out)
-        found += f
-        prev = c
-    out, f = m.flush()
-    return b"".join(outs) + out, found + f
+    outs, found = feed_in_pieces(m, data, cuts)
+    return b"".join(outs), found
 
 
 def one_input(buf: bytes) -> None:
