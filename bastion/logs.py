@@ -8,6 +8,13 @@ with ``log.info(..., extra={"session": sid})`` and the id of the session whose t
 (:data:`current_session`, set by the session pipeline), so a log search by session id
 finds the gateway's own lines about it beside the audit events.
 
+Python warnings (a dependency's deprecation notice, say) never reach stderr on their own:
+:func:`capture_warnings` runs when the ``bastion`` or ``replay`` package is imported and
+keeps them until :func:`setup_logging` configures the log, which then emits them as log
+records (a JSON line when the log is JSON). Commands that configure no log (``ssh-cert``,
+``keys``, ``replay``) show none. A dependency's deprecation is logged at DEBUG (seen with
+``-v``): it is a note for whoever upgrades, not something an operator must act on.
+
 This is not the audit log (``gateway.audit_log``), which has a fixed schema for a SIEM.
 """
 
@@ -17,6 +24,7 @@ import contextvars
 import json
 import logging
 import sys
+import warnings
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -80,6 +88,60 @@ class TextFormatter(logging.Formatter):
         return f"{first}  {fields}{sep}{rest}"
 
 
+WARNINGS_LOGGER = "py.warnings"
+
+
+class _HeldWarnings(logging.Handler):
+    """Keeps the warnings raised before the log is configured (at most ``limit``)."""
+
+    def __init__(self, limit: int = 100) -> None:
+        super().__init__(logging.DEBUG)
+        self.limit = limit
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.records) < self.limit:
+            self.records.append(record)
+
+
+_held = _HeldWarnings()
+
+
+def _is_deprecation(category: type[Warning]) -> bool:
+    # cryptography's CryptographyDeprecationWarning is a UserWarning, not a DeprecationWarning.
+    return issubclass(category, DeprecationWarning | PendingDeprecationWarning) or "Deprecat" in category.__name__
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    level = logging.DEBUG if _is_deprecation(category) else logging.WARNING
+    logger = logging.getLogger(WARNINGS_LOGGER)
+    holding = _held in logger.handlers  # the log's level is not known yet: keep every warning
+    if holding or logger.isEnabledFor(level):
+        logger.handle(logger.makeRecord(logger.name, level, filename, lineno, "%s: %s", (category.__name__, message),
+                                        None, extra={"warning": category.__name__, "source": f"{filename}:{lineno}"}))
+
+
+def capture_warnings() -> None:
+    """Route Python warnings into logging, held until :func:`setup_logging` (idempotent)."""
+    logger = logging.getLogger(WARNINGS_LOGGER)
+    if _held not in logger.handlers and not getattr(warnings.showwarning, "_guarita", False):
+        logger.addHandler(_held)
+        logger.propagate = False
+    warnings.showwarning = _show_warning
+    _show_warning._guarita = True  # type: ignore[attr-defined]
+
+
+def _release_held_warnings() -> None:
+    logger = logging.getLogger(WARNINGS_LOGGER)
+    logger.removeHandler(_held)
+    logger.propagate = True
+    held, _held.records = _held.records, []
+    for record in held:
+        if logger.isEnabledFor(record.levelno):
+            logger.handle(record)
+
+
 def resolve_format(fmt: str, stream: IO[str]) -> str:
     """``auto``: text on a terminal, JSON otherwise."""
     if fmt not in FORMATS:
@@ -104,7 +166,8 @@ def setup_logging(fmt: str = "auto", verbose: bool = False, stream: IO[str] | No
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    logging.captureWarnings(True)
+    capture_warnings()
+    _release_held_warnings()
     for noisy in ("asyncssh", "aiohttp.access", "botocore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return chosen
