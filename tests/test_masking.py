@@ -449,7 +449,7 @@ def test_config_defaults(tmp_path: Path) -> None:
     assert cfg.secret_file == tmp_path / "data" / "masking.key"
     assert [d.name for d in cfg.build_detectors()] == list(BUILTIN_NAMES)
     assert cfg.where("web-1", None, ["sre"]) == "both"
-    assert cfg.flush_after == 0.005 and cfg.alt_screen == "pass"
+    assert cfg.flush_after == 0.005 and cfg.alt_screen == "mask"
 
 
 def test_config_full(tmp_path: Path) -> None:
