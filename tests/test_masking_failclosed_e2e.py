@@ -54,7 +54,10 @@ exec(GEN, ns)
 
 
 def _remote_log(seed: int, n: int) -> str:
-    return "python3 -c " + _sq(GEN + f"\nsys.stdout.write(''.join(l for _, _, l in lines({seed}, {n})))\n")
+    # written in pieces of 1000 bytes, as a program that logs as it goes: many packets
+    return "python3 -c " + _sq(GEN + f"\nt = ''.join(l for _, _, l in lines({seed}, {n})).encode()\n"
+                               "for i in range(0, len(t), 1000):\n    sys.stdout.buffer.write(t[i:i + 1000]); "
+                               "sys.stdout.flush()\n")
 
 
 def _sq(text: str) -> str:
@@ -138,7 +141,7 @@ def test_a_slow_reader_gets_no_value_unmasked(gw: GatewayProcess, oidc: OIDCProv
     values, near = [v for v, _, _ in data], [n for _, n, _ in data]
     mark = gw.audit_mark()
     seen = _slow_ssh(["-p", str(gw.ssh_port), "masked@127.0.0.1", _remote_log(1, 30000)],
-                     oidc.token("agent-sre"), piece=16384, pause=0.002)
+                     oidc.token("agent-sre"), piece=4096, pause=0.002)
     _, _, events = _recorded(gw, mark, kind="exec", target="masked")
     recorded = _output(events)
     print(f"\nslow reader: {leaks(seen, values)} of {len(values)} CPFs unmasked live, "
