@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from bastion.masking.config import MaskingConfig
 
 from bastion.approvals.rules import ApprovalPolicy, parse_policy
+from bastion.identity.delegation import DELEGATION_KEYS, DelegationScope, parse_scope
 
 DEFAULT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA")
 # Symmetric and unsigned algorithms can never be allowed: with HMAC, anyone holding the
@@ -87,6 +88,9 @@ class IssuerConfig:
     leeway: float = 30.0
     # Only for issuers without discovery; normally taken from /.well-known/openid-configuration.
     jwks_uri: str | None = None
+    # The longest delegation chain (RFC 8693 `act`, bastion/identity/delegation.py) accepted from
+    # this issuer; 0 refuses every delegated token.
+    max_delegation_depth: int = 4
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,8 @@ class AccessRule:
     max_session: float = 8 * 3600.0
     idle_timeout: float | None = None
     max_duration: float | None = None
+    # Delegated tokens (RFC 8693 `act`): `delegated`, `actors`, `max_delegation_depth`.
+    delegation: DelegationScope = field(default_factory=DelegationScope)
 
 
 @dataclass(frozen=True)
@@ -511,7 +517,7 @@ def _recording(r: _Reader, t: dict[str, Any], data_dir: Path, overrides: dict[st
 
 def _issuer(r: _Reader, t: dict[str, Any], p: str) -> IssuerConfig:
     r.unknown(t, {"issuer", "audience", "algorithms", "subject_claim", "groups_claim", "email_claim",
-                  "extra_claims", "leeway", "jwks_uri"}, p)
+                  "extra_claims", "leeway", "jwks_uri", "max_delegation_depth"}, p)
     issuer = r.get(t, "issuer", p, str, "", required=True)
     parsed = urlparse(issuer)
     if issuer and (parsed.scheme not in ("https", "http") or not parsed.hostname):
@@ -532,7 +538,18 @@ def _issuer(r: _Reader, t: dict[str, Any], p: str) -> IssuerConfig:
         extra_claims=r.strings(t, "extra_claims", p),
         leeway=r.duration(t, "leeway", p, 30.0),
         jwks_uri=r.get(t, "jwks_uri", p, str, None),
+        max_delegation_depth=_delegation_depth(r, t, p),
     )
+
+
+def _delegation_depth(r: _Reader, t: dict[str, Any], p: str) -> int:
+    from bastion.identity.delegation import DEFAULT_MAX_DEPTH, MAX_DEPTH
+
+    depth = r.get(t, "max_delegation_depth", p, int, DEFAULT_MAX_DEPTH)
+    if not 0 <= depth <= MAX_DEPTH:
+        r.problems.append((f"{p}max_delegation_depth", f"must be between 0 and {MAX_DEPTH}, got {depth}"))
+        return DEFAULT_MAX_DEPTH
+    return int(depth)
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -605,7 +622,7 @@ def _cluster(r: _Reader, t: dict[str, Any], p: str) -> ClusterConfig:
 
 def _access(r: _Reader, t: dict[str, Any], p: str, index: int) -> AccessRule:
     r.unknown(t, {"name", "subjects", "groups", "claims", "targets", "logins", "sftp", "clusters", "namespaces",
-                  "port_forward", "on_expiry", "max_session", "idle_timeout", "max_duration"}, p)
+                  "port_forward", "on_expiry", "max_session", "idle_timeout", "max_duration", *DELEGATION_KEYS}, p)
     on_expiry = r.get(t, "on_expiry", p, str, "end")
     if on_expiry not in ("end", "warn", "allow"):
         r.problems.append((f"{p}on_expiry", f"must be 'end', 'warn' or 'allow', got {on_expiry!r}"))
@@ -630,6 +647,7 @@ def _access(r: _Reader, t: dict[str, Any], p: str, index: int) -> AccessRule:
         max_session=limits["max_session"] or 8 * 3600.0,
         idle_timeout=limits["idle_timeout"],
         max_duration=limits["max_duration"],
+        delegation=parse_scope(r, t, p),
     )
     if not (rule.subjects or rule.groups or rule.claims):
         # Fail closed: a rule that names nobody must not silently mean everybody.
@@ -815,6 +833,9 @@ CONFIG_KEYS = (
               "(e.g. GitHub Actions' `repository`, `ref`)."),
     ConfigKey("oidc[].leeway", "duration", "30s", "Clock skew allowed on `exp` and `nbf`."),
     ConfigKey("oidc[].jwks_uri", "URL", None, "Only for issuers without discovery."),
+    ConfigKey("oidc[].max_delegation_depth", "integer", 4, "The longest delegation chain (RFC 8693 `act` claim, "
+              "possibly nested) accepted in this issuer's tokens; `0` refuses delegated tokens. Every actor "
+              "that names an `iss` must name a configured issuer."),
     # [[targets]]
     ConfigKey("targets[].name", "string", REQUIRED, "What agents type after `@` (letters, digits, `.`, `_`, `-`).",
               reload=True),
@@ -855,6 +876,12 @@ CONFIG_KEYS = (
     ConfigKey("access[].idle_timeout", "duration", None, "End a session without input or output for this long.",
               reload=True),
     ConfigKey("access[].max_duration", "duration", None, "End a session after this long.", reload=True),
+    ConfigKey("access[].delegated", "bool", None, "Only delegated tokens (`true`: an `act` chain, an agent "
+              "acting for the subject) or only direct ones (`false`).", default_text="either", reload=True),
+    ConfigKey("access[].actors", "list of strings", [], "Only when an actor of the delegation chain (its subject or "
+              "client id) matches one of these globs.", reload=True),
+    ConfigKey("access[].max_delegation_depth", "integer", None, "Only for chains of at most this many actors.",
+              default_text="any", reload=True),
     # [[clusters]]
     ConfigKey("clusters[].name", "string", REQUIRED, "Served at `/clusters/NAME`."),
     ConfigKey("clusters[].kubeconfig", "path", None, "The gateway's own credentials for the cluster (this or "
@@ -896,6 +923,12 @@ CONFIG_KEYS = (
     ConfigKey("approvals[].timeout", "duration", None, "How long a request waits (1s to 7d).", reload=True,
               default_text="`approval_defaults.timeout`"),
     ConfigKey("approvals[].message", "string", None, "Shown to the agent and the approvers.", reload=True),
+    ConfigKey("approvals[].delegated", "bool", None, "Only delegated tokens (`true`: an `act` chain, an agent "
+              "acting for the subject) or only direct ones (`false`).", default_text="either", reload=True),
+    ConfigKey("approvals[].actors", "list of strings", [], "Only when an actor of the delegation chain (its subject or "
+              "client id) matches one of these globs.", reload=True),
+    ConfigKey("approvals[].max_delegation_depth", "integer", None, "Only for chains of at most this many actors.",
+              default_text="any", reload=True),
     # [approval_defaults]
     ConfigKey("approval_defaults.action", "string", "allow", "For commands no rule matches.", reload=True),
     ConfigKey("approval_defaults.shell", "string", "allow", "For opening a shell when no shell rule matches.",

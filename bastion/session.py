@@ -604,6 +604,9 @@ def _span(seconds: float) -> str:
 
 
 def _audit_fields(info: SessionInfo) -> dict[str, Any]:
+    from bastion.identity.delegation import chain_fields
+
     return {"front_door": info.front_door, "subject": info.identity.subject, "issuer": info.identity.issuer,
             "groups": list(info.identity.groups), "source": info.source, "target": info.target,
-            "login": info.login, "kind": info.kind, "command": info.command, "subsystem": info.subsystem}
+            "login": info.login, "kind": info.kind, "command": info.command, "subsystem": info.subsystem,
+            **chain_fields(info.identity)}
