@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 from bastion.approvals.rules import ApprovalPolicy, parse_policy
 from bastion.identity.delegation import DELEGATION_KEYS, DelegationScope, parse_scope
+from bastion.mcp.settings import McpSettings, parse_mcp
 
 DEFAULT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA")
 # Symmetric and unsigned algorithms can never be allowed: with HMAC, anyone holding the
@@ -255,6 +256,8 @@ class Config:
     # [roles] (operators, auditors) and [limits] (per-identity session limits), issue 8.
     roles: Roles = field(default_factory=Roles)
     limits: Limits = field(default_factory=Limits)
+    # [mcp]: the MCP front door (bastion/mcp).
+    mcp: McpSettings = field(default_factory=McpSettings)
 
     @property
     def state(self) -> str:
@@ -353,7 +356,7 @@ def parse_config(raw: dict[str, Any], base: Path, overrides: dict[str, Any] | No
     problems: list[tuple[str, str]] = []
     r = _Reader(problems, base)
     r.unknown(raw, {"gateway", "recording", "ssh", "oidc", "targets", "access", "clusters", "state", "approvals",
-                   "approval_defaults", "webhooks", "roles", "limits", "masking"}, "")
+                   "approval_defaults", "webhooks", "roles", "limits", "masking", "mcp"}, "")
     overrides = overrides or {}
 
     gw = r.get(raw, "gateway", "", dict, {})
@@ -415,6 +418,7 @@ def parse_config(raw: dict[str, Any], base: Path, overrides: dict[str, Any] | No
     approvals = parse_policy(r, raw)
     roles = _roles(r, r.get(raw, "roles", "", dict, {}))
     limits = _limits(r, r.get(raw, "limits", "", dict, {}))
+    mcp = parse_mcp(r, r.get(raw, "mcp", "", dict, {}))
     drain_grace = r.duration(gw, "drain_grace", "gateway.", 30.0)
     if not 0 <= drain_grace <= 3600:
         problems.append(("gateway.drain_grace", "must be between 0s and 1h (keep the platform's stop timeout "
@@ -458,6 +462,7 @@ def parse_config(raw: dict[str, Any], base: Path, overrides: dict[str, Any] | No
         metrics_public=metrics_public,
         roles=roles,
         limits=limits,
+        mcp=mcp,
         masking=masking,
     )
 
@@ -753,6 +758,7 @@ CONFIG_SECTIONS = (
                                      "`gateway.metrics_public` requires a token)."),
     ConfigSection("roles.auditors", "Auditors read locks and live sessions (and metrics)."),
     ConfigSection("limits", "Per identity, per replica, so a runaway agent cannot exhaust the gateway."),
+    ConfigSection("mcp", "The MCP front door (`/mcp` on the HTTP API, `bastion mcp` over stdio; docs/mcp.md)."),
     ConfigSection("masking", "Personal-data masking of output (docs/masking.md). Without this table nothing is "
                              "masked."),
     ConfigSection("masking.detectors.<name>", "A built-in detector: `<name>` is one of `cpf`, `cnpj`, `card`, "
@@ -950,6 +956,15 @@ CONFIG_KEYS = (
     ConfigKey("roles.operators.groups", "list of strings", [], "Groups (globs)."),
     ConfigKey("roles.auditors.subjects", "list of strings", [], "Subjects or e-mail addresses (globs)."),
     ConfigKey("roles.auditors.groups", "list of strings", [], "Groups (globs)."),
+    # [mcp]
+    ConfigKey("mcp.enabled", "bool", True, "Serve `/mcp` (streamable HTTP) and its protected-resource metadata "
+              "on the HTTP API."),
+    ConfigKey("mcp.approval_wait", "duration", "1m", "How long one tool call waits for an approval (sending "
+              "progress notifications) before it answers with the pending request; the request lives on until "
+              "its rule's timeout."),
+    ConfigKey("mcp.page_bytes", "integer", 32768, "The most output per stream in one tool result; the rest is "
+              "paged with the `session_output` tool."),
+    ConfigKey("mcp.progress_interval", "duration", "2s", "How often a waiting tool call sends progress."),
     # [limits]
     ConfigKey("limits.max_sessions_per_subject", "integer", 64, "Concurrent sessions of one subject (0: no limit)."),
     ConfigKey("limits.sessions_per_minute", "integer", 600, "New sessions of one subject per minute (0: no limit)."),
