@@ -268,10 +268,13 @@ def test_expired_or_forged_tokens_are_refused_before_the_sdk(mcp_gateway: Gatewa
     head, body, sig = chain_token.split(".")
     forged = ".".join([head, body, sig[:-4] + ("AAAA" if not sig.endswith("AAAA") else "BBBB")])
     mark = mcp_gateway.audit_mark()
-    with pytest.raises(Exception) as err:
+    with pytest.raises(Exception):  # noqa: B017 - the SDK client wraps the 401 in its own errors
         call(mcp_gateway, forged, "list_targets", {})
-    assert "401" in str(err.value) or "nauthorized" in str(err.value)
     mcp_gateway.wait_audit("auth.failure", since=mark, method="mcp", reason="bad_signature")
+    raw = httpx2.post(mcp_gateway.http_url + "/mcp", headers={"Authorization": f"Bearer {forged}"},
+                      json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"}, timeout=10)
+    assert raw.status_code == 401 and "signature does not verify" in raw.json()["error_description"]
+    assert not any(e["event"] == "session.start" for e in mcp_gateway.audit_events(mark))
 
 
 def test_stdio_server_relays_to_the_gateway(mcp_gateway: GatewayProcess, chain_token: str, tmp_path: Path) -> None:

@@ -354,10 +354,12 @@ def build_server(gw: Gateway) -> tuple[MCPServer, Tools]:
             result = await call_next(ctx)
         finally:
             _entered.reset(token)
-        if not holder["entered"] and getattr(result, "is_error", False):
+        # The SDK hands middleware the result in its wire form (a dict), or as a model.
+        wire = result if isinstance(result, dict) else getattr(result, "model_dump", lambda **_: {})(by_alias=True)
+        if not holder["entered"] and wire.get("isError"):
             scope = getattr(ctx.request, "scope", None) or {}
             who = scope.get("guarita.identity")
-            text = " ".join(c.text for c in result.content if isinstance(c, TextContent))
+            text = " ".join(str(c.get("text", "")) for c in wire.get("content") or () if isinstance(c, dict))
             gw.audit.emit("mcp.refused", tool=str(name)[:100], reason="unknown_tool" if name not in known
                           else "bad_arguments", detail=text[:300], front_door="mcp",
                           subject=getattr(who, "subject", None), source=scope.get("guarita.source"))
