@@ -293,3 +293,43 @@ def test_stdio_server_relays_to_the_gateway(mcp_gateway: GatewayProcess, chain_t
     result = asyncio.run(main())
     assert not result.is_error, _text(result)
     assert "via stdio" in result.structured_content["stdout"] and CPF not in result.structured_content["stdout"]
+
+
+def test_client_going_away_while_waiting_cancels_the_request(mcp_gateway: GatewayProcess,
+                                                               chain_token: str) -> None:
+    mark = mcp_gateway.audit_mark()
+
+    async def main() -> None:
+        task = asyncio.create_task(_call(mcp_gateway.http_url + "/mcp", chain_token, "run_command",
+                                         {"target": "web-key", "command": "echo needs-approval gone"}))
+        await asyncio.to_thread(mcp_gateway.wait_audit, "approval.requested", mark, 20)
+        task.cancel()  # the client closes its connection mid-wait
+        with pytest.raises(BaseException):  # noqa: B017 - cancelled, however the SDK reports it
+            await task
+
+    asyncio.run(main())
+    resolved = mcp_gateway.wait_audit("approval.resolved", since=mark, status="cancelled", timeout=15)
+    assert "went away" in (resolved.get("reason") or "")
+    end = mcp_gateway.wait_audit("session.end", since=mark, front_door="mcp")
+    assert end["exit_status"] == 1
+    assert not any("gone" in json.dumps(e) and e["event"] == "command" for e in mcp_gateway.audit_events(mark))
+
+
+def test_ssh_session_with_a_delegated_token_records_the_chain(mcp_gateway: GatewayProcess, targets: Targets,
+                                                                chain_token: str) -> None:
+    import asyncssh
+
+    mark = mcp_gateway.audit_mark()
+
+    async def main() -> Any:
+        async with asyncssh.connect("127.0.0.1", mcp_gateway.ssh_port, username=f"{targets.login}@web-key",
+                                    password=chain_token, known_hosts=None, preferred_auth="password",
+                                    client_keys=None, agent_path=None) as conn:
+            return await conn.run("echo over-ssh", check=False)
+
+    done = asyncio.run(main())
+    assert done.exit_status == 0 and "over-ssh" in done.stdout
+    start = mcp_gateway.wait_audit("session.start", since=mark, front_door="ssh")
+    assert start["chain"] == "alice@example.com via agent via subagent"
+    manifest, _ = mcp_gateway.read_recording(start["session"])
+    assert [a["sub"] for a in manifest["session"]["identity"]["act"]] == ["subagent", "agent"]
