@@ -300,7 +300,7 @@ class Session:
         # Binary channels (sftp, port forwards) are never rewritten.
         if masking is None or secret is None or self.info.kind == "subsystem":
             return
-        kube = self.info.front_door == "kube"
+        kube = self.info.front_door == "kube" or bool(self.info.extra.get("cluster"))  # incl. MCP exec_in_pod
         apply = masking.where(None if kube else self.info.target, self.info.target if kube else None,
                               self.info.identity.groups)
         if apply == "none":

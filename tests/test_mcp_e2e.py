@@ -28,9 +28,12 @@ from tests.conftest import (
     wait_for,
 )
 from tests.support.approvals import cli
+from tests.support.kube import KubeGateway
+from tests.support.kubeapi import KubeAPIStandIn
 from tests.support.oidc import OIDCProvider
 
 CPF = "529.982.247-25"
+KUBE_TOKEN = "mcp-gateway-sa-token"
 CLIENTS = [
     {"client_id": "alice", "client_secret": "s-alice", "groups": ["contractors"], "email": "alice@example.com"},
     {"client_id": "agent", "client_secret": "s-agent", "groups": ["agents"]},
@@ -47,11 +50,22 @@ def idp() -> Iterator[OIDCProvider]:
 
 
 @pytest.fixture(scope="module")
-def mcp_gateway(idp: OIDCProvider, targets: Targets, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+def standin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeAPIStandIn]:
+    with KubeAPIStandIn(tmp_path_factory.mktemp("standin"), tokens=(KUBE_TOKEN,)) as api:
+        yield api
+
+
+@pytest.fixture(scope="module")
+def mcp_gateway(idp: OIDCProvider, targets: Targets, standin: KubeAPIStandIn,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     data = tmp_path_factory.mktemp("mcpgw")
     t = targets
     target_text = target_block("web-key", t.web_key.port, [t.login], [t.web_key.host_key_line], "key", t.gateway_key)
+    kubeconfig = standin.kubeconfig(data / "prod.yaml", token=KUBE_TOKEN)
+    target_text += f"\n[[clusters]]\nname = \"prod\"\nkubeconfig = {json.dumps(str(kubeconfig))}\n"
     access = "\n".join([
+        "[[access]]", 'name = "contractors in prod/default"', 'groups = ["contractors"]', 'clusters = ["prod"]',
+        'namespaces = ["default"]', "targets = []", "max_delegation_depth = 2", "",
         "[[access]]", 'name = "contractors, through at most two agents"', 'groups = ["contractors"]',
         'targets = ["web-key"]', "max_delegation_depth = 2", "",
         "[[access]]", 'name = "sre"', 'groups = ["sre"]', "",
@@ -66,7 +80,7 @@ def mcp_gateway(idp: OIDCProvider, targets: Targets, tmp_path_factory: pytest.Te
     path.write_text(text)
     checked = check_config(path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    gw = GatewayProcess(path, data)
+    gw = KubeGateway(path, data)
     try:
         gw.start()
         yield gw
@@ -333,3 +347,27 @@ def test_ssh_session_with_a_delegated_token_records_the_chain(mcp_gateway: Gatew
     assert start["chain"] == "alice@example.com via agent via subagent"
     manifest, _ = mcp_gateway.read_recording(start["session"])
     assert [a["sub"] for a in manifest["session"]["identity"]["act"]] == ["subagent", "agent"]
+
+
+def test_exec_in_pod_is_a_recorded_masked_session_as_the_caller(mcp_gateway: GatewayProcess, standin: KubeAPIStandIn,
+                                                                   chain_token: str) -> None:
+    mark = mcp_gateway.audit_mark()
+    pods = call(mcp_gateway, chain_token, "list_pods", {"cluster": "prod", "namespace": "default"})
+    assert not pods.is_error, _text(pods)
+    assert "web" in [p["name"] for p in pods.structured_content["pods"]]
+    result = call(mcp_gateway, chain_token, "exec_in_pod",
+                  {"cluster": "prod", "pod": "web", "argv": ["sh", "-c", f"echo pod {CPF}; exit 4"]})
+    data = result.structured_content
+    assert not result.is_error, _text(result)
+    assert data["exit_status"] == 4 and "pod" in data["stdout"] and CPF not in data["stdout"]
+    start = mcp_gateway.wait_audit("session.start", since=mark, session=data["session_id"])
+    assert start["front_door"] == "mcp" and start["chain"] == "alice@example.com via agent via subagent"
+    execs = [s for s in standin.seen if s.path.endswith("/pods/web/exec")]
+    assert execs and execs[-1].impersonation()["impersonate-user"] == ["alice"]
+    verified = replay(mcp_gateway, "verify", data["session_id"])
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    refused = call(mcp_gateway, chain_token, "exec_in_pod",
+                   {"cluster": "prod", "namespace": "restricted", "pod": "db", "argv": ["id"]})
+    assert refused.is_error and "namespace 'restricted'" in _text(refused)
+    bad = call(mcp_gateway, chain_token, "exec_in_pod", {"cluster": "prod", "pod": "../../x", "argv": ["id"]})
+    assert bad.is_error and "not a Kubernetes name" in _text(bad)

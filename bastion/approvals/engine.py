@@ -145,7 +145,10 @@ class ApprovalEngine:
 
     @staticmethod
     def context_of(info: SessionInfo) -> Context:
-        return Context(identity=info.identity, front_door=info.front_door, target=info.target,
+        # A session in a cluster is scoped like kube (clusters, namespaces) whichever door opened
+        # it (the MCP door's exec_in_pod).
+        door = "kube" if info.front_door == "kube" or info.extra.get("cluster") else info.front_door
+        return Context(identity=info.identity, front_door=door, target=info.target,
                        namespace=info.extra.get("namespace"))
 
     def command_verdict(self, ctx: Context, command: str, argv: list[str] | None = None) -> Verdict:

@@ -18,12 +18,26 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from bastion.identity.model import Actor, AuthError, Identity
 
-if TYPE_CHECKING:
-    from bastion.config import _Reader
+
+class TableReader(Protocol):
+    """What a section parser uses of bastion.config's reader (typed here, so that this module
+    needs no import of bastion.config, which imports it)."""
+
+    problems: list[tuple[str, str]]
+
+    def get(self, table: dict[str, Any], key: str, path: str, kind: Any, default: Any = None,
+            required: bool = False) -> Any: ...
+
+    def strings(self, table: dict[str, Any], key: str, path: str,
+                default: tuple[str, ...] = ()) -> tuple[str, ...]: ...
+
+    def duration(self, table: dict[str, Any], key: str, path: str, default: float) -> float: ...
+
+    def unknown(self, table: dict[str, Any], known: set[str], path: str) -> None: ...
 
 # The deepest chain any issuer may vouch for (an issuer's max_delegation_depth is at most this).
 MAX_DEPTH = 16
@@ -99,7 +113,7 @@ class DelegationScope:
 DELEGATION_KEYS = {"delegated", "actors", "max_delegation_depth"}
 
 
-def parse_scope(r: _Reader, t: dict[str, Any], p: str) -> DelegationScope:
+def parse_scope(r: TableReader, t: dict[str, Any], p: str) -> DelegationScope:
     """``delegated``, ``actors`` and ``max_delegation_depth`` of a rule table."""
     delegated = r.get(t, "delegated", p, bool, None)
     depth = r.get(t, "max_delegation_depth", p, int, None)

@@ -99,8 +99,7 @@ class Call:
         finally:
             self.phase = "done"
             self.gw.live_sessions.pop(self.id, None)
-            if self._conn is not None:
-                self._conn.close()
+            self.hang_up()
             if self.session is not None and not self.session.ended:
                 await self.session.end(self.exit_status, self.exit_signal, self.reason)
             self.done.set()
@@ -109,49 +108,63 @@ class Call:
         gw = self.gw
         if getattr(gw, "draining", False):
             raise CallRefused("draining", "this gateway is shutting down; call again to reach another replica")
-        target, login = self._resolve()
+        where, info = self.prepare()
         if gw.recorder.spool_full():
             raise CallRefused("recording_spool_full", gw.recorder.spool_full_reason())
         control = getattr(gw, "control", None)
-        refusal = control.admit(self.identity, target.name, self.id) if control is not None else None
+        refusal = control.admit(self.identity, where, self.id) if control is not None else None
         if refusal is not None:
             raise CallRefused(refusal.reason, refusal.message)
-        info = SessionInfo(front_door="mcp", identity=self.identity, source=self.source, target=target.name,
-                           login=login, kind="exec", command=self.command, session_id=self.id,
-                           extra={"mcp_tool": self.tool})
         self.session = session = Session(gw, info)
         session.write_client = self._told
         session.end_if_unrecorded(self.terminate)
         gw.live_sessions[self.id] = self
         approvals = getattr(gw, "approvals", None)
-        if approvals is not None and approvals.gates_opening(info):
+        if approvals is not None and approvals.gates_opening(info, argv=self.argv):
             self.phase = "approval"
-            result = await session.gate_exec(self.command)
+            result = await session.gate_exec(self.command, argv=self.argv)
             self.request_id = result.request_id or self.request_id
             if not result.allowed:
                 self.outcome = "denied" if result.outcome == "denied" else result.outcome
                 self.reason, self.exit_status = result.reason, EXIT_REFUSED
                 return
-            if self._ended_by is not None:
-                return
+        if self._ended_by is not None:
+            return
         self.phase = "running"
+        session.deliver_output = self._deliver
+        await self.execute(session)
+        session.flush_output()
+        if self._ended_by is None and self.outcome == "running":
+            self.outcome = "completed"
+
+    # What a kind of call provides: where it goes (checked by the rules), and how it runs there.
+
+    argv: list[str] | None = None
+
+    def prepare(self) -> tuple[str, SessionInfo]:
+        """Resolve and authorize: (the name admission checks locks on, the session's info)."""
+        target, login = self._resolve()
+        self.login = login
+        return target.name, SessionInfo(front_door="mcp", identity=self.identity, source=self.source,
+                                        target=target.name, login=login, kind="exec", command=self.command,
+                                        session_id=self.id, extra={"mcp_tool": self.tool})
+
+    async def execute(self, session: Session) -> None:
+        target = self.gw.config.target(self.target_name)
+        assert target is not None and self.login is not None
         try:
-            self._conn = await connect_target(target, login, self.identity, self.id, gw.target_ca)
+            self._conn = await connect_target(target, self.login, self.identity, self.id, self.gw.target_ca)
         except TargetError as exc:
-            gw.audit.emit("session.refused", reason=exc.reason, detail=str(exc), source=self.source,
-                          subject=self.identity.subject, target=target.name, login=login, kind="exec",
-                          command=self.command, front_door="mcp")
+            self.gw.audit.emit("session.refused", reason=exc.reason, detail=str(exc), source=self.source,
+                               subject=self.identity.subject, target=target.name, login=self.login, kind="exec",
+                               command=self.command, front_door="mcp", session=self.id)
             self.outcome, self.reason = "error", str(exc)
             return
         if self._ended_by is not None:
             return
         self._chan, _ = await self._conn.create_session(lambda: _TargetReader(self), self.command, encoding=None)
-        session.deliver_output = self._deliver
         self._chan.write_eof()  # a tool call has no stdin
         await self._closed.wait()
-        session.flush_output()
-        if self._ended_by is None:
-            self.outcome = "completed"
 
     def _resolve(self) -> tuple[Any, str]:
         target = self.gw.config.target(self.target_name)
@@ -209,11 +222,15 @@ class Call:
         if self.session is not None:
             self.session.marker("terminated", reason=message)
             self.session.cancel_approval(message)
+        self.hang_up()
+        self._closed.set()
+
+    def hang_up(self) -> None:
+        """Close the connection to where the command runs (it ends there)."""
         if self._chan is not None:
             self._chan.close()
         if self._conn is not None:
             self._conn.close()
-        self._closed.set()
 
     def notify_user(self, text: str) -> None:
         self.notes.append(text)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from bastion.config import _Reader
+from bastion.identity.delegation import TableReader
 
 
 @dataclass(frozen=True)
@@ -24,7 +23,7 @@ class McpSettings:
 KEYS = {"enabled", "approval_wait", "page_bytes", "progress_interval"}
 
 
-def parse_mcp(r: _Reader, t: dict[str, Any]) -> McpSettings:
+def parse_mcp(r: TableReader, t: dict[str, Any]) -> McpSettings:
     p = "mcp."
     r.unknown(t, KEYS, p)
     wait = r.duration(t, "approval_wait", p, 60.0)

@@ -129,11 +129,17 @@ class Tools:
             raise ToolError("give exactly one of `command` (a shell line) or `argv` (a non-empty list of words)")
         line = command if command is not None else shlex.join(argv or [])
         call = Call(self.gw, identity, source, target, login, line, "run_command")
+        if argv is not None:
+            call.argv = list(argv)
+        return await self._start(ctx, call)
+
+    async def _start(self, ctx: Context, call: Call, **fields: Any) -> CallToolResult:
         self.calls.add(call)
         task = asyncio.get_running_loop().create_task(call.run())
         result = await self._await(ctx, call, task)
-        self.audit("run_command", identity, call.outcome if call.done.is_set() else "pending", session=call.id,
-                   target=target, command=line, request=call.request_id, reason=call.reason)
+        self.audit(call.tool, call.identity, call.outcome if call.done.is_set() else "pending", session=call.id,
+                   target=call.target_name, command=call.command, request=call.request_id, reason=call.reason,
+                   **fields)
         return result
 
     async def _await(self, ctx: Context, call: Call, task: asyncio.Task[None]) -> CallToolResult:
@@ -191,6 +197,31 @@ class Tools:
             return _result("\n".join(parts + more), data)
         where = f" (request {call.request_id})" if call.request_id else ""
         return _result(f"{call.outcome}{where}: {call.reason} (session {call.id})", data, error=True)
+
+    # -- Kubernetes ---------------------------------------------------------------------------------
+
+    async def list_pods(self, ctx: Context, cluster: str, namespace: str) -> CallToolResult:
+        from bastion.mcp.calls import CallRefused
+        from bastion.mcp.podcalls import list_pods
+
+        identity, _ = identity_of(ctx)
+        try:
+            pods = await list_pods(self.gw, identity, cluster, namespace)
+        except CallRefused as exc:
+            self.audit("list_pods", identity, "refused", cluster=cluster, namespace=namespace, reason=str(exc))
+            return _result(str(exc), {"status": "refused", "reason": str(exc)}, error=True)
+        self.audit("list_pods", identity, "ok", cluster=cluster, namespace=namespace)
+        lines = [f"{p['name']}  {p['phase']}  containers: {', '.join(p['containers'])}" for p in pods]
+        return _result("\n".join(lines) or f"no pods in {namespace}", {"cluster": cluster, "namespace": namespace,
+                                                                        "pods": pods})
+
+    async def exec_in_pod(self, ctx: Context, cluster: str, namespace: str, pod: str, argv: list[str],
+                          container: str | None) -> CallToolResult:
+        from bastion.mcp.podcalls import PodCall
+
+        identity, source = identity_of(ctx)
+        call = PodCall(self.gw, identity, source, cluster, namespace, pod, container, argv)
+        return await self._start(ctx, call, pod=pod, namespace=namespace)
 
     # -- session_output ------------------------------------------------------------------------------
 
@@ -340,7 +371,30 @@ def build_server(gw: Gateway) -> tuple[MCPServer, Tools]:
     ) -> CallToolResult:
         return await tools.approval_status(ctx, request_id, wait_seconds)
 
-    known = {"list_targets", "run_command", "session_output", "approval_status"}
+    @server.tool(description="List the pods of a namespace in a Kubernetes cluster you may use (names, phase, "
+                 "containers), asked of the cluster as you.", annotations=read_only)
+    async def list_pods(
+        ctx: Context,
+        cluster: Annotated[str, Field(min_length=1, max_length=200, description="Cluster name, from list_targets")],
+        namespace: Annotated[str, Field(min_length=1, max_length=253, description="Namespace")] = "default",
+    ) -> CallToolResult:
+        return await tools.list_pods(ctx, cluster, namespace)
+
+    @server.tool(description="Run a command in a pod (like `kubectl exec POD -- ARGV`, no stdin, no terminal) and "
+                 "return stdout, stderr, exit status and session id. Recorded, masked and approval-gated like "
+                 "run_command.", annotations=ToolAnnotations(destructive_hint=True, open_world_hint=True))
+    async def exec_in_pod(
+        ctx: Context,
+        cluster: Annotated[str, Field(min_length=1, max_length=200, description="Cluster name")],
+        pod: Annotated[str, Field(min_length=1, max_length=253, description="Pod name")],
+        argv: Annotated[list[str], Field(min_length=1, max_length=4096, description="The command as words")],
+        namespace: Annotated[str, Field(min_length=1, max_length=253, description="Namespace")] = "default",
+        container: Annotated[str | None, Field(max_length=253, description="Container (default: the pod's "
+                                                                          "first)")] = None,
+    ) -> CallToolResult:
+        return await tools.exec_in_pod(ctx, cluster, namespace, pod, argv, container)
+
+    known = {"list_targets", "run_command", "session_output", "approval_status", "list_pods", "exec_in_pod"}
 
     async def audit_refusals(ctx: Any, call_next: Any) -> Any:
         """Unknown tools and arguments the SDK refused never reach a tool: audit them here."""
