@@ -317,7 +317,7 @@ class Session:
         # Binary channels (sftp, port forwards) are never rewritten.
         if masking is None or secret is None or self.info.kind == "subsystem":
             return
-        kube = self.info.front_door == "kube"
+        kube = self.info.front_door == "kube" or bool(self.info.extra.get("cluster"))  # incl. MCP exec_in_pod
         apply = masking.where(None if kube else self.info.target, self.info.target if kube else None,
                               self.info.identity.groups)
         if apply == "none":
@@ -665,6 +665,9 @@ def _span(seconds: float) -> str:
 
 
 def _audit_fields(info: SessionInfo, command: str | None) -> dict[str, Any]:
+    from bastion.identity.delegation import chain_fields
+
     return {"front_door": info.front_door, "subject": info.identity.subject, "issuer": info.identity.issuer,
             "groups": list(info.identity.groups), "source": info.source, "target": info.target,
-            "login": info.login, "kind": info.kind, "command": command, "subsystem": info.subsystem}
+            "login": info.login, "kind": info.kind, "command": command, "subsystem": info.subsystem,
+            **chain_fields(info.identity)}

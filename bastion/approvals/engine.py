@@ -145,7 +145,10 @@ class ApprovalEngine:
 
     @staticmethod
     def context_of(info: SessionInfo) -> Context:
-        return Context(identity=info.identity, front_door=info.front_door, target=info.target,
+        # A session in a cluster is scoped like kube (clusters, namespaces) whichever door opened
+        # it (the MCP door's exec_in_pod).
+        door = "kube" if info.front_door == "kube" or info.extra.get("cluster") else info.front_door
+        return Context(identity=info.identity, front_door=door, target=info.target,
                        namespace=info.extra.get("namespace"))
 
     def command_verdict(self, ctx: Context, command: str, argv: list[str] | None = None) -> Verdict:
@@ -328,7 +331,12 @@ class ApprovalEngine:
 
     @staticmethod
     def _is_requester(request: dict[str, Any], identity: Identity) -> bool:
-        return (request["requester_issuer"] == identity.issuer and request["requester_subject"] == identity.subject)
+        if request["requester_issuer"] == identity.issuer and request["requester_subject"] == identity.subject:
+            return True
+        # An actor of the requester's delegation chain asked too: it may not decide either.
+        chain = (request.get("requester") or {}).get("act") or []
+        return any(isinstance(a, dict) and a.get("sub") == identity.subject
+                   and (a.get("iss") or request["requester_issuer"]) == identity.issuer for a in chain)
 
     @staticmethod
     def _is_approver(request: dict[str, Any], identity: Identity) -> bool:
@@ -344,6 +352,12 @@ class ApprovalEngine:
         if request["status"] != "pending":
             raise DecisionError(409, "already_decided", f"request {request_id} is already {request['status']}"
                                 + (f" ({request['status_reason']})" if request.get("status_reason") else ""))
+        if approver.delegated:
+            # A person approves, never an agent acting for one, whatever groups the token carries.
+            self._refused(request, approver, decision, "delegated_approver")
+            raise DecisionError(403, "delegated_approver",
+                                f"a delegated token ({approver.chain}) can never decide on a request: an agent "
+                                "in the chain would be approving; sign in as yourself (`bastion login`)")
         if self._is_requester(request, approver):
             self._refused(request, approver, decision, "self_approval")
             raise DecisionError(403, "self_approval", "nobody may decide on their own request")
