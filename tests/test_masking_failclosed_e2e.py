@@ -22,6 +22,7 @@ import pytest
 
 from bastion.masking.stream import marker_values
 from tests.conftest import GatewayProcess, Targets, gateway_config, target_block
+from tests.support.approvals import BackgroundSsh, cli
 from tests.support.oidc import OIDCProvider
 from tests.support.openssh import PtySsh, _kill_group, _prepare_ssh, run_ssh
 from tests.support.relay import ThrottledRelay
@@ -93,7 +94,8 @@ def gw(oidc: OIDCProvider, targets: Targets, relay: ThrottledRelay,
         data_dir, [(oidc.issuer, "5s")],  # type: ignore[list-item]
         target_block("masked", t.web_key.port, [t.login], [t.web_key.host_key_line], "key", t.gateway_key)
         + target_block("stalled", relay.port, [t.login], [t.web_key.host_key_line], "key", t.gateway_key),
-        '[[access]]\nname = "sre"\ngroups = ["sre"]\n',
+        '[[access]]\nname = "everyone"\nsubjects = ["*"]\ntargets = ["*"]\n'
+        '\n[[approvals]]\nname = "needs a second person"\npattern = "needs-approval"\napprovers = ["sre"]\n',
     )
     text += '\n[masking]\ndefault_apply = "both"\n'
     (data_dir / "guarita.toml").write_text(text)
@@ -272,4 +274,25 @@ def test_exec_command_lines_are_kept_masked(gw: GatewayProcess, oidc: OIDCProvid
     print("\ncommand line: " + ", ".join(f"{k} {leaks(v, [CPF, EMAIL])}" for k, v in kept.items()))
     assert manifest["session"]["command"] == shown
     for where, text in kept.items():
+        assert leaks(text, [CPF, EMAIL]) == 0, where
+
+
+def test_approval_requests_and_what_approvers_see_are_masked(gw: GatewayProcess, oidc: OIDCProvider) -> None:
+    mark = gw.audit_mark()
+    command = f"echo needs-approval {CPF} {EMAIL}"
+    job = BackgroundSsh(["-p", str(gw.ssh_port), "masked@127.0.0.1", command], oidc.token("agent-ci"))
+    event = gw.wait_audit("approval.requested", mark, timeout=20)
+    approver = oidc.token("agent-sre")
+    listed = cli(["approvals", "list"], approver, gw.http_url)
+    shown = cli(["approvals", "show", str(event["request"])], approver, gw.http_url)
+    assert listed.returncode == 0 and shown.returncode == 0, listed.stderr + shown.stderr
+    assert "needs-approval ***.***.***-**" in shown.stdout  # the approver still sees what it is
+    denied = cli(["approvals", "deny", str(event["request"]), "--reason", "no"], approver, gw.http_url)
+    assert denied.returncode == 0, denied.stderr
+    r = job.join()
+    assert r.returncode != 0
+    audit = gw.audit_log.read_text()
+    seen = {"audit": audit.encode(), "approvals list": listed.stdout.encode(), "approvals show": shown.stdout.encode()}
+    print("\napproval: " + ", ".join(f"{k} {leaks(v, [CPF, EMAIL])}" for k, v in seen.items()))
+    for where, text in seen.items():
         assert leaks(text, [CPF, EMAIL]) == 0, where
