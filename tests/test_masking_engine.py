@@ -63,7 +63,7 @@ def _text(rng: random.Random, pieces: int) -> bytes:
             out.append(rng.choice(NOISE))
         out.append(rng.choice(NOISE))
     data = "".join(out).encode()
-    if rng.random() < 0.3:  # values' characters encoded (percent, JSON escapes...): views.py
+    if rng.random() < 0.15:  # values' characters encoded (percent, JSON escapes...): views.py
         data = re.sub(rb"[@/+ .-]", lambda m: rng.choice(ENCODED.get(m.group(), [m.group()])) if rng.random() < 0.5
                       else m.group(), data)
     if rng.random() < 0.1:  # binary bytes before some values: those must be left alone
