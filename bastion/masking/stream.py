@@ -550,7 +550,7 @@ class StreamMasker:
             if gap and not broken:
                 junctions.append((vlen, firm))
             firm = False
-            if pending and 0x30 <= buf[i] <= 0x39:
+            if pending and buf[i] in _VALUE_INSIDE and (0x30 <= buf[i] <= 0x39 or 0x30 <= last <= 0x39):
                 self._unmasked += 1
             runs.append((vlen, i, j - i))
             parts.append(buf[i:j])
@@ -591,8 +591,9 @@ class StreamMasker:
                 elif not broken and (gap > max_gap or _is_boundary(buf[j:end])):
                     close()
                     broken = True
-                    # Digits on both sides of it may be one value drawn across it.
-                    pending = 0x30 <= last <= 0x39
+                    # A digit on one side, a digit or a value's separator on the other:
+                    # one value may be drawn across it (counted as an unmasked region).
+                    pending = last in _VALUE_INSIDE
                 elif not firm and _is_firm(buf[j:end]):
                     firm = True
                 i = end
@@ -941,6 +942,7 @@ def _utf8_boundary(v: bytes, d: int, floor: int) -> int:
 
 
 _CONTROLS = bytes(range(0x20)) + b"\x7f"
+_VALUE_INSIDE = frozenset(b"0123456789.-/")
 
 
 def _without_shown(buf: bytes, edits: list[tuple[int, int, bytes]], cut: int, shown: int) -> bytes:
