@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -406,3 +407,19 @@ def test_the_mcp_inspector_cli_lists_and_calls_tools(mcp_gateway: GatewayProcess
     assert replay(mcp_gateway, "verify", sid).returncode == 0
     refused = _inspector(tmp_path, url, "--header", "Authorization: Bearer not-a-jwt", "--method", "tools/list")
     assert refused.returncode != 0
+
+
+def test_kube_door_requests_with_a_delegated_token_carry_the_chain(mcp_gateway: KubeGateway, standin: KubeAPIStandIn,
+                                                                     chain_token: str) -> None:
+    mark = mcp_gateway.audit_mark()
+    ca = httpx2.get(mcp_gateway.http_url + "/v1/kube/ca", timeout=10).content
+    ca_file = mcp_gateway.data_dir / "mcp-test-kube-ca.pem"
+    ca_file.write_bytes(ca)
+    resp = httpx2.get(mcp_gateway.kube_url + "/clusters/prod/api/v1/namespaces/default/pods",
+                      headers={"Authorization": f"Bearer {chain_token}"},
+                      verify=ssl.create_default_context(cafile=str(ca_file)), timeout=20)
+    assert resp.status_code == 200, resp.text
+    event = mcp_gateway.wait_audit("kube.request", since=mark, cluster="prod")
+    assert event["chain"] == "alice@example.com via agent via subagent" and event["actors"] == ["subagent", "agent"]
+    seen = [s for s in standin.seen if s.path.endswith("/namespaces/default/pods")]
+    assert seen[-1].impersonation()["impersonate-user"] == ["alice"]
