@@ -423,3 +423,26 @@ def test_kube_door_requests_with_a_delegated_token_carry_the_chain(mcp_gateway: 
     assert event["chain"] == "alice@example.com via agent via subagent" and event["actors"] == ["subagent", "agent"]
     seen = [s for s in standin.seen if s.path.endswith("/namespaces/default/pods")]
     assert seen[-1].impersonation()["impersonate-user"] == ["alice"]
+
+
+def test_whoami_and_the_evidence_package_show_the_chain(mcp_gateway: GatewayProcess, chain_token: str,
+                                                          tmp_path: Path) -> None:
+    import tarfile
+
+    me = cli(["whoami"], chain_token, mcp_gateway.http_url)
+    assert me.returncode == 0, me.stderr
+    assert "acting   alice via agent via subagent" in me.stdout and "never approve" in me.stdout
+    as_json = json.loads(cli(["whoami", "--json"], chain_token, mcp_gateway.http_url).stdout)
+    assert [a["sub"] for a in as_json["act"]] == ["subagent", "agent"]
+    result = call(mcp_gateway, chain_token, "run_command", {"target": "web-key", "command": "echo evidence"})
+    sid = result.structured_content["session_id"]
+    mcp_gateway.read_recording(sid)  # sealed
+    package = tmp_path / "evidence.tar.gz"
+    made = replay(mcp_gateway, "evidence", "--subject", "subagent", "--output", str(package))
+    assert made.returncode == 0, made.stdout + made.stderr
+    with tarfile.open(package) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith("index.json"))
+        rows = json.load(tar.extractfile(member))  # type: ignore[arg-type]
+    rows = rows if isinstance(rows, list) else rows.get("sessions", rows)
+    row = next(r for r in rows if r["id"] == sid)
+    assert [a["sub"] for a in row["actors"]] == ["subagent", "agent"]
