@@ -41,6 +41,7 @@ CLIENTS = [
     {"client_id": "subagent", "client_secret": "s-sub", "groups": []},
     {"client_id": "lead", "client_secret": "s-lead", "groups": ["leads"]},
     {"client_id": "ops", "client_secret": "s-ops", "groups": ["sre"]},
+    {"client_id": "brief", "client_secret": "s-brief", "groups": ["contractors"], "ttl": 4},
 ]
 
 
@@ -446,3 +447,44 @@ def test_whoami_and_the_evidence_package_show_the_chain(mcp_gateway: GatewayProc
     rows = rows if isinstance(rows, list) else rows.get("sessions", rows)
     row = next(r for r in rows if r["id"] == sid)
     assert [a["sub"] for a in row["actors"]] == ["subagent", "agent"]
+
+
+def test_an_unanswered_request_returns_pending_then_approval_status_waits(mcp_gateway: GatewayProcess,
+                                                                          idp: OIDCProvider, chain_token: str) -> None:
+    progress: list[Any] = []
+    pending = call(mcp_gateway, chain_token, "run_command",
+                   {"target": "web-key", "command": "echo needs-approval later", "approval_wait_seconds": 1},
+                   progress)
+    data = pending.structured_content
+    assert not pending.is_error and data["status"] == "pending", _text(pending)
+    assert data["approvers"] == ["leads"] and data["request_id"] in _text(pending)
+    still = call(mcp_gateway, chain_token, "approval_status", {"request_id": data["request_id"]})
+    assert still.structured_content["status"] == "pending" and "leads" in _text(still)
+    approved = cli(["approvals", "approve", data["request_id"], "--reason", "fine"], idp.token("lead"),
+                   mcp_gateway.http_url)
+    assert approved.returncode == 0, approved.stderr
+    done = call(mcp_gateway, chain_token, "approval_status", {"request_id": data["request_id"], "wait_seconds": 20})
+    assert "needs-approval later" in done.structured_content.get("stdout", ""), _text(done)
+    other = call(mcp_gateway, idp.token("alice"), "approval_status", {"request_id": data["request_id"]})
+    assert other.is_error and "not yours" in _text(other)  # alice herself is not alice-via-agents
+
+
+def test_a_token_that_expires_mid_call_ends_the_call(mcp_gateway: GatewayProcess, idp: OIDCProvider) -> None:
+    token = idp.token("brief")  # lives 4 s
+    result = call(mcp_gateway, token, "run_command", {"target": "web-key", "command": "echo started; sleep 60"})
+    data = result.structured_content
+    assert result.is_error and data["status"] == "ended", _text(result)
+    assert "credential expired" in _text(result) and "started" in data["stdout"]
+    end = mcp_gateway.wait_audit("session.end", session=data["session_id"])
+    assert "credential expired" in end["reason"]
+    wait_for(lambda: idp_expired(token), 15, "the token to expire")
+    with pytest.raises(Exception):  # noqa: B017 - the next call is refused with a 401
+        call(mcp_gateway, token, "list_targets", {})
+
+
+def idp_expired(token: str) -> bool:
+    import time
+
+    import jwt
+
+    return jwt.decode(token, options={"verify_signature": False})["exp"] + 6 < time.time()
