@@ -100,9 +100,11 @@ class Call:
             self.phase = "done"
             self.gw.live_sessions.pop(self.id, None)
             self.hang_up()
+            # The agent has its answer now; sealing the recording (last segment, signed manifest)
+            # goes on after, as when an SSH door sends the exit status first.
+            self.done.set()
             if self.session is not None and not self.session.ended:
                 await self.session.end(self.exit_status, self.exit_signal, self.reason)
-            self.done.set()
 
     async def _run(self) -> None:
         gw = self.gw
