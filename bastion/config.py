@@ -975,9 +975,10 @@ CONFIG_KEYS = (
               default_text="`DATA_DIR/masking.key`"),
     ConfigKey("masking.default_apply", "string", "both", "Where masking applies when no rule matches: `live` (what "
               "the agent sees, hence also the recording), `recording` (only the recorded copy), `both` or `none`."),
-    ConfigKey("masking.flush_after", "duration", "5ms", "Release a held-back tail after this much silence (at most "
-              "100ms)."),
-    ConfigKey("masking.alt_screen", "string", "pass", "Full-screen programs: `pass` (untouched) or `mask`."),
+    ConfigKey("masking.flush_after", "duration", "5ms", "Show the agent the held-back echo of what it typed after "
+              "this much silence (at most 100ms); other held output waits for the bytes that decide it."),
+    ConfigKey("masking.alt_screen", "string", "mask", "Full-screen programs are scanned too: `mask` is the only "
+              "value (kept for old configurations)."),
     ConfigKey("masking.detectors.<name>.enabled", "bool", True, "Turn the detector off with `false`."),
     ConfigKey("masking.detectors.<name>.style", "string", None, "`redact`, `keep_last`, `tag` or `fixed`.",
               default_text="the detector's own"),

@@ -132,7 +132,7 @@ class ApprovalEngine:
         self.spawn(self.state.add_live_session({
             "id": session.id, "identity": info.identity.to_dict(), "subject": info.identity.subject,
             "front_door": info.front_door, "target": info.target, "login": info.login, "kind": info.kind,
-            "command": info.command, "source": info.source}), "recording the live session")
+            "command": _shown(session, info.command), "source": info.source}), "recording the live session")
 
     def session_ended(self, session: Session) -> None:
         session.cancel_approval("the session ended")
@@ -186,6 +186,8 @@ class ApprovalEngine:
             verdict = max([self.command_verdict(ctx, command, argv),
                            *(self.command_verdict(ctx, text) for text in also if text)],
                           key=lambda v: _STRICTNESS[v.action])
+        # Rules saw the command as sent; every copy kept from here on is masked (docs/masking.md).
+        command, also = _shown(session, command) or "", tuple(_shown(session, text) or "" for text in also)
         if verdict.action == "allow":
             if record and command:
                 self._record(session, t, command, kind, "allowed", verdict.rule_name if verdict.rule else None)
@@ -314,6 +316,7 @@ class ApprovalEngine:
     def _record(self, session: Session, t: float, command: str, kind: str, outcome: str, rule: str | None,
                 request_id: str | None = None, reason: str | None = None, index: bool = True) -> None:
         """The command, with its outcome, in the recording (a ``command`` marker) and the index."""
+        command = _shown(session, command) or ""
         session.marker("command", command=command, mode=kind, outcome=outcome, rule=rule, request=request_id,
                        reason=reason if outcome != "allowed" else None)
         if index:
@@ -385,3 +388,9 @@ class ApprovalEngine:
 
 
 __all__ = ["ApprovalEngine", "DecisionError", "GateResult", "public_request"]
+
+
+def _shown(session: Session, command: str | None) -> str | None:
+    """The command as the gateway keeps it: masked where the session's masking applies."""
+    mask = getattr(session, "mask_command", None)
+    return mask(command) if mask is not None else command
