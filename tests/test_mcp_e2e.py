@@ -488,3 +488,13 @@ def idp_expired(token: str) -> bool:
     import jwt
 
     return jwt.decode(token, options={"verify_signature": False})["exp"] + 6 < time.time()
+
+
+def test_an_actor_vouched_for_by_an_unknown_issuer_is_refused(mcp_gateway: GatewayProcess, idp: OIDCProvider) -> None:
+    forged = idp.exchange("agent", idp.token("alice"), idp.token("agent"), actor_issuer="https://evil.example")
+    mark = mcp_gateway.audit_mark()
+    raw = httpx2.post(mcp_gateway.http_url + "/mcp", headers={"Authorization": f"Bearer {forged}"},
+                      json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"}, timeout=10)
+    assert raw.status_code == 401 and "https://evil.example" in raw.json()["error_description"]
+    mcp_gateway.wait_audit("auth.failure", since=mark, method="mcp", reason="untrusted_actor")
+    assert not any(e["event"] == "session.start" for e in mcp_gateway.audit_events(mark))
