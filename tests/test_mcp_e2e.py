@@ -171,6 +171,15 @@ def test_large_output_is_paged(mcp_gateway: GatewayProcess, idp: OIDCProvider) -
     assert text.split() == [str(i) for i in range(1, 5001)]
     other = call(mcp_gateway, idp.token("ops"), "session_output", {"session_id": data["session_id"]})
     assert other.is_error and "not yours" in _text(other)
+    # Beyond what a call keeps in memory (1 MiB), pages come from the recording.
+    big = call(mcp_gateway, token, "run_command", {"target": "web-key", "argv": ["seq", "1", "300000"]})
+    full = "".join(f"{i}\n" for i in range(1, 300001))
+    assert big.structured_content["stdout_bytes"] == len(full)
+    far = call(mcp_gateway, token, "session_output",
+               {"session_id": big.structured_content["session_id"], "offset": 1_500_000})
+    assert far.structured_content["text"] == full[1_500_000:1_500_000 + 4096]
+    bad = call(mcp_gateway, token, "session_output", {"session_id": "../../etc"})
+    assert bad.is_error and "not a session id" in _text(bad)
 
 
 def test_approval_holds_the_call_until_a_lead_approves(mcp_gateway: GatewayProcess, idp: OIDCProvider,

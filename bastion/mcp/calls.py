@@ -30,8 +30,9 @@ if TYPE_CHECKING:
     from bastion.gateway import Gateway
 
 Phase = Literal["starting", "approval", "running", "done"]
-# What one call keeps of each stream for paging (session_output); the recording has it all.
-KEEP_BYTES = 16 * 1024 * 1024
+# What one call keeps of each stream in memory for paging (session_output); pages beyond it are
+# read back from the recording, which has it all. With Calls' 64 recent calls: at most 128 MiB.
+KEEP_BYTES = 1024 * 1024
 EXIT_REFUSED = 1
 
 
@@ -82,6 +83,7 @@ class Call:
         self.approvers: list[str] = []
         self.started = time.time()
         self.done = asyncio.Event()
+        self.sealed = asyncio.Event()  # the session has ended and its recording was closed
         self._conn: asyncssh.SSHClientConnection | None = None
         self._chan: asyncssh.SSHClientChannel[bytes] | None = None
         self._closed = asyncio.Event()
@@ -103,8 +105,11 @@ class Call:
             # The agent has its answer now; sealing the recording (last segment, signed manifest)
             # goes on after, as when an SSH door sends the exit status first.
             self.done.set()
-            if self.session is not None and not self.session.ended:
-                await self.session.end(self.exit_status, self.exit_signal, self.reason)
+            try:
+                if self.session is not None and not self.session.ended:
+                    await self.session.end(self.exit_status, self.exit_signal, self.reason)
+            finally:
+                self.sealed.set()
 
     async def _run(self) -> None:
         gw = self.gw
@@ -267,7 +272,7 @@ class _TargetReader(asyncssh.SSHClientSession):  # type: ignore[type-arg]
 class Calls:
     """Recent calls of this replica, for paging and waiting (bounded: the oldest finished go)."""
 
-    def __init__(self, keep: int = 128) -> None:
+    def __init__(self, keep: int = 64) -> None:
         self._calls: collections.OrderedDict[str, Call] = collections.OrderedDict()
         self._keep = keep
 

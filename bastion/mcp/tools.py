@@ -10,6 +10,7 @@ every call, refused or not, is in the audit log with ``front_door = mcp``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import fnmatch
 import shlex
@@ -35,6 +36,8 @@ with list_targets to see what you may reach. Some commands need a human's approv
 (progress notifications) and, if nobody decided in time, returns the pending request id; call \
 approval_status to wait more, or stop. A denial carries the approver's reason: do not retry around it."""
 
+# How long session_output waits for a recent call's recording to reach the store.
+STORE_WAIT = 15.0
 WAIT_HELP = ("If the command needs approval, wait at most this long for it before returning the pending "
              "request (the gateway's mcp.approval_wait caps it)")
 
@@ -240,8 +243,11 @@ class Tools:
             if not call.done.is_set():
                 return _result(f"session {session_id} is still {call.phase}; try again when it has ended",
                                {"status": call.phase, "session_id": session_id})
-            data, total = bytes(call.stderr.data if stream == "stderr" else call.stdout.data), \
-                (call.stderr if stream == "stderr" else call.stdout).total
+            kept = call.stderr if stream == "stderr" else call.stdout
+            data, total = bytes(kept.data), kept.total
+            if offset + limit > len(data) and total > len(data):  # beyond what the call kept in memory
+                data = await self._recorded_when_stored(call, identity, stream)
+                total = len(data)
         else:
             data = await asyncio.to_thread(self._recorded, identity, session_id, "e" if stream == "stderr" else "o")
             total = len(data)
@@ -253,10 +259,31 @@ class Tools:
                                      "next_offset": nxt if nxt < len(data) else None, "total_bytes": total,
                                      "text": text})
 
+    async def _recorded_when_stored(self, call: Call, identity: Identity, stream: str) -> bytes:
+        """A recent call's output from its recording, once sealed and uploaded (moments after
+        the call answered)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(call.sealed.wait(), STORE_WAIT)
+        deadline = time.monotonic() + STORE_WAIT
+        while True:
+            try:
+                data = await asyncio.to_thread(self._recorded, identity, call.id, "e" if stream == "stderr" else "o")
+            except ToolError:
+                data = b""
+            kept = call.stderr if stream == "stderr" else call.stdout
+            if len(data) >= kept.total or time.monotonic() > deadline:
+                if not data:
+                    raise ToolError(f"the recording of {call.id} is not in the store yet; try again shortly")
+                return data
+            await asyncio.sleep(0.2)
+
     def _recorded(self, identity: Identity, session_id: str, code: str) -> bytes:
         """The output of an ended session of this caller, from the recordings store (any door)."""
+        from recorder.store import is_session_id
         from replay.reader import ReplayError, iter_events, open_session
 
+        if not is_session_id(session_id):
+            raise ToolError(f"{session_id!r} is not a session id (like 20261207-210102-1a2b3c4d)")
         try:
             summary = open_session(self.gw.store, session_id)
         except (ReplayError, Exception):
