@@ -507,3 +507,19 @@ def test_an_actor_vouched_for_by_an_unknown_issuer_is_refused(mcp_gateway: Gatew
     assert raw.status_code == 401 and "https://evil.example" in raw.json()["error_description"]
     mcp_gateway.wait_audit("auth.failure", since=mark, method="mcp", reason="untrusted_actor")
     assert not any(e["event"] == "session.start" for e in mcp_gateway.audit_events(mark))
+
+
+def test_exec_in_pod_waits_for_approval_too(mcp_gateway: GatewayProcess, standin: KubeAPIStandIn,
+                                            idp: OIDCProvider) -> None:
+    before = len([s for s in standin.seen if s.path.endswith("/pods/web/exec")])
+    pending = call(mcp_gateway, idp.token("alice"), "exec_in_pod",
+                   {"cluster": "prod", "pod": "web", "argv": ["echo", "needs-approval", "in-pod"],
+                    "approval_wait_seconds": 0.5})
+    rid = pending.structured_content["request_id"]
+    assert pending.structured_content["status"] == "pending" and rid
+    assert len([s for s in standin.seen if s.path.endswith("/pods/web/exec")]) == before  # nothing ran yet
+    assert cli(["approvals", "deny", rid, "--reason", "not today"], idp.token("lead"),
+               mcp_gateway.http_url).returncode == 0
+    done = call(mcp_gateway, idp.token("alice"), "approval_status", {"request_id": rid, "wait_seconds": 10})
+    assert done.structured_content["status"] == "denied" and "not today" in _text(done)
+    assert len([s for s in standin.seen if s.path.endswith("/pods/web/exec")]) == before
