@@ -191,8 +191,9 @@ class Tools:
             "reason": call.reason, "request_id": call.request_id, "approvers": call.approvers or None,
             "notes": call.notes or None,
         }
-        more = [f"stdout continues: call session_output with session_id={call.id} offset={next_out}"
-                for _ in [0] if next_out < call.stdout.total]
+        more = []
+        if next_out < call.stdout.total:
+            more.append(f"stdout continues: call session_output with session_id={call.id} offset={next_out}")
         if next_err < call.stderr.total:
             more.append(f"stderr continues: session_output with stream=stderr offset={next_err}")
         data["truncated"] = bool(more)
