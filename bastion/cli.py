@@ -129,6 +129,16 @@ async def _serve(gateway_cls: Any, config: Any, reload_source: tuple[Path, dict[
 
     # SIGHUP before the gateway has its handler (it installs it once serving) must not kill it.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    from bastion.instance_lock import InstanceLock, InstanceLocked
+
+    # One gateway per data dir and spool, taken before anything in them is touched; held
+    # until the process exits (bastion/instance_lock.py).
+    instance_lock = InstanceLock()
+    try:
+        instance_lock.acquire([config.data_dir, config.recording.spool_dir])
+    except InstanceLocked as exc:
+        click.echo(f"guarita: cannot start: {exc}", err=True)
+        sys.exit(1)
     try:
         gw = gateway_cls(config)
         if reload_source is not None:  # what SIGHUP reads again (bastion/lifecycle.py)
