@@ -97,6 +97,10 @@ def serve(config_path: Path | None, dev: bool, data_dir: Path | None, recordings
             config = replace(config, state_url=state_url)
         if kube_clusters:
             config = _dev_clusters(config, kube_clusters, dev)
+        from bastion.config_files import file_problems
+
+        if problems := file_problems(config):
+            raise ConfigError(problems)
     except ConfigError as exc:
         _config_problems(exc)
         sys.exit(2)
@@ -145,10 +149,18 @@ async def _serve(gateway_cls: Any, config: Any, reload_source: tuple[Path, dict[
             gw.config_file, gw.config_overrides, gw.config_raw = reload_source
         await gw.start()
     except (OSError, RuntimeError, ValueError, StoreError) as exc:
-        click.echo(f"guarita: cannot start: {exc}", err=True)
+        click.echo(f"guarita: cannot start: {_start_error(exc)}", err=True)
         sys.exit(1)
     _print_welcome(gw, json_log)
     await gw.run_forever()
+
+
+def _start_error(exc: Exception) -> str:
+    """One line naming what failed: an OSError says which path (str() of one often does not)."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        target = f" -> {exc.filename2}" if exc.filename2 is not None else ""
+        return f"{exc.strerror or type(exc).__name__}: {exc.filename}{target}"
+    return str(exc)
 
 
 def _print_welcome(gw: Any, json_log: bool = False) -> None:
@@ -211,16 +223,23 @@ def config_reference(output: Path | None) -> None:
 
 @main.command("check-config")
 @click.argument("config_path", type=click.Path(path_type=Path))
-def check_config(config_path: Path) -> None:
-    """Validate a config file; print every problem with the key that has it."""
+@click.option("--skip-files", is_flag=True, help="Check the config's keys and values only, not the files it names "
+              "(for a config written for another machine: a container, a Helm chart).")
+def check_config(config_path: Path, skip_files: bool = False) -> None:
+    """Validate a config file and the files it names; print every problem with the key that has it."""
+    from bastion.config_files import file_problems
+
     try:
         config = load_config(config_path)
+        problems = [] if skip_files else file_problems(config)
+        if problems:
+            raise ConfigError(problems)
     except ConfigError as exc:
         _config_problems(exc)
         sys.exit(2)
     click.echo(f"{config_path}: OK ({len(config.issuers)} issuer(s), {len(config.targets)} target(s), "
                f"{len(config.access)} access rule(s), {len(config.approvals.rules)} approval rule(s); "
-               f"recordings to {config.recording.url})")
+               f"recordings to {config.recording.url})" + ("; files not checked (--skip-files)" if skip_files else ""))
 
 
 # -- credentials -------------------------------------------------------------------------
