@@ -235,6 +235,9 @@ class _LiveCollector(Collector):
             yield CounterMetricFamily("guarita_upload_errors", "Failed upload attempts to the recordings store.",
                                       value=rec.upload_errors)
             yield GaugeMetricFamily("guarita_recordings_open", "Recordings being written.", value=len(rec.sessions))
+            yield CounterMetricFamily("guarita_spool_failures", "Times a session's recording could not be written "
+                                      "to the spool (each leaves a gap, or ends the session under strict).",
+                                      value=getattr(rec, "spool_failures", 0))
         approvals = getattr(gw, "approvals", None)
         hooks = getattr(approvals, "webhooks", None)
         if hooks is not None:
