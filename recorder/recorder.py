@@ -108,6 +108,8 @@ class Recorder:
         self.upload_errors = 0
         self.uploads_pending = 0
         self.upload_conflicts = 0
+        # When the upload in flight started (None when none is): health and metrics see a hung store.
+        self.upload_since: float | None = None
         # Times a session's recording could not be written to the spool (each opens a gap).
         self.spool_failures = 0
         self.store_down_since: float | None = None
@@ -219,7 +221,11 @@ class Recorder:
             delay = 0.2
             while True:
                 try:
-                    await asyncio.to_thread(self._upload_one, path, key)
+                    self.upload_since = time.time()  # a store that hangs shows as an upload that never ends
+                    try:
+                        await asyncio.to_thread(self._upload_one, path, key)
+                    finally:
+                        self.upload_since = None
                 except _Conflict as exc:
                     # The store answered, but retrying cannot help: set the object aside so
                     # that it does not hold up every later upload.
