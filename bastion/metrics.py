@@ -78,6 +78,9 @@ class Metrics:
         self.auth_failures = Counter("guarita_auth_failures", "Credentials refused, by front door (ssh, kube, "
                                      "api) and reason (expired, bad_signature, unknown_issuer...).",
                                      ["front_door", "reason"], registry=r)
+        self.auth_throttled = Counter("guarita_auth_throttled", "Login attempts refused by the guessing limits "
+                                      "(bastion/ssh/authlimit.py), by scope: connection, address, subject.",
+                                      ["scope"], registry=r)
         self.approval_requests = Counter("guarita_approval_requests", "Approval requests created by this "
                                          "replica.", registry=r)
         self.approvals_decided = Counter("guarita_approvals_decided", "Approval requests resolved, by decision "
@@ -130,6 +133,8 @@ class Metrics:
         self.audit_events.labels(event).inc()
         if event == "auth.failure":
             self.auth_failures.labels(_auth_front_door(fields), str(fields.get("reason") or "unknown")).inc()
+        elif event == "auth.throttled":
+            self.auth_throttled.labels(str(fields.get("scope") or "unknown")).inc()
         elif event == "session.refused":
             self.refused.labels(str(fields.get("front_door") or "ssh"), str(fields.get("reason") or "unknown")).inc()
         elif event == "approval.requested":
