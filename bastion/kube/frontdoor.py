@@ -155,6 +155,10 @@ class KubeFrontDoor:
         self.runner = web.AppRunner(app, access_log=None, handler_cancellation=True, auto_decompress=False,
                                     max_line_size=65536, max_field_size=65536, shutdown_timeout=2.0)
         await self.runner.setup()
+        from bastion.http.badrequest import install
+
+        # Unparsable requests: a Kubernetes Status, audited (bastion/http/badrequest.py).
+        install(self.runner, "kube", lambda code, msg: status_response(code, f"guarita: {msg}"), self.gw.audit.emit)
         host, port = config.kube_listen
         site = web.TCPSite(self.runner, host, port, ssl_context=context)
         await site.start()
