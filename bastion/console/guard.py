@@ -62,7 +62,7 @@ def guarded(*roles: str) -> Callable[[Page], Callable[[web.Request], Awaitable[w
                     gw.audit.emit("console.csrf_refused", subject=found.identity.subject, path=request.path,
                                   source=request.remote)
                     return problem(403, "Refused", "the form's CSRF token is missing or wrong (a page from another "
-                                   "site, or an old page): reload the page and try again", found, back=request.path)
+                                   "site, or an old page): reload the page and try again", found, back="/console/")
                 request["form"] = form
             return await handler(request, found)
 

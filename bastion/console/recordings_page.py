@@ -69,7 +69,7 @@ async def recordings(request: web.Request, viewer: Viewer) -> web.StreamResponse
                                    bool(request.query.get("icase")))
         except ValueError as exc:
             return problem(400, "Bad search", str(exc), viewer, back="/console/recordings")
-        rows = [[f'<a href="/console/recordings/{e(h.session)}?t={h.t:.3f}" class="hit" data-t="{h.t:.3f}">'
+        rows = [[f'<a href="/console/recordings/{e(h.session)}?t={h.t:.3f}" class="hit {e(h.kind)}" data-t="{h.t:.3f}">'
                  f'{e(h.session)}</a>', f"{h.t:.1f}s", e(h.kind), f"<code>{e(h.text[:200])}</code>"] for h in hits]
         results = table(["recording", "at", "kind", "line"], rows, "No matches.", "hits")
         body = filter_form(search_values) + search + f'<h2>Matches for <code>{e(q)}</code></h2>' + results
@@ -162,7 +162,9 @@ async def cast(request: web.Request, viewer: Viewer) -> web.StreamResponse:
     try:
         text = await store.run(store.cast, found)
     except ReplayError as exc:
-        return problem(422, "Cannot be read", str(exc), viewer)
+        refused = problem(422, "Cannot be read", str(exc), viewer)
+        refused.headers["Guarita-Verification"] = verdict.state
+        return refused
     headers = {"Cache-Control": "no-store", "Guarita-Verification": verdict.state}
     if request.query.get("download"):
         prefix = "" if verdict.playable_as_fine else f"{verdict.state.upper()}-"

@@ -6,7 +6,9 @@ the server says something changed, counts ages down, and drives the recording pl
 
 from __future__ import annotations
 
+import hashlib
 import html
+import re
 import time
 from datetime import UTC, datetime
 from string import Template
@@ -34,6 +36,8 @@ $body
 <script src="/console/static/console.js"></script>
 $scripts</body></html>
 """)
+
+_RELATIVE = re.compile(r'(<span class="rel"[^>]*>)[^<]*')
 
 NAV = (("approvals", "/console/approvals", ("approver", "operator", "auditor")),
        ("sessions", "/console/sessions", ("operator", "auditor")),
@@ -117,8 +121,19 @@ def page(title: str, body: str, viewer: Viewer | None = None, *, current: str = 
                         headers=SECURITY_HEADERS)
 
 
+def digest(body: str) -> str:
+    """What a live part shows, without the relative times console.js counts itself: the page
+    replaces its #live part only when this changes (no flicker, no lost clicks)."""
+    return hashlib.sha256(_RELATIVE.sub(r"\1", body).encode()).hexdigest()[:16]
+
+
+def live(body: str) -> str:
+    return f'<div id="live" data-digest="{digest(body)}">{body}</div>'
+
+
 def fragment(body: str) -> web.Response:
-    return web.Response(text=body, content_type="text/html", charset="utf-8", headers=SECURITY_HEADERS)
+    return web.Response(text=body, content_type="text/html", charset="utf-8",
+                        headers={**SECURITY_HEADERS, "Guarita-Digest": digest(body)})
 
 
 def problem(status: int, title: str, message: str, viewer: Viewer | None = None, back: str = "") -> web.Response:

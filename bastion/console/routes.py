@@ -106,7 +106,7 @@ async def approvals(request: web.Request, viewer: Viewer) -> web.StreamResponse:
         return render.fragment(body)
     intro = ('<p class="intro">Requests you may decide or made. The list updates by itself; '
              'nobody decides on their own request.</p>')
-    return page("Approvals", intro + f'<div id="live">{body}</div>', viewer, current="approvals", live="approvals")
+    return page("Approvals", intro + render.live(body), viewer, current="approvals", live="approvals")
 
 
 @guarded()
@@ -122,7 +122,7 @@ async def approval(request: web.Request, viewer: Viewer) -> web.StreamResponse:
     body = approvals_page.card(row, viewer, gw.approvals)
     if request.query.get("fragment"):
         return render.fragment(body)
-    return page(f"Request {rid}", f'<div id="live">{body}</div><p><a href="/console/approvals">all requests</a></p>',
+    return page(f"Request {rid}", render.live(body) + '<p><a href="/console/approvals">all requests</a></p>',
                 viewer, current="approvals", live="approvals")
 
 
@@ -201,7 +201,7 @@ async def sessions(request: web.Request, viewer: Viewer) -> web.StreamResponse:
     if request.query.get("fragment"):
         return render.fragment(listing)
     note = "" if operator else '<p class="note">Killing and locking take the operator role.</p>'
-    return page("Live sessions", note + f'<div id="live">{listing}</div>', viewer, current="sessions",
+    return page("Live sessions", note + render.live(listing), viewer, current="sessions",
                 live="sessions")
 
 

@@ -58,3 +58,16 @@ def console_settings(config: Any) -> ConsoleConfig | None:
     if found is not None:
         return found  # type: ignore[no-any-return]
     return ConsoleConfig(client_id=DEV_CLIENT_ID) if config.dev else None
+
+
+def request_link(config: Any, request_id: str) -> str | None:
+    """The console page of an approval request, for webhooks: from ``console.url``, or in
+    --dev the loopback HTTP API; None when the console has no known address."""
+    settings = console_settings(config)
+    if settings is None:
+        return None
+    base = settings.url
+    if base is None and config.dev:
+        host, port = config.http_listen
+        base = f"http://{host}:{port}"
+    return f"{base}/console/approvals/{request_id}" if base else None

@@ -88,5 +88,19 @@ class Browser:
     def all(self, selector: str) -> list[Any]:
         return list(self.driver.find_elements("css selector", selector))
 
+    def act(self, selector: str, action: Callable[[Any], Any], timeout: float = 15.0) -> None:
+        """Find and act on an element, again if the page replaced it meanwhile (live refresh)."""
+        from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                action(self.css(selector))
+                return
+            except (StaleElementReferenceException, NoSuchElementException):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
     def wait_text(self, needle: str, timeout: float = 15.0) -> None:
         self.wait(lambda: needle in self.text(), timeout, f"text {needle!r}")

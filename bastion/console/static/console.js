@@ -25,7 +25,10 @@
     var url = location.pathname + (location.search ? location.search + "&" : "?") + "fragment=1";
     fetch(url, { credentials: "same-origin", headers: { "Accept": "text/html" } }).then(function (r) {
       if (r.status === 401 || r.redirected) { location.reload(); return null; }
-      return r.ok ? r.text() : null;
+      var digest = r.headers.get("Guarita-Digest");
+      if (!r.ok || (digest && digest === live.dataset.digest)) return null;  // nothing new: keep the DOM
+      live.dataset.digest = digest || "";
+      return r.text();
     }).then(function (html) {
       if (html === null) return;
       // Keep what the person is typing (reasons) across the refresh.

@@ -12,10 +12,14 @@
     if (player) player.dispose();
     var src = config.stream ? { url: config.stream, driver: "eventsource" } : config.cast;
     player = AsciinemaPlayer.create(src, el, {
-      speed: speed, startAt: startAt || 0, autoPlay: !!autoPlay || !!config.stream, preload: true,
+      speed: speed, autoPlay: !!autoPlay || !!config.stream, preload: true,
       fit: "width", terminalFontSize: "small", idleTimeLimit: config.stream ? undefined : 2,
       cols: config.cols, rows: config.rows,
     });
+    if (startAt > 0 && !config.stream) {
+      // Show the screen as it was just after that moment (a search hit): the line is on it.
+      player.seek(startAt + 0.01).then(function () { el.dataset.seeked = String(startAt); });
+    }
     window.guaritaPlayer = player;  // for people (and tests) poking at it in the console
     return player;
   }
