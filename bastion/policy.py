@@ -7,11 +7,13 @@ claim) and *where* (target and login globs) both match decides. No match: refuse
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from bastion.config import AccessRule, Config, TargetConfig
 from bastion.identity import Identity
+from bastion.identity.delegation import DelegationScope
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,11 @@ class NamesWho(Protocol):
 
 
 def matches_identity(rule: NamesWho, identity: Identity) -> bool:
-    """Any listed subject (or e-mail), any listed group, or all listed claims (globs)."""
+    """Any listed subject (or e-mail), any listed group, or all listed claims (globs); and the
+    rule's delegation scope, when it has one (bastion/identity/delegation.py)."""
+    delegation = getattr(rule, "delegation", None)
+    if delegation and not delegation.matches(identity):
+        return False
     if rule.subjects and (_any_glob(identity.subject, rule.subjects)
                           or (identity.email and _any_glob(identity.email, rule.subjects))):
         return True
@@ -58,7 +64,20 @@ def authorize(config: Config, identity: Identity, target: TargetConfig, login: s
         if (matches_identity(rule, identity) and _any_glob(target.name, rule.targets)
                 and _any_glob(login, rule.logins)):
             return Decision(True, rule, f"allowed by {rule.name}")
-    return Decision(False, None, f"no access rule lets {identity.display} use {login}@{target.name}")
+    return Decision(False, None, f"no access rule lets {identity.chain} use {login}@{target.name}"
+                    + delegation_hint(config.access, identity, lambda r: _any_glob(target.name, r.targets)
+                                      and _any_glob(login, r.logins)))
+
+
+def delegation_hint(rules: Iterable[AccessRule], identity: Identity, where: Callable[[AccessRule], bool]) -> str:
+    """Why a rule that names this identity and place did not apply, when its delegation scope
+    is the reason (else nothing): a refused agent should learn that its chain was the cause."""
+    for rule in rules:
+        if rule.delegation and where(rule) and matches_identity(replace(rule, delegation=DelegationScope()), identity):
+            why = rule.delegation.why_not(identity)
+            if why:
+                return f" (rule {rule.name!r} would, but {why})"
+    return ""
 
 
 def reachable_targets(config: Config, identity: Identity) -> list[str]:

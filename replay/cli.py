@@ -161,7 +161,8 @@ class Filters:
         markers = s.end.get("markers") or {}
         return ((self.since is None or s.started_at >= self.since)
                 and (self.until is None or s.started_at <= self.until)
-                and (self.subject is None or self.subject in (s.identity.get("subject"), s.identity.get("email")))
+                and (self.subject is None or self.subject in (s.identity.get("subject"), s.identity.get("email"),
+                                                              *s.actors))
                 and (self.group is None or self.group in (s.identity.get("groups") or []))
                 and (self.target is None or self.target in (s.meta.get("target"), s.meta.get("cluster")))
                 and (self.login is None or s.meta.get("login") == self.login)
@@ -175,7 +176,7 @@ def filter_options(fn: Any) -> Any:
     options = [
         click.option("--since", help="Started in the last DURATION (2h, 3d) or since an ISO date."),
         click.option("--until", help="Started before DURATION ago or before an ISO date."),
-        click.option("--subject", help="This subject (or e-mail)."),
+        click.option("--subject", help="This subject (or e-mail), or an actor of its delegation chain."),
         click.option("--group", help="An identity in this group."),
         click.option("--target", help="This target (or cluster)."),
         click.option("--login", help="This login."),
@@ -211,7 +212,7 @@ def ls(ctx: Context, as_json: bool, **kw: Any) -> None:
         where = f"{login}@{s.meta.get('target')}" if login else str(s.meta.get("target"))
         status = s.exit_status
         masked = " ".join(f"{k}:{v}" for k, v in sorted((s.end.get("masking") or {}).items()) if v) or "-"
-        rows.append((s.id, s.started_at.strftime("%Y-%m-%d %H:%M:%S"), str(s.identity.get("subject", "?")), where,
+        rows.append((s.id, s.started_at.strftime("%Y-%m-%d %H:%M:%S"), s.who, where,
                      str(s.meta.get("kind", "?")) + ("/tty" if s.meta.get("tty") else ""),
                      "-" if status is None else str(status), s.state, masked, _short(s.meta.get("command") or "")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]

@@ -33,7 +33,7 @@ from replay.asciicast import marker_label, write_text, write_v2
 from replay.reader import ReplayError, SessionSummary, iter_events
 from replay.verify import verify_session
 
-INDEX_FIELDS = ("id", "started_at", "state", "subject", "email", "groups", "source", "front_door", "target", "login",
+INDEX_FIELDS = ("id", "started_at", "state", "subject", "email", "groups", "actors", "source", "front_door", "target", "login",
                 "namespace", "pod", "container", "kind", "command", "exit_status", "end_reason", "approvals", "masking", "verified",
                 "problems")
 
@@ -43,8 +43,9 @@ README = """guarita evidence package
 Made {made} by `replay evidence` for: {selection}
 Sessions: {count}. Verified at export: {ok} OK, {failed} with problems (index.json "problems").
 
-index.json / index.csv   one row per session: who (OIDC subject, e-mail, groups, source
-                         address), where (target or cluster, login, namespace, pod), what
+index.json / index.csv   one row per session: who (OIDC subject, e-mail, groups, the
+                         delegation chain of agents acting for it ("actors", current
+                         actor first, as RFC 8693 nests them), source address), where (target or cluster, login, namespace, pod), what
                          (kind, command), when, exit status, end reason, approvals
                          (request, approver, decision, reason), masking counts per
                          detector, and the result of `replay verify` at export time.
@@ -141,6 +142,7 @@ def _row(summary: SessionSummary, marks: list[Any], verified: bool, problems: li
     return {
         "id": summary.id, "started_at": meta.get("started_at"), "state": summary.state,
         "subject": identity.get("subject"), "email": identity.get("email"), "groups": identity.get("groups") or [],
+        "actors": identity.get("act") or [],
         "source": meta.get("source"), "front_door": meta.get("front_door"), "target": meta.get("target"),
         "login": meta.get("login"), "namespace": meta.get("namespace"), "pod": meta.get("pod"),
         "container": meta.get("container"),

@@ -45,6 +45,16 @@ class SessionSummary:
         return self.meta.get("identity") or {}
 
     @property
+    def actors(self) -> list[str]:
+        """The delegation chain (RFC 8693 ``act``), current actor first; empty for a direct token."""
+        return [str(a.get("sub")) for a in self.identity.get("act") or () if isinstance(a, dict)]
+
+    @property
+    def who(self) -> str:
+        """The subject, and who acted for it in the order delegation happened: ``alice via agent``."""
+        return " via ".join([str(self.identity.get("subject", "?")), *reversed(self.actors)])
+
+    @property
     def exit_status(self) -> int | None:
         return (self.end.get("exit") or {}).get("status")
 

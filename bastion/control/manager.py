@@ -164,7 +164,7 @@ class Control:
         from bastion.policy import authorize, matches_identity
 
         config = self.gw.config
-        if info.front_door == "ssh":
+        if info.front_door != "kube" and not info.extra.get("cluster"):  # an SSH target (ssh or mcp door)
             target = config.target(info.target)
             if target is None or info.login is None:
                 return None

@@ -265,6 +265,10 @@ def build_app(gw: Gateway) -> web.Application:
     from bastion.http.control_api import add_routes as add_control_routes
 
     add_control_routes(app)  # locks, live sessions, kills (issue 8)
+    if gw.config.mcp.enabled:  # the MCP front door (bastion/mcp, issue 18)
+        from bastion.mcp.http import add_mcp_routes
+
+        add_mcp_routes(app, gw)
     from bastion.console.routes import add_routes as add_console_routes
 
     add_console_routes(app, gw)  # the web console under /console/ (issue 19)

@@ -19,6 +19,7 @@ import asyncssh
 
 from bastion.config import env_allowed
 from bastion.identity import AuthError, Identity
+from bastion.masking.recorded import shown_command
 from bastion.policy import authorize, reachable_targets
 from bastion.session import Session, SessionInfo
 from bastion.ssh.upstream import PREFERRED_CIPHERS, TargetError, connect_target
@@ -248,7 +249,8 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         except TargetError as exc:
             self.gw.audit.emit("session.refused", reason=exc.reason, detail=str(exc), source=self.server.source,
                                subject=identity.subject, target=target_name, login=login, kind=self.kind,
-                               command=self.command)
+                               command=shown_command(self.gw.config.masking, getattr(self.gw, "masking_secret", None),
+                                                     "ssh", target_name, identity.groups, self.command))
             if self.session is not None:  # opened by the approval gate: it ends here
                 await self.session.end(EXIT_GATEWAY_ERROR, reason=str(exc))
             self._fail(str(exc))

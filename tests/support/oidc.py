@@ -250,6 +250,18 @@ class OIDCProvider:
             {"token": token, "token_type_hint": token_type_hint, "client_id": self.device_client_id},
         )
 
+    def exchange(self, client_id: str, subject_token: str, actor_token: str) -> str:
+        """RFC 8693 token exchange by ``client_id``: a token for the subject of
+        ``subject_token`` whose ``act`` claim names the actor of ``actor_token`` (and nests
+        the subject token's own ``act``, so exchanging again makes a longer chain)."""
+        access = "urn:ietf:params:oauth:token-type:access_token"
+        data = {"grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+                "subject_token": subject_token, "subject_token_type": access,
+                "actor_token": actor_token, "actor_token_type": access}
+        secret = self.clients[client_id]["client_secret"]
+        _, body = _request(self.discovery()["token_endpoint"], data, auth=(client_id, secret))
+        return json.loads(body)["access_token"]
+
 
 def make_rsa_jwks(path: str | os.PathLike, kid: str) -> dict:
     """Write a fresh private RS256 JWKS to ``path`` (for OIDC_JWKS_FILE / key rotation)."""
