@@ -90,7 +90,10 @@ class Browser:
 
     def act(self, selector: str, action: Callable[[Any], Any], timeout: float = 15.0) -> None:
         """Find and act on an element, again if the page replaced it meanwhile (live refresh)."""
-        from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+        from selenium.common.exceptions import (
+            NoSuchElementException,
+            StaleElementReferenceException,
+        )
 
         deadline = time.monotonic() + timeout
         while True:
