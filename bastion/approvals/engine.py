@@ -66,7 +66,9 @@ class ApprovalEngine:
     def __init__(self, gateway: Gateway) -> None:
         self.gw = gateway
         self.policy: ApprovalPolicy = gateway.config.approvals
-        self.webhooks = Webhooks(self.policy.webhooks)
+        from bastion.console.settings import request_link
+
+        self.webhooks = Webhooks(self.policy.webhooks, lambda rid: request_link(gateway.config, rid))
         self.sessions: dict[str, Session] = {}
         self._recent: dict[str, collections.deque[float]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()

@@ -11,6 +11,9 @@
 //   OIDC_TOKEN_TTL  access-token lifetime in seconds (default 600)
 //   OIDC_JWKS_FILE  optional JWKS with private keys; the first RS256-capable key signs
 //   OIDC_DEVICE_CLIENT_ID  public device-flow client (default "bastion-cli")
+//   OIDC_WEB_CLIENTS  optional JSON list of {client_id, redirect_uris}: public browser clients
+//                   (authorization code with PKCE, e.g. the guarita console); a user signs in at
+//                   the dev interactions form with any login (the token's sub) and any password
 //   OIDC_DEVICE_INTERVAL   optional polling interval (s) announced in device authorization responses
 //                   (oidc-provider announces none, so clients fall back to RFC 8628's 5 s)
 //
@@ -46,6 +49,7 @@ const deviceClientId = process.env.OIDC_DEVICE_CLIENT_ID || 'bastion-cli';
 const deviceInterval = Number(process.env.OIDC_DEVICE_INTERVAL || 0);
 const clients = JSON.parse(process.env.OIDC_CLIENTS || '[]');
 const users = JSON.parse(process.env.OIDC_USERS || '[]');
+const webClients = JSON.parse(process.env.OIDC_WEB_CLIENTS || '[]');
 // Resource indicators must be absolute URIs while the audience we want is a bare word, so
 // the default resource is a fixed URN mapped onto OIDC_AUDIENCE. Any other resource the
 // test asks for becomes the audience verbatim (handy for wrong-audience tests).
@@ -92,6 +96,13 @@ const provider = new Provider(issuer, {
       grant_types: ['client_credentials', TOKEN_EXCHANGE],
       response_types: [],
       redirect_uris: [],
+    })),
+    ...webClients.map((c) => ({
+      client_id: c.client_id,
+      token_endpoint_auth_method: 'none',  // a public client: PKCE (S256) is required
+      grant_types: ['authorization_code'],
+      response_types: ['code'],
+      redirect_uris: c.redirect_uris,
     })),
     {
       client_id: deviceClientId,

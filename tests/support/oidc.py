@@ -82,12 +82,15 @@ class OIDCProvider:
         device_client_id: str = "bastion-cli",
         start_timeout: float = 30.0,
         device_interval: int | None = None,
+        web_clients: list[dict[str, Any]] = (),
     ):
         self.clients = {c["client_id"]: c for c in clients}
         self.users = list(users)
         self.audience, self.token_ttl, self.jwks_file = audience, token_ttl, jwks_file
         self.port, self.device_client_id, self.start_timeout = port, device_client_id, start_timeout
         self.device_interval = device_interval
+        # Public browser clients (authorization code + PKCE): {client_id, redirect_uris}.
+        self.web_clients = list(web_clients)
         self.issuer: str | None = None
         self._proc: subprocess.Popen | None = None
         self._stderr = None
@@ -108,6 +111,7 @@ class OIDCProvider:
             OIDC_AUDIENCE=self.audience,
             OIDC_TOKEN_TTL=str(self.token_ttl),
             OIDC_DEVICE_CLIENT_ID=self.device_client_id,
+            OIDC_WEB_CLIENTS=json.dumps(self.web_clients),
         )
         env.pop("OIDC_JWKS_FILE", None)
         env.pop("OIDC_DEVICE_INTERVAL", None)
