@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import asyncssh
 
 from bastion.identity import Identity
+from bastion.masking.recorded import shown_command
 from bastion.policy import authorize, reachable_targets
 from bastion.session import Session, SessionInfo
 from bastion.ssh.upstream import TargetError, connect_target
@@ -190,7 +191,7 @@ class Call:
         except TargetError as exc:
             self.gw.audit.emit("session.refused", reason=exc.reason, detail=str(exc), source=self.source,
                                subject=self.identity.subject, target=target.name, login=self.login, kind="exec",
-                               command=self.command, front_door="mcp", session=self.id)
+                               command=self.kept_command(), front_door="mcp", session=self.id)
             self.outcome, self.reason = "error", str(exc)
             return
         if self._ended_by is not None:
@@ -198,6 +199,13 @@ class Call:
         self._chan, _ = await self._conn.create_session(lambda: _TargetReader(self), self.command, encoding=None)
         self._chan.write_eof()  # a tool call has no stdin
         await self._closed.wait()
+
+    def kept_command(self) -> str | None:
+        """The command as the gateway keeps it (audit log): masked like the session's copies."""
+        if self.session is not None:
+            return self.session.shown_command
+        return shown_command(self.gw.config.masking, getattr(self.gw, "masking_secret", None), "mcp",
+                             self.target_name, self.identity.groups, self.command)
 
     def _resolve(self) -> tuple[Any, str]:
         target = self.gw.config.target(self.target_name)
@@ -218,7 +226,7 @@ class Call:
         self.outcome, self.reason, self.exit_status = "refused", message, None
         self.gw.audit.emit("session.refused", reason=reason, detail=message, source=self.source,
                            subject=self.identity.subject, target=self.target_name, login=self.login, kind="exec",
-                           command=self.command, front_door="mcp")
+                           command=self.kept_command(), front_door="mcp")
         control = getattr(self.gw, "control", None)
         if control is not None and self.session is None:
             control.release(self.id)
