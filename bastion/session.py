@@ -415,8 +415,12 @@ class Session:
                 if held and held in self._typed:  # the agent's own typing: it knows these bytes
                     early = masker.release_held()
                     shown += early
-                    if self._echo is not None and stream == "o":
-                        self._echo.output(early)
+                    if stream == "o":  # what reads the live view (the echo, the command line) sees it now
+                        if self._echo is not None:
+                            self._echo.output(early)
+                        gate = self._gate if self._gate_checked else self._start_gate()
+                        if gate is not None:
+                            gate.output(early)
             if shown and self.deliver_output is not None:
                 self.deliver_output(shown, stream)
 
