@@ -21,6 +21,7 @@ from bastion.health import Readiness
 from bastion.identity.devissuer import DevIssuer
 from bastion.identity.oidc import TokenVerifier
 from bastion.identity.usercert import UserCA, load_or_create_key
+from bastion.live import LiveSessions
 from bastion.metrics import Metrics
 from bastion.state import StateError, open_state
 from recorder import Recorder, RecordingKey, open_store
@@ -87,8 +88,8 @@ class Gateway:
         # Locks, session kills, per-identity limits and session limits (bastion/control).
         self.control = Control(self)
         self.demo: DemoTarget | None = None
-        # Live SSH session channels by session id (for shutdown, locks and `sessions ls`).
-        self.live_sessions: dict = {}
+        # The one registry of live sessions (shutdown, locks, kills, limits, `sessions ls`).
+        self.live = LiveSessions(lambda: self.state)
         self._servers: list[asyncio.AbstractServer | asyncssh.SSHAcceptor] = []
         self._http_runner: web.AppRunner | None = None
         self.stopping = asyncio.Event()
@@ -161,14 +162,14 @@ class Gateway:
     async def stop(self) -> None:
         for server in self._servers:
             server.close()
-        from bastion.ssh.frontdoor import close_all_sessions
-
-        await close_all_sessions(self, lifecycle.end_message(self))
+        self.live.terminate_all(lifecycle.end_message(self))
+        await self.live.wait_empty(5.0)
         if self.kube is not None:
             await self.kube.stop()  # after its sessions were ended, before the recorder closes
         await self.approvals.stop()  # pending requests of sessions still waiting: cancelled
         await self.control.stop()
         await self.recorder.close()
+        await self.live.settle()
         await self.state.close()
         await self.verifier.close()
         if self._http_runner is not None:
@@ -226,13 +227,3 @@ def dev_config(data_dir: Path, ssh_port: int = 2222, http_port: int = 8080, reco
         # `bastion dev-token --group sre` mints an operator (locks, `bastion sessions kill`).
         roles=Roles(operators=RoleMembers(groups=("sre",)), auditors=RoleMembers(groups=("sre", "audit"))),
     )
-
-
-def port_is_free(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True

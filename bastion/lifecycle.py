@@ -61,7 +61,7 @@ async def drain(gw: Gateway) -> None:
     """Stop taking connections, give live sessions their grace period with a notice."""
     gw.draining = True
     grace = gw.config.drain_grace
-    live = list(gw.live_sessions.values())
+    live = list(gw.live)
     log.info("draining: no new connections; %d live session(s) get %s to finish (a second SIGTERM ends them now)",
              len(live), format_seconds(grace), extra={"sessions": len(live), "grace": grace})
     gw.audit.emit("gateway.draining", sessions=len(live), grace=grace)
@@ -76,18 +76,18 @@ async def drain(gw: Gateway) -> None:
     if not live or grace <= 0:
         return
     message = f"this gateway is shutting down; your session ends in {format_seconds(grace)}"
-    for channel in live:
-        notify(channel, message)
+    for session in live:
+        notify(session, message)
     deadline = time.monotonic() + grace
-    while gw.live_sessions and not gw.hurry.is_set():
+    while gw.live and not gw.hurry.is_set():
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(gw.hurry.wait(), min(remaining, 0.1))
-    if gw.live_sessions:
+    if gw.live:
         why = "a second signal" if gw.hurry.is_set() else "grace period over"
-        log.info("drain: %s; ending %d session(s)", why, len(gw.live_sessions))
+        log.info("drain: %s; ending %d session(s)", why, len(gw.live))
 
 
 def end_message(gw: Gateway) -> str:
@@ -98,21 +98,11 @@ def end_message(gw: Gateway) -> str:
     return "this gateway shut down; connect again to reach another replica"
 
 
-def notify(channel: Any, message: str) -> None:
+def notify(session: Any, message: str) -> None:
     """A notice to a live session's user on its terminal or stderr (never into a command's
     stdout), recorded as a ``notice`` marker."""
-    session = getattr(channel, "session", None)
     try:
-        if session is not None and hasattr(session, "notify"):
-            session.notify(message)  # marker + the front door's notify_user
-            return
-        if session is not None:
-            session.marker("notice", text=message)
-        notify_user = getattr(channel, "notify_user", None)
-        if notify_user is not None:
-            notify_user(message)
-        elif getattr(channel, "chan", None) is not None:  # SSH, without notify_user
-            channel.chan.write_stderr(f"\r\nguarita: {message}\r\n".encode())
+        session.notify(message)  # marker + the front door's notify_user
     except Exception as exc:  # noqa: BLE001 - one broken channel must not stop the drain
         log.debug("cannot notify a session: %s", exc)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from bastion.config import format_duration
+from bastion.config import AccessRule, format_duration
 from bastion.identity import Identity
 from bastion.logs import current_session
 from bastion.masking.engine import marker_values
@@ -57,6 +57,9 @@ class SessionInfo:
     extra: dict[str, Any] = field(default_factory=dict)
     # Chosen before the target is contacted, so the target's own log can name it.
     session_id: str | None = None
+    # The access rule that allowed the session (the front door's policy decision): its
+    # session limits (max_duration, idle_timeout, on_expiry) are the session's.
+    rule: AccessRule | None = field(default=None, compare=False, repr=False)
 
     def metadata(self) -> dict[str, Any]:
         meta: dict[str, Any] = {
@@ -174,7 +177,11 @@ def _echoed(typed: bytes, output: bytes) -> bool:
 
 
 class Session:
-    def __init__(self, gateway: Gateway, info: SessionInfo) -> None:
+    """One live session. Opened by bastion.pipeline (admission); ``client`` is the front
+    door's side of it (bastion.pipeline.ClientSide): how guarita writes to the agent,
+    releases late output, notifies and ends the session."""
+
+    def __init__(self, gateway: Gateway, info: SessionInfo, client: Any = None) -> None:
         self.gateway = gateway
         self.info = info
         self.started = time.time()
@@ -185,6 +192,8 @@ class Session:
         self.bytes_in = 0
         self.bytes_out = 0
         current_session.set(self.id)
+        if client is not None:  # before any event can fail: the strict policy ends it through client
+            self.end_if_unrecorded(client.terminate)
         self._metrics = getattr(gateway, "metrics", None)
         if self._metrics is not None:
             self._metrics.session_started(self)
@@ -192,7 +201,8 @@ class Session:
         self.ended = False
         # Masking: the front door gives ``deliver_output`` so held-back output can be sent
         # after a few ms of silence.
-        self.deliver_output: Callable[[bytes, str], None] | None = None
+        self.deliver_output: Callable[[bytes, str], None] | None = (client.deliver_output if client is not None
+                                                                      else None)
         self.masked_counts: dict[str, int] = {}
         self._maskers: dict[str, Any] = {}
         self._mask_live = True
@@ -205,7 +215,7 @@ class Session:
         # Approvals. A front door gives the session a way to write to the agent (its terminal,
         # or stderr before the target is open) and, for interactive sessions, to the target
         # (held input is released later): then commands typed in a terminal are gated too.
-        self.write_client: Callable[[bytes], None] | None = None
+        self.write_client: Callable[[bytes], None] | None = client.write_client if client is not None else None
         self.write_target: Callable[[bytes], None] | None = None
         self.approval_cancel: asyncio.Event | None = None
         self.cancel_reason: str | None = None
@@ -220,13 +230,19 @@ class Session:
         self._watchdog: asyncio.Task[None] | None = None
         self._control = getattr(gateway, "control", None)
         self.limits: SessionLimits | None = None
-        gateway.audit.emit("session.start", session=self.id, **_audit_fields(info))
+        gateway.audit.emit("session.start", session=self.id, **audit_fields(info))
+        self._live = gateway.live
+        self._live.opened(self, client, live_row(self))
         if self._approvals is not None:
             self._approvals.session_started(self)
         if self._control is not None:
             self._control.session_started(self)
             self.limits = self._control.limits_for(info)
             self._watchdog = asyncio.get_running_loop().create_task(self._watch_limits(self.limits))
+
+    def attach_target(self, write_target: Callable[[bytes], None]) -> None:
+        """The target is open: input the interactive approval gate held is released there."""
+        self.write_target = write_target
 
     def from_client(self, data: bytes) -> bytes:
         self.bytes_in += len(data)
@@ -471,7 +487,7 @@ class Session:
         has not registered the session yet (the caller tries again shortly)."""
         if self.ended:
             return True
-        channel = self.gateway.live_sessions.get(self.id)
+        channel = self._live.client(self.id)
         if channel is None:
             return False
         if not self.stopping:
@@ -488,11 +504,10 @@ class Session:
     def notify(self, text: str) -> None:
         """A line from guarita to the user while the session goes on (recorded as a notice)."""
         self.marker("notice", text=text)
-        channel = self.gateway.live_sessions.get(self.id)
-        notify = getattr(channel, "notify_user", None)
-        if notify is not None:
+        channel = self._live.client(self.id)
+        if channel is not None:
             with contextlib.suppress(Exception):
-                notify(text)
+                channel.notify_user(text)
 
     async def _watch_limits(self, limits: SessionLimits) -> None:
         """Credential expiry (per ``on_expiry``), maximum duration and idle timeout."""
@@ -564,11 +579,15 @@ class Session:
         self.recording.exit(status, signal, reason)
         if self._metrics is not None:
             self._metrics.session_ended(self, status, signal)
-        await self.recording.close({"exit": {"status": status, "signal": signal}, "reason": reason,
-                                    **({"masking": dict(self.masked_counts)} if self._maskers else {})})
+        try:
+            await self.recording.close({"exit": {"status": status, "signal": signal}, "reason": reason,
+                                        **({"masking": dict(self.masked_counts)} if self._maskers else {})})
+        finally:
+            # Out of the registry once sealed: the shutdown waits for this before the recorder closes.
+            self._live.ended(self.id)
         self.gateway.audit.emit("session.end", session=self.id, exit_status=status, exit_signal=signal,
                                 reason=reason, duration=round(time.time() - self.started, 3),
-                                bytes=dict(self.recording.counts), **_audit_fields(self.info))
+                                bytes=dict(self.recording.counts), **audit_fields(self.info))
 
 
 def hard_limits(exp: float | None, limits: SessionLimits, started: float,
@@ -603,7 +622,15 @@ def _span(seconds: float) -> str:
     return format_duration(math.ceil(max(0.0, seconds)))
 
 
-def _audit_fields(info: SessionInfo) -> dict[str, Any]:
+def live_row(session: Session) -> dict[str, Any]:
+    """The session's row in the state database's live sessions (``bastion sessions ls``)."""
+    info = session.info
+    return {"id": session.id, "identity": info.identity.to_dict(), "subject": info.identity.subject,
+            "front_door": info.front_door, "target": info.target, "login": info.login, "kind": info.kind,
+            "command": info.command, "source": info.source}
+
+
+def audit_fields(info: SessionInfo) -> dict[str, Any]:
     return {"front_door": info.front_door, "subject": info.identity.subject, "issuer": info.identity.issuer,
             "groups": list(info.identity.groups), "source": info.source, "target": info.target,
             "login": info.login, "kind": info.kind, "command": info.command, "subsystem": info.subsystem}

@@ -96,9 +96,7 @@ class ApprovalEngine:
             await asyncio.sleep(SWEEP_INTERVAL)
             try:
                 await self._sweep()
-                await self.state.update_live_sessions(
-                    [(sid, s.recording.counts.get("i", 0), s.recording.counts.get("o", 0) + s.recording.counts.get("e", 0))
-                     for sid, s in self.sessions.items()])
+                await self.gw.live.update_counts()
             except Exception as exc:
                 log.warning("approvals: sweep failed: %s", exc)
 
@@ -120,7 +118,7 @@ class ApprovalEngine:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    # -- live sessions (the state's index of who is connected where) ----------------------------
+    # -- live sessions (their rows in the state database: bastion/live.py) ----------------------
 
     def session_started(self, session: Session) -> None:
         self.sessions[session.id] = session
@@ -128,15 +126,10 @@ class ApprovalEngine:
         if info.kind == "exec" and info.command is not None and not self.gates_opening(info):
             # Exec commands no rule holds: into the index (gated ones are indexed by the gate).
             self._record(session, 0.0, info.command, "exec", "allowed", None)
-        self.spawn(self.state.add_live_session({
-            "id": session.id, "identity": info.identity.to_dict(), "subject": info.identity.subject,
-            "front_door": info.front_door, "target": info.target, "login": info.login, "kind": info.kind,
-            "command": info.command, "source": info.source}), "recording the live session")
 
     def session_ended(self, session: Session) -> None:
         session.cancel_approval("the session ended")
-        if self.sessions.pop(session.id, None) is not None:
-            self.spawn(self.state.remove_live_session(session.id), "removing the live session")
+        self.sessions.pop(session.id, None)
 
     # -- verdicts ------------------------------------------------------------------------------
 

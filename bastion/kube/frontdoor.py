@@ -27,7 +27,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from bastion.config import ClusterConfig
+from bastion.config import AccessRule, ClusterConfig
 from bastion.identity import AuthError, Identity
 from bastion.kube.held import HeldStream
 from bastion.kube.logmask import MaskedLogRelay, log_masker
@@ -241,18 +241,19 @@ class KubeFrontDoor:
         from bastion.kube import exec as kexec
 
         if req.streaming in ("exec", "attach"):
-            return await kexec.handle_exec(self, request, identity, req, cluster, upstream, source)
+            return await kexec.handle_exec(self, request, identity, req, cluster, upstream, source, decision.rule)
         if req.streaming == "portforward":
-            return await kexec.handle_portforward(self, request, identity, req, cluster, upstream, source)
+            return await kexec.handle_portforward(self, request, identity, req, cluster, upstream, source,
+                                                  decision.rule)
         if "upgrade" in request.headers.get("Connection", "").lower() or request.headers.get("Upgrade"):
             raise Refused(400, "guarita: protocol upgrades (WebSocket, SPDY) are relayed only for exec, attach and "
                                "port-forward")
-        return await self.proxy(request, identity, req, cluster, upstream)
+        return await self.proxy(request, identity, req, cluster, upstream, decision.rule)
 
     # -- plain requests, watches and logs ------------------------------------------------
 
     async def proxy(self, request: web.Request, identity: Identity, req: KubeRequest, cluster: ClusterConfig,
-                    upstream: ClusterUpstream) -> web.StreamResponse:
+                    upstream: ClusterUpstream, rule: AccessRule | None = None) -> web.StreamResponse:
         creds = upstream.current()
         headers = forward_headers(request.headers)
         for key, value in (*creds.auth_headers().items(), *impersonation(cluster, identity)):
@@ -302,7 +303,7 @@ class KubeFrontDoor:
                 body = _copy(resp, out)
             try:
                 if _long_lived(request):
-                    if await self._held(body, request, identity, req, cluster, resp, out):
+                    if await self._held(body, request, identity, req, cluster, resp, out, rule):
                         return out  # ended by the gateway (lock, kill, expiry)
                 else:
                     await body
@@ -320,7 +321,7 @@ class KubeFrontDoor:
 
     async def _held(self, body: Coroutine[Any, Any, None], request: web.Request, identity: Identity,
                     req: KubeRequest, cluster: ClusterConfig, resp: aiohttp.ClientResponse,
-                    out: web.StreamResponse) -> bool:
+                    out: web.StreamResponse, rule: AccessRule | None) -> bool:
         """A watch or followed log, held to its caller (bastion/kube/held.py); True if the
         gateway ended it: the client gets the reason as a last watch event or log line."""
         relay = asyncio.create_task(body)
@@ -330,7 +331,7 @@ class KubeFrontDoor:
 
         held = HeldStream(self.gw, "stream", identity, request.remote or "", cluster.name,
                           {"namespace": req.namespace, "resource": req.resource, "name": req.name,
-                           "subresource": req.subresource}, stop)
+                           "subresource": req.subresource}, stop, rule)
         try:
             with held:
                 await relay
