@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from typing import Protocol
 
 from bastion.config import AccessRule, Config, TargetConfig
 from bastion.identity import Identity
+from bastion.who import NamesWho, matches_identity
+
+__all__ = ["Decision", "NamesWho", "authorize", "matches_identity", "reachable_targets"]
 
 
 @dataclass(frozen=True)
@@ -23,31 +25,6 @@ class Decision:
 
 def _any_glob(value: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(value, p) for p in patterns)
-
-
-class NamesWho(Protocol):
-    """Any rule that names identities: access rules, approval rules."""
-
-    @property
-    def subjects(self) -> tuple[str, ...]: ...
-
-    @property
-    def groups(self) -> tuple[str, ...]: ...
-
-    @property
-    def claims(self) -> tuple[tuple[str, str], ...]: ...
-
-
-def matches_identity(rule: NamesWho, identity: Identity) -> bool:
-    """Any listed subject (or e-mail), any listed group, or all listed claims (globs)."""
-    if rule.subjects and (_any_glob(identity.subject, rule.subjects)
-                          or (identity.email and _any_glob(identity.email, rule.subjects))):
-        return True
-    if rule.groups and any(_any_glob(g, rule.groups) for g in identity.groups):
-        return True
-    return bool(rule.claims) and all(
-        name in identity.claims and fnmatch.fnmatchcase(identity.claims[name], pattern)
-        for name, pattern in rule.claims)
 
 
 def authorize(config: Config, identity: Identity, target: TargetConfig, login: str) -> Decision:
