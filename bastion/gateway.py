@@ -14,6 +14,7 @@ import asyncssh
 
 from bastion import lifecycle
 from bastion.approvals.engine import ApprovalEngine
+from bastion.approvals.interactive import InteractiveGate
 from bastion.audit import AuditLog
 from bastion.config import Config, IssuerConfig, TargetConfig
 from bastion.control import Control
@@ -85,6 +86,7 @@ class Gateway:
         self.state = open_state(config.state, replica_name=config.state_replica
                                 or f"{socket.gethostname()}:{config.data_dir}")
         self.approvals = ApprovalEngine(self)
+        self.interactive_gate = InteractiveGate  # built by sessions whose terminal commands rules concern
         # Locks, session kills, per-identity limits and session limits (bastion/control).
         self.control = Control(self)
         self.demo: DemoTarget | None = None
@@ -112,6 +114,7 @@ class Gateway:
 
     async def start(self) -> None:
         from bastion.http.api import start_http
+        from bastion.http.control_api import add_routes as control_routes
         from bastion.ssh.frontdoor import start_ssh
 
         problems = await asyncio.to_thread(self.store.check)
@@ -137,15 +140,16 @@ class Gateway:
             raise RuntimeError(str(exc)) from None
         await self.approvals.start()
         await self.control.start()
-        self._http_runner, self.http_port = await start_http(self)
+        self._http_runner, self.http_port = await start_http(self, (control_routes,))
         await self.verifier.start()
         acceptor = await start_ssh(self)
         self._servers.append(acceptor)
         self.ssh_port = acceptor.sockets[0].getsockname()[1]
         if self.config.clusters:
+            from bastion.kube.exec import STREAMING
             from bastion.kube.frontdoor import start_kube
 
-            self.kube = await start_kube(self)
+            self.kube = await start_kube(self, STREAMING)
             self.kube_port = self.kube.port
 
     async def _start_demo(self) -> None:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from bastion.config import CONFIG_KEYS, ConfigError, load_config
 
 if TYPE_CHECKING:
-    from bastion.gateway import Gateway
+    from bastion.services import Services
 
 log = logging.getLogger("guarita.lifecycle")
 
@@ -57,7 +57,7 @@ def format_seconds(seconds: float) -> str:
 # -- SIGTERM ---------------------------------------------------------------------------------
 
 
-async def drain(gw: Gateway) -> None:
+async def drain(gw: Services) -> None:
     """Stop taking connections, give live sessions their grace period with a notice."""
     gw.draining = True
     grace = gw.config.drain_grace
@@ -90,7 +90,7 @@ async def drain(gw: Gateway) -> None:
         log.info("drain: %s; ending %d session(s)", why, len(gw.live))
 
 
-def end_message(gw: Gateway) -> str:
+def end_message(gw: Services) -> str:
     """What a session ended by the shutdown tells its user (and its recording)."""
     if gw.draining and gw.config.drain_grace > 0:
         return (f"this gateway shut down; the session was ended after its {format_seconds(gw.config.drain_grace)} "
@@ -135,7 +135,7 @@ def changed_keys(old_raw: dict[str, Any], new_raw: dict[str, Any]) -> list[str]:
     return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
 
 
-def reload(gw: Gateway) -> bool:
+def reload(gw: Services) -> bool:
     """Re-read the config file; apply what can change live. True when a new config was applied."""
     path: Path | None = getattr(gw, "config_file", None)
     metrics = getattr(gw, "metrics", None)

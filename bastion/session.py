@@ -17,8 +17,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+from bastion.approvals.result import GateResult
 from bastion.config import AccessRule, format_duration
 from bastion.identity import Identity
 from bastion.logs import current_session
@@ -26,10 +27,8 @@ from bastion.masking.engine import marker_values
 from recorder import SessionRecording
 
 if TYPE_CHECKING:
-    from bastion.approvals.engine import GateResult
-    from bastion.approvals.interactive import InteractiveGate
-    from bastion.control import SessionLimits
-    from bastion.gateway import Gateway
+    from bastion.control.limits import SessionLimits
+    from bastion.services import Services
 
 # A session about to reach a hard limit (credential expiry, maximum duration) is warned
 # this long before (at most; a fifth of the session's whole allowance when shorter).
@@ -38,6 +37,25 @@ LIMIT_WARNING = 300.0
 # chunk it paces (bulk output; interactive output, in small chunks, is never kept back).
 _CARRY_MAX = 4096
 _PACE_MIN = 8192
+
+
+class TerminalGate(Protocol):
+    """The approvals' interactive gate (bastion.approvals.interactive.InteractiveGate), as a
+    session drives it: typed input and the terminal's output go through it."""
+
+    waiting: bool
+
+    def output(self, data: bytes) -> None: ...
+
+    def resize(self, cols: int, rows: int) -> None: ...
+
+    def drop(self, data: bytes) -> None: ...
+
+    def input(self, data: bytes, hidden: bool = False) -> bytes: ...
+
+    def after_held_input(self, action: Callable[[], None]) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 @dataclass
@@ -181,7 +199,7 @@ class Session:
     door's side of it (bastion.pipeline.ClientSide): how guarita writes to the agent,
     releases late output, notifies and ends the session."""
 
-    def __init__(self, gateway: Gateway, info: SessionInfo, client: Any = None) -> None:
+    def __init__(self, gateway: Services, info: SessionInfo, client: Any = None) -> None:
         self.gateway = gateway
         self.info = info
         self.started = time.time()
@@ -219,7 +237,7 @@ class Session:
         self.write_target: Callable[[bytes], None] | None = None
         self.approval_cancel: asyncio.Event | None = None
         self.cancel_reason: str | None = None
-        self._gate: InteractiveGate | None = None
+        self._gate: TerminalGate | None = None
         self._gate_checked = False
         self._approvals = getattr(gateway, "approvals", None)
         # Session limits and locks (bastion/control): the last input or output (idle timeout),
@@ -400,8 +418,6 @@ class Session:
         """Decide an exec command before the target session is opened: allowed at once, or
         refused, or held until approved (the agent is told on ``write_client`` who must
         approve, the request id and how long it may wait). Kubernetes passes the ``argv``."""
-        from bastion.approvals.engine import GateResult
-
         if self._approvals is None:
             return GateResult(True, "allowed")
         result = await self._approvals.check(self, command, "exec", argv=argv)
@@ -411,8 +427,6 @@ class Session:
 
     async def gate_shell(self) -> GateResult:
         """Decide whether this identity may open an interactive shell here at all."""
-        from bastion.approvals.engine import GateResult
-
         if self._approvals is None:
             return GateResult(True, "allowed")
         result = await self._approvals.check(self, "interactive shell", "shell")
@@ -460,7 +474,7 @@ class Session:
         else:
             action()
 
-    def _start_gate(self) -> InteractiveGate | None:
+    def _start_gate(self) -> TerminalGate | None:
         """The interactive gate, for a terminal session whose commands rules may concern,
         once the front door has given both write callbacks."""
         if self.write_client is None or self.write_target is None:
@@ -470,9 +484,8 @@ class Session:
             return None
         if not self._approvals.watches(self):
             return None
-        from bastion.approvals.interactive import InteractiveGate
-
-        self._gate = InteractiveGate(self, self._approvals, *self.info.size)
+        # Built by the composition root (bastion/gateway.py): the gate's module depends on this one.
+        self._gate = self.gateway.interactive_gate(self, self._approvals, *self.info.size)
         return self._gate
 
     def marker(self, kind: str, **fields: Any) -> None:

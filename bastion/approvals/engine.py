@@ -19,9 +19,9 @@ import fnmatch
 import logging
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from bastion.approvals.result import GateResult
 from bastion.approvals.rules import ApprovalPolicy, Context, Verdict
 from bastion.approvals.webhooks import Webhooks, public_request
 from bastion.config import format_duration
@@ -29,23 +29,15 @@ from bastion.identity import Identity
 from bastion.state import Conflict, NotFound, StateError
 
 if TYPE_CHECKING:
-    from bastion.gateway import Gateway
+    from bastion.services import Services
     from bastion.session import Session, SessionInfo
+
+__all__ = ["ApprovalEngine", "DecisionError", "GateResult"]
 
 log = logging.getLogger("guarita.approvals")
 
 SWEEP_INTERVAL = 5.0
 _STRICTNESS = {"allow": 0, "approve": 1, "deny": 2}
-
-
-@dataclass(frozen=True)
-class GateResult:
-    allowed: bool
-    # allowed | approved | denied | expired | cancelled | rate-limited | error
-    outcome: str
-    reason: str = ""
-    request_id: str | None = None
-    rule: str | None = None
 
 
 class DecisionError(Exception):
@@ -62,7 +54,7 @@ def _who(identity: dict[str, Any]) -> str:
 
 
 class ApprovalEngine:
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Services) -> None:
         self.gw = gateway
         self.policy: ApprovalPolicy = gateway.config.approvals
         self.webhooks = Webhooks(self.policy.webhooks)

@@ -7,10 +7,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from bastion.control.limits import SessionLimiter
+from bastion.control.limits import SessionLimiter, SessionLimits
 from bastion.control.locks import Lock, LockError, parse_lock_target
 from bastion.identity import Identity
 from bastion.refusal import Refused
@@ -18,7 +17,7 @@ from bastion.state import NotFound
 from bastion.state.store import LOCKS_TOPIC
 
 if TYPE_CHECKING:
-    from bastion.gateway import Gateway
+    from bastion.services import Services
     from bastion.session import Session, SessionInfo
 
 log = logging.getLogger("guarita.control")
@@ -26,17 +25,8 @@ log = logging.getLogger("guarita.control")
 KILL_TTL = 120.0  # a kill request stays in force this long (the session ends within a second)
 
 
-@dataclass(frozen=True)
-class SessionLimits:
-    on_expiry: str = "end"  # end | warn | allow
-    max_session: float = 8 * 3600.0  # cap for warn / allow, from the session's start
-    idle_timeout: float | None = None
-    max_duration: float | None = None
-    rule: str | None = None
-
-
 class Control:
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Services) -> None:
         self.gw = gateway
         self.limiter = SessionLimiter()
         # Live sessions, and the Kubernetes connections that are not sessions but that locks and

@@ -730,3 +730,7 @@ class PortForwardRelay:
         if self.client is not None:
             with contextlib.suppress(Exception):
                 await self.client.close()
+
+
+# What the Kubernetes front door hands its streaming subresources to (bastion/gateway.py).
+STREAMING = {"exec": handle_exec, "attach": handle_exec, "portforward": handle_portforward}

@@ -19,7 +19,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -37,10 +37,13 @@ from bastion.kube.tls import ensure_server_cert, server_context, server_names
 from bastion.kube.upstream import ClusterUpstream, UpstreamConfigError
 
 if TYPE_CHECKING:
-    from bastion.gateway import Gateway
     from bastion.kube.policy import KubeRequest
+    from bastion.services import Services
 
 log = logging.getLogger("guarita.kube")
+
+# (door, request, identity, parsed request, cluster, upstream, source, the access rule that allowed it)
+StreamingHandler = Callable[..., Awaitable[web.StreamResponse]]
 
 BEARER_PROTOCOL = "base64url.bearer.authorization.k8s.io."
 # Request headers never forwarded: hop-by-hop ones, the caller's credentials, and every
@@ -124,8 +127,11 @@ def source_of(request: web.BaseRequest) -> str:
 
 
 class KubeFrontDoor:
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Services, streaming: Mapping[str, StreamingHandler] | None = None) -> None:
         self.gw = gateway
+        # exec, attach, portforward (bastion/kube/exec.py), given by the gateway: that module
+        # builds on this one.
+        self.streaming = dict(streaming or {})
         self.upstreams = {c.name: ClusterUpstream(c) for c in gateway.config.clusters}
         self.runner: web.AppRunner | None = None
         self.port = 0
@@ -238,13 +244,11 @@ class KubeFrontDoor:
                                source=source, cluster=req.cluster, method=request.method, path=req.raw_path[:500])
             raise Refused(403, f"guarita: {lock.refusal()}")
         upstream = self.upstreams[cluster.name]
-        from bastion.kube import exec as kexec
-
-        if req.streaming in ("exec", "attach"):
-            return await kexec.handle_exec(self, request, identity, req, cluster, upstream, source, decision.rule)
-        if req.streaming == "portforward":
-            return await kexec.handle_portforward(self, request, identity, req, cluster, upstream, source,
-                                                  decision.rule)
+        if req.streaming is not None:
+            handler = self.streaming.get(req.streaming)
+            if handler is None:
+                raise Refused(400, f"guarita: {req.streaming} is not served by this gateway")
+            return await handler(self, request, identity, req, cluster, upstream, source, decision.rule)
         if "upgrade" in request.headers.get("Connection", "").lower() or request.headers.get("Upgrade"):
             raise Refused(400, "guarita: protocol upgrades (WebSocket, SPDY) are relayed only for exec, attach and "
                                "port-forward")
@@ -389,8 +393,8 @@ def _auth_message(exc: AuthError) -> str:
     return "guarita: the bearer token was not accepted"
 
 
-async def start_kube(gateway: Gateway) -> KubeFrontDoor:
-    door = KubeFrontDoor(gateway)
+async def start_kube(gateway: Services, streaming: Mapping[str, StreamingHandler] | None = None) -> KubeFrontDoor:
+    door = KubeFrontDoor(gateway, streaming)
     try:
         await door.start()
     except BaseException:

@@ -20,8 +20,8 @@ from recorder.recorder import new_session_id
 
 if TYPE_CHECKING:
     from bastion.config import AccessRule
-    from bastion.gateway import Gateway
     from bastion.identity import Identity
+    from bastion.services import Services
 
 
 class HeldStream:
@@ -29,7 +29,7 @@ class HeldStream:
     ``stopping`` and ``stop()``. ``on_stop(message)`` closes the connection. ``rule`` is
     the access rule that allowed the request: its limits are the stream's."""
 
-    def __init__(self, gw: Gateway, kind: str, identity: Identity, source: str, cluster: str,
+    def __init__(self, gw: Services, kind: str, identity: Identity, source: str, cluster: str,
                  extra: dict[str, Any], on_stop: Callable[[str], None], rule: AccessRule | None) -> None:
         self.gw = gw
         self.kind = kind

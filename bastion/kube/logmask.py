@@ -28,13 +28,13 @@ from bastion.masking.stream import Masked
 if TYPE_CHECKING:
     import aiohttp
 
-    from bastion.gateway import Gateway
     from bastion.kube.policy import KubeRequest
+    from bastion.services import Services
 
 VALUES_PER_EVENT = 500
 
 
-def log_masker(gw: Gateway, req: KubeRequest, cluster: str, identity: Identity) -> StreamMasker | None:
+def log_masker(gw: Services, req: KubeRequest, cluster: str, identity: Identity) -> StreamMasker | None:
     """A masker for this request if it reads pod logs where the live output is masked."""
     masking = gw.config.masking
     secret = getattr(gw, "masking_secret", None)
@@ -49,7 +49,7 @@ class MaskedLogRelay:
     """Copies one log response to the client through a masker, releasing a held-back tail
     after ``flush_after`` of silence (``logs -f``) and at the end."""
 
-    def __init__(self, gw: Gateway, masker: StreamMasker, fields: dict[str, Any]) -> None:
+    def __init__(self, gw: Services, masker: StreamMasker, fields: dict[str, Any]) -> None:
         self.gw = gw
         self.masker = masker
         self.fields = fields

@@ -27,7 +27,7 @@ from bastion.ssh.upstream import PREFERRED_CIPHERS, TargetError, connect_target
 from recorder.recorder import new_session_id
 
 if TYPE_CHECKING:
-    from bastion.gateway import Gateway
+    from bastion.services import Services
 
 log = logging.getLogger("guarita.ssh")
 
@@ -45,7 +45,7 @@ def parse_username(username: str) -> tuple[str | None, str]:
 
 
 class FrontDoorServer(asyncssh.SSHServer):
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Services) -> None:
         self.gw = gateway
         self.identity: Identity | None = None
         self.conn: asyncssh.SSHServerConnection | None = None
@@ -537,7 +537,7 @@ class TargetChannel(asyncssh.SSHClientSession):  # type: ignore[type-arg]
         self.agent.target_closed(self.status, self.signal, exc is not None)
 
 
-async def start_ssh(gateway: Gateway) -> asyncssh.SSHAcceptor:
+async def start_ssh(gateway: Services) -> asyncssh.SSHAcceptor:
     host, port = gateway.config.ssh_listen
     return await asyncssh.create_server(
         lambda: FrontDoorServer(gateway), host, port,
