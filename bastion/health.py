@@ -51,7 +51,7 @@ class Readiness:
             problems["oidc_keys"] = "the signing keys of an issuer are not cached yet (its discovery or JWKS " \
                                     "did not answer)"
         checks = {name: name not in problems for name in ("recordings", "state", "oidc_keys")}
-        draining = bool(getattr(self.gw, "draining", False))
+        draining = self.gw.draining
         if draining:
             problems["draining"] = "this gateway is shutting down (SIGTERM): it takes no new connections"
         ready = not problems

@@ -67,7 +67,7 @@ async def drain(gw: Services) -> None:
     gw.audit.emit("gateway.draining", sessions=len(live), grace=grace)
     for server in gw._servers:
         server.close()
-    kube = getattr(gw, "kube", None)
+    kube = gw.kube
     runner = getattr(kube, "runner", None)
     if runner is not None:
         for site in list(runner.sites):
@@ -137,14 +137,14 @@ def changed_keys(old_raw: dict[str, Any], new_raw: dict[str, Any]) -> list[str]:
 
 def reload(gw: Services) -> bool:
     """Re-read the config file; apply what can change live. True when a new config was applied."""
-    path: Path | None = getattr(gw, "config_file", None)
-    metrics = getattr(gw, "metrics", None)
+    path: Path | None = gw.config_file
+    metrics = gw.metrics
     if path is None:
         log.warning("SIGHUP: this gateway runs without a config file (--dev): nothing to reload")
         return False
     try:
         raw = tomllib.loads(path.read_text())
-        new = load_config(path, overrides=getattr(gw, "config_overrides", None))
+        new = load_config(path, overrides=gw.config_overrides)
     except ConfigError as exc:
         log.error("SIGHUP: %s has problems; the running configuration stays: %s", path,
                   "; ".join(f"{k}: {m}" for k, m in exc.problems), extra={"problems": [f"{k}: {m}" for k, m in
@@ -158,18 +158,18 @@ def reload(gw: Services) -> bool:
         if metrics is not None:
             metrics.reloads.labels("invalid").inc()
         return False
-    changed = changed_keys(getattr(gw, "config_raw", {}) or {}, raw)
+    changed = changed_keys(gw.config_raw or {}, raw)
     restart = [k for k in changed if not _reloadable(k)]
     applied = [k for k in changed if _reloadable(k)]
     old = gw.config
     targets = new.targets
-    demo = old.target("demo") if getattr(gw, "demo", None) is not None else None
+    demo = old.target("demo") if gw.demo is not None else None
     if demo is not None and new.target(demo.name) is None:
         targets = (*targets, demo)
     values = {name: getattr(new, name) for name in RELOADED_FIELDS}
     values["targets"] = targets
     gw.config = replace(old, **values)
-    approvals = getattr(gw, "approvals", None)
+    approvals = gw.approvals
     if approvals is not None and new.approvals != old.approvals:
         _swap_approvals(approvals, new.approvals)
     if metrics is not None:
@@ -177,7 +177,7 @@ def reload(gw: Services) -> bool:
     # The raw file is kept without the keys that were not applied: they are reported again
     # at the next reload until the gateway restarts.
     kept = dict(raw)
-    old_raw = getattr(gw, "config_raw", {}) or {}
+    old_raw = gw.config_raw or {}
     for key in restart:
         section, _, name = key.partition(".")
         if name:

@@ -212,7 +212,7 @@ class Session:
         current_session.set(self.id)
         if client is not None:  # before any event can fail: the strict policy ends it through client
             self.end_if_unrecorded(client.terminate)
-        self._metrics = getattr(gateway, "metrics", None)
+        self._metrics = gateway.metrics
         if self._metrics is not None:
             self._metrics.session_started(self)
         self._echo = EchoTracker(self.recording) if info.size else None
@@ -239,14 +239,14 @@ class Session:
         self.cancel_reason: str | None = None
         self._gate: TerminalGate | None = None
         self._gate_checked = False
-        self._approvals = getattr(gateway, "approvals", None)
+        self._approvals = gateway.approvals
         # Session limits and locks (bastion/control): the last input or output (idle timeout),
         # why the gateway ended the session (the recording's and audit log's end reason).
         self.last_activity = time.monotonic()
         self.stopping = False
         self.stop_reason: str | None = None
         self._watchdog: asyncio.Task[None] | None = None
-        self._control = getattr(gateway, "control", None)
+        self._control = gateway.control
         self.limits: SessionLimits | None = None
         gateway.audit.emit("session.start", session=self.id, **audit_fields(info))
         self._live = gateway.live
@@ -330,7 +330,7 @@ class Session:
 
     def _start_masking(self) -> None:
         masking = self.gateway.config.masking
-        secret = getattr(self.gateway, "masking_secret", None)
+        secret = self.gateway.masking_secret
         # Binary channels (sftp, port forwards) are never rewritten.
         if masking is None or secret is None or self.info.kind == "subsystem":
             return

@@ -53,7 +53,7 @@ def _authenticated(handler: Any) -> Any:
 async def healthz(request: web.Request) -> web.Response:
     """Alive (stays 200 while draining, so the platform does not kill a draining gateway)."""
     gw: Services = request.app[GATEWAY_KEY]  # type: ignore[assignment]
-    return web.json_response({"status": "ok", "draining": bool(getattr(gw, "draining", False))},
+    return web.json_response({"status": "ok", "draining": gw.draining},
                              headers={"Cache-Control": "no-store"})
 
 
@@ -146,7 +146,7 @@ async def kube_ca(request: web.Request) -> web.Response:
     """The CA that signs the Kubernetes front door's certificate (public, like any CA
     certificate: `bastion kubeconfig` puts it in the kubeconfig it writes)."""
     gw: Services = request.app[GATEWAY_KEY]  # type: ignore[assignment]
-    kube = getattr(gw, "kube", None)
+    kube = gw.kube
     if kube is None or not kube.ca_pem:
         return _error(404, "no_kube", "this gateway serves no Kubernetes clusters (configure [[clusters]])")
     return web.Response(body=kube.ca_pem, content_type="application/x-pem-file",

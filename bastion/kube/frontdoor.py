@@ -188,7 +188,7 @@ class KubeFrontDoor:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
         source = source_of(request)
-        if getattr(self.gw, "draining", False):  # SIGTERM: no new requests (bastion/lifecycle.py)
+        if self.gw.draining:  # SIGTERM: no new requests (bastion/lifecycle.py)
             return status_response(503, "guarita: this gateway is shutting down; retry to reach another replica",
                                    "ServiceUnavailable")
         try:
@@ -237,8 +237,7 @@ class KubeFrontDoor:
                                namespace=req.namespace, method=request.method, path=req.raw_path[:500],
                                reason=decision.reason, ports=request.query.getall("ports", None))
             raise Refused(403, decision.reason)
-        control = getattr(self.gw, "control", None)
-        lock = control.locked(identity, cluster.name) if control is not None else None
+        lock = self.gw.control.locked(identity, cluster.name)
         if lock is not None:  # every request, not only sessions (bastion/control)
             self.gw.audit.emit("kube.refused", reason="locked", lock=lock.id, subject=identity.subject,
                                source=source, cluster=req.cluster, method=request.method, path=req.raw_path[:500])
