@@ -165,6 +165,9 @@ def register(main: click.Group, cli: ModuleType) -> None:
         claims = ", ".join(f"{k}={v}" for k, v in sorted((me.get("claims") or {}).items())) or "-"
         lines = [f"subject  {me['subject']}", f"issuer   {me['issuer']}", f"email    {me.get('email') or '-'}",
                  f"groups   {', '.join(me.get('groups') or []) or '-'}", f"claims   {claims}",
+                 *([f"acting   {' via '.join([me['subject'], *(str(a.get('sub')) for a in reversed(me['act']))])} "
+                    f"(delegated: {len(me['act'])} actor(s); a delegated token can never approve)"]
+                   if me.get("act") else []),
                  f"roles    {', '.join(me.get('roles') or []) or '-'}",
                  f"expires  {_when(expires)} ({'in ' + _ago(left) if left > 0 else 'expired'})"]
         click.echo("\n".join(lines))

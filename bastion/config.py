@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from bastion.masking.config import MaskingConfig
 
 from bastion.approvals.rules import ApprovalPolicy, parse_policy
+from bastion.identity.delegation import DELEGATION_KEYS, DelegationScope, parse_scope
+from bastion.mcp.settings import McpSettings, parse_mcp
 
 DEFAULT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA")
 # Symmetric and unsigned algorithms can never be allowed: with HMAC, anyone holding the
@@ -87,6 +89,9 @@ class IssuerConfig:
     leeway: float = 30.0
     # Only for issuers without discovery; normally taken from /.well-known/openid-configuration.
     jwks_uri: str | None = None
+    # The longest delegation chain (RFC 8693 `act`, bastion/identity/delegation.py) accepted from
+    # this issuer; 0 refuses every delegated token.
+    max_delegation_depth: int = 4
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,8 @@ class AccessRule:
     max_session: float = 8 * 3600.0
     idle_timeout: float | None = None
     max_duration: float | None = None
+    # Delegated tokens (RFC 8693 `act`): `delegated`, `actors`, `max_delegation_depth`.
+    delegation: DelegationScope = field(default_factory=DelegationScope)
 
 
 @dataclass(frozen=True)
@@ -249,6 +256,10 @@ class Config:
     # [roles] (operators, auditors) and [limits] (per-identity session limits), issue 8.
     roles: Roles = field(default_factory=Roles)
     limits: Limits = field(default_factory=Limits)
+    # [mcp]: the MCP front door (bastion/mcp).
+    mcp: McpSettings = field(default_factory=McpSettings)
+    # [console] (bastion/console/settings.py ConsoleConfig); None: no console outside --dev.
+    console: Any = None
 
     @property
     def state(self) -> str:
@@ -347,7 +358,7 @@ def parse_config(raw: dict[str, Any], base: Path, overrides: dict[str, Any] | No
     problems: list[tuple[str, str]] = []
     r = _Reader(problems, base)
     r.unknown(raw, {"gateway", "recording", "ssh", "oidc", "targets", "access", "clusters", "state", "approvals",
-                   "approval_defaults", "webhooks", "roles", "limits", "masking"}, "")
+                   "approval_defaults", "webhooks", "roles", "limits", "masking", "mcp", "console"}, "")
     overrides = overrides or {}
 
     gw = r.get(raw, "gateway", "", dict, {})
@@ -409,6 +420,7 @@ def parse_config(raw: dict[str, Any], base: Path, overrides: dict[str, Any] | No
     approvals = parse_policy(r, raw)
     roles = _roles(r, r.get(raw, "roles", "", dict, {}))
     limits = _limits(r, r.get(raw, "limits", "", dict, {}))
+    mcp = parse_mcp(r, r.get(raw, "mcp", "", dict, {}))
     drain_grace = r.duration(gw, "drain_grace", "gateway.", 30.0)
     if not 0 <= drain_grace <= 3600:
         problems.append(("gateway.drain_grace", "must be between 0s and 1h (keep the platform's stop timeout "
@@ -421,6 +433,11 @@ def parse_config(raw: dict[str, Any], base: Path, overrides: dict[str, Any] | No
         masking, masking_problems = parse_masking(raw["masking"], base, data_dir)
         problems.extend(masking_problems)
 
+    # [console]: the web console's OIDC client (issue 19)
+    from bastion.console.settings import parse_console
+
+    console, console_problems = parse_console(raw.get("console"), tuple(i.issuer for i in issuers))
+    problems.extend(console_problems)
     if problems:
         raise ConfigError(problems)
     return Config(
@@ -452,7 +469,9 @@ def parse_config(raw: dict[str, Any], base: Path, overrides: dict[str, Any] | No
         metrics_public=metrics_public,
         roles=roles,
         limits=limits,
+        mcp=mcp,
         masking=masking,
+        console=console,
     )
 
 
@@ -511,7 +530,7 @@ def _recording(r: _Reader, t: dict[str, Any], data_dir: Path, overrides: dict[st
 
 def _issuer(r: _Reader, t: dict[str, Any], p: str) -> IssuerConfig:
     r.unknown(t, {"issuer", "audience", "algorithms", "subject_claim", "groups_claim", "email_claim",
-                  "extra_claims", "leeway", "jwks_uri"}, p)
+                  "extra_claims", "leeway", "jwks_uri", "max_delegation_depth"}, p)
     issuer = r.get(t, "issuer", p, str, "", required=True)
     parsed = urlparse(issuer)
     if issuer and (parsed.scheme not in ("https", "http") or not parsed.hostname):
@@ -532,7 +551,18 @@ def _issuer(r: _Reader, t: dict[str, Any], p: str) -> IssuerConfig:
         extra_claims=r.strings(t, "extra_claims", p),
         leeway=r.duration(t, "leeway", p, 30.0),
         jwks_uri=r.get(t, "jwks_uri", p, str, None),
+        max_delegation_depth=_delegation_depth(r, t, p),
     )
+
+
+def _delegation_depth(r: _Reader, t: dict[str, Any], p: str) -> int:
+    from bastion.identity.delegation import DEFAULT_MAX_DEPTH, MAX_DEPTH
+
+    depth = r.get(t, "max_delegation_depth", p, int, DEFAULT_MAX_DEPTH)
+    if not 0 <= depth <= MAX_DEPTH:
+        r.problems.append((f"{p}max_delegation_depth", f"must be between 0 and {MAX_DEPTH}, got {depth}"))
+        return DEFAULT_MAX_DEPTH
+    return int(depth)
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -605,7 +635,7 @@ def _cluster(r: _Reader, t: dict[str, Any], p: str) -> ClusterConfig:
 
 def _access(r: _Reader, t: dict[str, Any], p: str, index: int) -> AccessRule:
     r.unknown(t, {"name", "subjects", "groups", "claims", "targets", "logins", "sftp", "clusters", "namespaces",
-                  "port_forward", "on_expiry", "max_session", "idle_timeout", "max_duration"}, p)
+                  "port_forward", "on_expiry", "max_session", "idle_timeout", "max_duration", *DELEGATION_KEYS}, p)
     on_expiry = r.get(t, "on_expiry", p, str, "end")
     if on_expiry not in ("end", "warn", "allow"):
         r.problems.append((f"{p}on_expiry", f"must be 'end', 'warn' or 'allow', got {on_expiry!r}"))
@@ -630,6 +660,7 @@ def _access(r: _Reader, t: dict[str, Any], p: str, index: int) -> AccessRule:
         max_session=limits["max_session"] or 8 * 3600.0,
         idle_timeout=limits["idle_timeout"],
         max_duration=limits["max_duration"],
+        delegation=parse_scope(r, t, p),
     )
     if not (rule.subjects or rule.groups or rule.claims):
         # Fail closed: a rule that names nobody must not silently mean everybody.
@@ -735,6 +766,9 @@ CONFIG_SECTIONS = (
                                      "`gateway.metrics_public` requires a token)."),
     ConfigSection("roles.auditors", "Auditors read locks and live sessions (and metrics)."),
     ConfigSection("limits", "Per identity, per replica, so a runaway agent cannot exhaust the gateway."),
+    ConfigSection("mcp", "The MCP front door (`/mcp` on the HTTP API, `bastion mcp` over stdio; docs/mcp.md)."),
+    ConfigSection("console", "The web console (docs/console.md): the OIDC client it signs people in with "
+                             "(authorization code with PKCE). Without this table the console is off outside `--dev`."),
     ConfigSection("masking", "Personal-data masking of output (docs/masking.md). Without this table nothing is "
                              "masked."),
     ConfigSection("masking.detectors.<name>", "A built-in detector: `<name>` is one of `cpf`, `cnpj`, `card`, "
@@ -815,6 +849,9 @@ CONFIG_KEYS = (
               "(e.g. GitHub Actions' `repository`, `ref`)."),
     ConfigKey("oidc[].leeway", "duration", "30s", "Clock skew allowed on `exp` and `nbf`."),
     ConfigKey("oidc[].jwks_uri", "URL", None, "Only for issuers without discovery."),
+    ConfigKey("oidc[].max_delegation_depth", "integer", 4, "The longest delegation chain (RFC 8693 `act` claim, "
+              "possibly nested) accepted in this issuer's tokens; `0` refuses delegated tokens. Every actor "
+              "that names an `iss` must name a configured issuer."),
     # [[targets]]
     ConfigKey("targets[].name", "string", REQUIRED, "What agents type after `@` (letters, digits, `.`, `_`, `-`).",
               reload=True),
@@ -855,6 +892,12 @@ CONFIG_KEYS = (
     ConfigKey("access[].idle_timeout", "duration", None, "End a session without input or output for this long.",
               reload=True),
     ConfigKey("access[].max_duration", "duration", None, "End a session after this long.", reload=True),
+    ConfigKey("access[].delegated", "bool", None, "Only delegated tokens (`true`: an `act` chain, an agent "
+              "acting for the subject) or only direct ones (`false`).", default_text="either", reload=True),
+    ConfigKey("access[].actors", "list of strings", [], "Only when an actor of the delegation chain (its subject or "
+              "client id) matches one of these globs.", reload=True),
+    ConfigKey("access[].max_delegation_depth", "integer", None, "Only for chains of at most this many actors.",
+              default_text="any", reload=True),
     # [[clusters]]
     ConfigKey("clusters[].name", "string", REQUIRED, "Served at `/clusters/NAME`."),
     ConfigKey("clusters[].kubeconfig", "path", None, "The gateway's own credentials for the cluster (this or "
@@ -896,6 +939,12 @@ CONFIG_KEYS = (
     ConfigKey("approvals[].timeout", "duration", None, "How long a request waits (1s to 7d).", reload=True,
               default_text="`approval_defaults.timeout`"),
     ConfigKey("approvals[].message", "string", None, "Shown to the agent and the approvers.", reload=True),
+    ConfigKey("approvals[].delegated", "bool", None, "Only delegated tokens (`true`: an `act` chain, an agent "
+              "acting for the subject) or only direct ones (`false`).", default_text="either", reload=True),
+    ConfigKey("approvals[].actors", "list of strings", [], "Only when an actor of the delegation chain (its subject or "
+              "client id) matches one of these globs.", reload=True),
+    ConfigKey("approvals[].max_delegation_depth", "integer", None, "Only for chains of at most this many actors.",
+              default_text="any", reload=True),
     # [approval_defaults]
     ConfigKey("approval_defaults.action", "string", "allow", "For commands no rule matches.", reload=True),
     ConfigKey("approval_defaults.shell", "string", "allow", "For opening a shell when no shell rule matches.",
@@ -917,19 +966,38 @@ CONFIG_KEYS = (
     ConfigKey("roles.operators.groups", "list of strings", [], "Groups (globs)."),
     ConfigKey("roles.auditors.subjects", "list of strings", [], "Subjects or e-mail addresses (globs)."),
     ConfigKey("roles.auditors.groups", "list of strings", [], "Groups (globs)."),
+    # [mcp]
+    ConfigKey("mcp.enabled", "bool", True, "Serve `/mcp` (streamable HTTP) and its protected-resource metadata "
+              "on the HTTP API."),
+    ConfigKey("mcp.approval_wait", "duration", "1m", "How long one tool call waits for an approval (sending "
+              "progress notifications) before it answers with the pending request; the request lives on until "
+              "its rule's timeout."),
+    ConfigKey("mcp.page_bytes", "integer", 32768, "The most output per stream in one tool result; the rest is "
+              "paged with the `session_output` tool."),
+    ConfigKey("mcp.progress_interval", "duration", "2s", "How often a waiting tool call sends progress."),
     # [limits]
     ConfigKey("limits.max_sessions_per_subject", "integer", 64, "Concurrent sessions of one subject (0: no limit)."),
     ConfigKey("limits.sessions_per_minute", "integer", 600, "New sessions of one subject per minute (0: no limit)."),
     ConfigKey("limits.lock_poll_interval", "duration", "1s", "How often each replica re-reads locks when no "
               "notification came (at most 1s)."),
+    # [console]
+    ConfigKey("console.client_id", "string", REQUIRED, "A public client at the issuer (no secret) allowed the "
+              "authorization code grant with PKCE and the redirect URI `URL/console/callback`."),
+    ConfigKey("console.issuer", "URL", None, "Which `[[oidc]]` issuer people sign in with.",
+              default_text="the first `[[oidc]]` issuer"),
+    ConfigKey("console.url", "URL", None, "The base URL people open (the redirect URI and the links in webhooks "
+              "derive from it).", default_text="the URL of the request"),
+    ConfigKey("console.scopes", "list of strings", None, "Scopes asked for (must include `openid`).",
+              default_text='`["openid", "email", "profile"]`'),
     # [masking]
     ConfigKey("masking.secret_file", "path", None, "HMAC key of the masking log (created, mode 0600, if missing).",
               default_text="`DATA_DIR/masking.key`"),
     ConfigKey("masking.default_apply", "string", "both", "Where masking applies when no rule matches: `live` (what "
               "the agent sees, hence also the recording), `recording` (only the recorded copy), `both` or `none`."),
-    ConfigKey("masking.flush_after", "duration", "5ms", "Release a held-back tail after this much silence (at most "
-              "100ms)."),
-    ConfigKey("masking.alt_screen", "string", "pass", "Full-screen programs: `pass` (untouched) or `mask`."),
+    ConfigKey("masking.flush_after", "duration", "5ms", "Show the agent the held-back echo of what it typed after "
+              "this much silence (at most 100ms); other held output waits for the bytes that decide it."),
+    ConfigKey("masking.alt_screen", "string", "mask", "Full-screen programs are scanned too: `mask` is the only "
+              "value (kept for old configurations)."),
     ConfigKey("masking.detectors.<name>.enabled", "bool", True, "Turn the detector off with `false`."),
     ConfigKey("masking.detectors.<name>.style", "string", None, "`redact`, `keep_last`, `tag` or `fixed`.",
               default_text="the detector's own"),

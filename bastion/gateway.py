@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ from bastion.live import LiveSessions
 from bastion.metrics import Metrics
 from bastion.state import StateError, open_state
 from recorder import Recorder, RecordingKey, open_store
+from recorder.store import is_outage
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -54,6 +56,8 @@ def _log_masking_engine(detectors: list[Any]) -> None:
                     "slower on output dense with personal data")
 
 DEMO_TARGET = "demo"
+# How long the start-up check of the recordings store may take before it counts as an outage.
+STORE_CHECK_TIMEOUT = 10.0
 
 
 class Gateway:
@@ -117,12 +121,26 @@ class Gateway:
         from bastion.http.control_api import add_routes as control_routes
         from bastion.ssh.frontdoor import start_ssh
 
-        problems = await asyncio.to_thread(self.store.check)
+        try:
+            problems = await asyncio.wait_for(asyncio.to_thread(self.store.check), STORE_CHECK_TIMEOUT)
+        except TimeoutError:
+            problems = [f"{self.store.url} did not answer within {STORE_CHECK_TIMEOUT:g}s"]
         if problems:
             # One problem on one line; several as a list (each may contain ';' and commands).
             detail = f" {problems[0]}" if len(problems) == 1 else "".join(f"\n  - {p}" for p in problems)
-            if self.config.recording.failure_policy == "strict":
+            # An outage (the store does not answer) is what the spool is for, the same whether
+            # the gateway is starting or running: sessions go on, recordings wait in the spool
+            # (up to recording.spool_budget), /readyz and guarita_store_up say so. A store that
+            # answers but is unfit (no bucket, no Object Lock, access denied) refuses under strict.
+            outage = all(is_outage(p) for p in problems)
+            if self.config.recording.failure_policy == "strict" and not outage:
                 raise RuntimeError(f"recordings store {self.store.url} is not usable:{detail}")
+            if outage:
+                log.error("ALERT recordings store %s does not answer:%s (starting anyway: recordings wait in the "
+                          "spool %s and are uploaded when it answers; /readyz reports it)", self.store.url, detail,
+                          self.config.recording.spool_dir)
+                problems = []
+        if problems:
             # best_effort: sessions go on; recordings wait in the spool until the store is fixed.
             log.error("ALERT recordings store %s is not usable:%s (failure_policy = best_effort: starting "
                       "anyway, recordings stay in the spool)", self.store.url, detail)
@@ -140,7 +158,7 @@ class Gateway:
             raise RuntimeError(str(exc)) from None
         await self.approvals.start()
         await self.control.start()
-        self._http_runner, self.http_port = await start_http(self, (control_routes,))
+        self._http_runner, self.http_port = await start_http(self, self._http_routes(control_routes))
         await self.verifier.start()
         acceptor = await start_ssh(self)
         self._servers.append(acceptor)
@@ -151,6 +169,28 @@ class Gateway:
 
             self.kube = await start_kube(self, STREAMING)
             self.kube_port = self.kube.port
+
+    def _http_routes(self, control_routes: Callable[[web.Application], None]
+                     ) -> list[Callable[[web.Application], None]]:
+        """The HTTP API's routes beyond its own: locks, live sessions and kills; the MCP front
+        door (bastion/mcp, when enabled); the web console under /console/ (and, in --dev, the
+        dev issuer's sign-in page)."""
+        from bastion.console.routes import add_routes as add_console_routes
+
+        routes = [control_routes]
+        if self.config.mcp.enabled:
+            from bastion.mcp.http import add_mcp_routes
+
+            def add_mcp(app: web.Application) -> None:
+                add_mcp_routes(app, self)
+
+            routes.append(add_mcp)
+        routes.append(lambda app: add_console_routes(app, self))
+        if self.dev_issuer is not None:
+            from bastion.console.devlogin import add_routes as add_dev_login_routes
+
+            routes.append(add_dev_login_routes)  # the dev issuer's sign-in page for the console
+        return routes
 
     async def _start_demo(self) -> None:
         from bastion.ssh.demotarget import DemoTarget

@@ -311,7 +311,7 @@ def _probe_sync(spool: Path) -> str | None:
 
 
 def _refusal_fields(info: SessionInfo) -> dict[str, Any]:
-    fields = audit_fields(info)
+    fields = audit_fields(info, info.command)
     fields.pop("front_door", None)
     for key in ("namespace", "pod"):
         if info.extra.get(key) is not None:

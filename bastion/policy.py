@@ -7,10 +7,12 @@ claim) and *where* (target and login globs) both match decides. No match: refuse
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 
 from bastion.config import AccessRule, Config, TargetConfig
 from bastion.identity import Identity
+from bastion.identity.delegation import DelegationScope
 from bastion.who import NamesWho, matches_identity
 
 __all__ = ["Decision", "NamesWho", "authorize", "matches_identity", "reachable_targets"]
@@ -35,7 +37,20 @@ def authorize(config: Config, identity: Identity, target: TargetConfig, login: s
         if (matches_identity(rule, identity) and _any_glob(target.name, rule.targets)
                 and _any_glob(login, rule.logins)):
             return Decision(True, rule, f"allowed by {rule.name}")
-    return Decision(False, None, f"no access rule lets {identity.display} use {login}@{target.name}")
+    return Decision(False, None, f"no access rule lets {identity.chain} use {login}@{target.name}"
+                    + delegation_hint(config.access, identity, lambda r: _any_glob(target.name, r.targets)
+                                      and _any_glob(login, r.logins)))
+
+
+def delegation_hint(rules: Iterable[AccessRule], identity: Identity, where: Callable[[AccessRule], bool]) -> str:
+    """Why a rule that names this identity and place did not apply, when its delegation scope
+    is the reason (else nothing): a refused agent should learn that its chain was the cause."""
+    for rule in rules:
+        if rule.delegation and where(rule) and matches_identity(replace(rule, delegation=DelegationScope()), identity):
+            why = rule.delegation.why_not(identity)
+            if why:
+                return f" (rule {rule.name!r} would, but {why})"
+    return ""
 
 
 def reachable_targets(config: Config, identity: Identity) -> list[str]:

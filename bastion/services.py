@@ -25,7 +25,7 @@ from bastion.identity.oidc import TokenVerifier
 from bastion.identity.usercert import UserCA
 from bastion.live import LiveSessions
 from bastion.state.store import StateStore
-from recorder import Recorder, RecordingStore
+from recorder import Recorder, RecordingKey, RecordingStore
 
 
 class Services(Protocol):
@@ -42,6 +42,7 @@ class Services(Protocol):
     host_key: asyncssh.SSHKey
     target_ca: asyncssh.SSHKey
     masking_secret: bytes | None
+    recording_key: RecordingKey
     # Components built on these services (typed in their own modules).
     approvals: Any  # bastion.approvals.engine.ApprovalEngine
     control: Any  # bastion.control.Control
@@ -51,6 +52,7 @@ class Services(Protocol):
     interactive_gate: Any  # bastion.approvals.interactive.InteractiveGate (its class: a factory)
     # Lifecycle (bastion/lifecycle.py): SIGTERM drains, SIGHUP reloads config_file.
     draining: bool
+    stopping: asyncio.Event
     hurry: asyncio.Event
     config_file: Path | None
     config_overrides: dict[str, Any] | None

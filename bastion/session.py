@@ -24,6 +24,7 @@ from bastion.config import AccessRule, format_duration
 from bastion.identity import Identity
 from bastion.logs import current_session
 from bastion.masking.engine import marker_values
+from bastion.masking.recorded import MaskedInput, mask_text, masking_apply
 from recorder import SessionRecording
 
 if TYPE_CHECKING:
@@ -37,6 +38,11 @@ LIMIT_WARNING = 300.0
 # chunk it paces (bulk output; interactive output, in small chunks, is never kept back).
 _CARRY_MAX = 4096
 _PACE_MIN = 8192
+# Session._typed: how much of the agent's recent input its echo is compared with.
+_TYPED_MAX = 4096
+_ESC_SEQ = re.compile(rb"\x1b(?:\[[0-?]*[ -/]*[@-~]|O.|.)?", re.DOTALL)
+_CONTROL_BYTES = bytes(range(0x20)) + b"\x7f"
+_UNMASKED_REGION = "digits on both sides of a cursor move or mode change: a value drawn out of order is not masked"
 
 
 class TerminalGate(Protocol):
@@ -203,7 +209,14 @@ class Session:
         self.gateway = gateway
         self.info = info
         self.started = time.time()
-        self.recording = gateway.recorder.open_session(info.metadata(), term=info.size, session_id=info.session_id)
+        # Masking applies to what the gateway keeps of the agent's input and command lines too
+        # (bastion/masking/recorded.py): the command is masked before it is stored anywhere.
+        self._mask_apply = masking_apply(gateway.config.masking, getattr(gateway, "masking_secret", None),
+                                         info.front_door, info.target, info.identity.groups, info.kind)
+        self._commands_masked: dict[str, tuple[str, list[Any]]] = {}
+        self.shown_command = self.mask_command(info.command)
+        self.recording = gateway.recorder.open_session(info.metadata() | {"command": self.shown_command},
+                                                       term=info.size, session_id=info.session_id)
         self.id = self.recording.id
         # Operations (bastion/metrics.py, bastion/logs.py): bytes relayed agent -> target and
         # target -> agent, and the session id on the log lines of this session's task.
@@ -229,6 +242,8 @@ class Session:
         self._mask_fed = 0.0  # monotonic time of the last output fed to the maskers
         self._target_held = False  # the front door has stopped reading the target (hold_target)
         self._carry: dict[str, bytes] = {}  # masked output waiting for the next chunk (_paced)
+        self._typed = bytearray()  # the agent's last printable input (its echo may be shown early)
+        self._input: Any = self.recording  # where input is recorded (MaskedInput when masking)
         self._start_masking()
         # Approvals. A front door gives the session a way to write to the agent (its terminal,
         # or stderr before the target is open) and, for interactive sessions, to the target
@@ -248,7 +263,7 @@ class Session:
         self._watchdog: asyncio.Task[None] | None = None
         self._control = gateway.control
         self.limits: SessionLimits | None = None
-        gateway.audit.emit("session.start", session=self.id, **audit_fields(info))
+        gateway.audit.emit("session.start", session=self.id, **audit_fields(info, self.shown_command))
         self._live = gateway.live
         self._live.opened(self, client, live_row(self))
         if self._approvals is not None:
@@ -270,10 +285,12 @@ class Session:
             gate.drop(data)
             return b""
         hidden = self._echo is not None and self._echo.holding()
+        if self._maskers:
+            self._note_typed(data)
         if self._echo is not None:
             self._echo.typed(data)
         else:
-            self.recording.input(data)
+            self._input.input(data)
         return gate.input(data, hidden) if gate is not None else data
 
     def end_if_unrecorded(self, terminate: Callable[[str], None]) -> None:
@@ -334,7 +351,7 @@ class Session:
         # Binary channels (sftp, port forwards) are never rewritten.
         if masking is None or secret is None or self.info.kind == "subsystem":
             return
-        kube = self.info.front_door == "kube"
+        kube = self.info.front_door == "kube" or bool(self.info.extra.get("cluster"))  # incl. MCP exec_in_pod
         apply = masking.where(None if kube else self.info.target, self.info.target if kube else None,
                               self.info.identity.groups)
         if apply == "none":
@@ -345,12 +362,41 @@ class Session:
         self._mask_live = apply != "recording"
         self._mask_flush_after = masking.flush_after
         self.recording.meta["masking"] = apply
+        # What the agent types is recorded masked like output (its live view is its own).
+        self._input = MaskedInput(self.recording, masking.masker(secret), self._note_masked)
+        if self._echo is not None:
+            self._echo.rec = self._input  # type: ignore[assignment]
+        if self._commands_masked.get(self.info.command or ""):
+            self._note_masked(self._commands_masked[self.info.command or ""][1], "command")
+
+    def mask_command(self, command: str | None) -> str | None:
+        """A command line as the gateway keeps it (metadata, commands index, audit events,
+        approval requests and what approvers see): masked wherever masking applies. Rules are
+        matched on the command as sent; only the copies kept are masked."""
+        if command is None or self._mask_apply == "none":
+            return command
+        done = self._commands_masked.get(command)
+        if done is None:
+            masking, secret = self.gateway.config.masking, getattr(self.gateway, "masking_secret", None)
+            assert masking is not None and secret is not None  # else _mask_apply is "none"
+            done = self._commands_masked[command] = mask_text(masking.masker(secret), command)
+        return done[0]
+
+    def _note_typed(self, data: bytes) -> None:
+        typed = _ESC_SEQ.sub(b"", data).translate(None, _CONTROL_BYTES)
+        if typed:
+            self._typed += typed
+            del self._typed[:-_TYPED_MAX]
 
     def _mask(self, data: bytes, stream: str) -> tuple[bytes, bytes]:
-        masked, found = self._maskers[stream].feed(data)
+        masker = self._maskers[stream]
+        masked, found = masker.feed(data)
         self._note_masked(found, stream)
-        if self._mask_live:
-            return masked, masked
+        split = masker.take_unmasked()
+        if split:  # a true limit, shown to auditors (docs/masking.md)
+            self.recording.marker("masking", stream=stream, unmasked_region=_UNMASKED_REGION, count=split)
+        if self._mask_live:  # less what the agent had early (its own echo, _mask_silence)
+            return (masked if masker.live_out is None else masker.live_out), masked
         # The agent gets the original bytes now; the recording the masked ones, in order.
         return data, masked
 
@@ -382,17 +428,29 @@ class Session:
             self._mask_fed = time.monotonic()  # silence counts from when reading resumes
 
     def _mask_silence(self) -> None:
-        """The flush timer: release the held tail only once the output has been silent for
-        flush_after. While output keeps coming the timer is pushed back: a flush in mid-stream
-        ends the masker's segment, and a value split across it would go out unmasked."""
+        """The silence timer. Masking decides on content, never on time: a held tail goes out
+        once the bytes after it show it complete or not a value (or at the end of the
+        stream), however long the target, the link or the agent pauses. Silence only lets
+        the agent see early (never the recording) a held tail that is the echo of what it
+        typed itself, and the masked output _paced kept back."""
         self._mask_timer = None
         wait = self._mask_fed + self._mask_flush_after - time.monotonic()
         if self._target_held:
             wait = self._mask_flush_after
         if wait > 0:
             self._mask_timer = asyncio.get_running_loop().call_later(wait, self._mask_silence)
-        else:
-            self.flush_output()
+            return
+        for stream, masker in self._maskers.items():
+            shown = self._carry.pop(stream, b"")
+            if self._mask_live and masker.unshown():
+                held = masker.held_text()
+                if held and held in self._typed:  # the agent's own typing: it knows these bytes
+                    early = masker.release_held()
+                    shown += early
+                    if self._echo is not None and stream == "o":
+                        self._echo.output(early)
+            if shown and self.deliver_output is not None:
+                self.deliver_output(shown, stream)
 
     def flush_output(self) -> None:
         """Release output a masker held back (after a few ms of silence, and before the end):
@@ -400,10 +458,11 @@ class Session:
         self._mask_timer = None
         for stream, masker in self._maskers.items():
             out, found = masker.flush()
+            live = out if masker.live_out is None else masker.live_out
             self._note_masked(found, stream)
             shown = self._carry.pop(stream, b"")
             if out:
-                shown += self._emit(out if self._mask_live else b"", out, stream)
+                shown += self._emit(live if self._mask_live else b"", out, stream)
             if shown and self.deliver_output is not None:
                 self.deliver_output(shown, stream)
 
@@ -589,6 +648,8 @@ class Session:
         self.flush_output()  # normally done by the front door before the exit status
         if self._echo is not None:
             self._echo.close()
+        if isinstance(self._input, MaskedInput):
+            self._input.close()
         self.recording.exit(status, signal, reason)
         if self._metrics is not None:
             self._metrics.session_ended(self, status, signal)
@@ -600,7 +661,7 @@ class Session:
             self._live.ended(self.id)
         self.gateway.audit.emit("session.end", session=self.id, exit_status=status, exit_signal=signal,
                                 reason=reason, duration=round(time.time() - self.started, 3),
-                                bytes=dict(self.recording.counts), **audit_fields(self.info))
+                                bytes=dict(self.recording.counts), **audit_fields(self.info, self.shown_command))
 
 
 def hard_limits(exp: float | None, limits: SessionLimits, started: float,
@@ -640,10 +701,15 @@ def live_row(session: Session) -> dict[str, Any]:
     info = session.info
     return {"id": session.id, "identity": info.identity.to_dict(), "subject": info.identity.subject,
             "front_door": info.front_door, "target": info.target, "login": info.login, "kind": info.kind,
-            "command": info.command, "source": info.source}
+            "command": session.shown_command, "source": info.source}
 
 
-def audit_fields(info: SessionInfo) -> dict[str, Any]:
+def audit_fields(info: SessionInfo, command: str | None) -> dict[str, Any]:
+    """A session's fields in audit events; ``command`` as the gateway shows it (masked where
+    the session's masking applies)."""
+    from bastion.identity.delegation import chain_fields
+
     return {"front_door": info.front_door, "subject": info.identity.subject, "issuer": info.identity.issuer,
             "groups": list(info.identity.groups), "source": info.source, "target": info.target,
-            "login": info.login, "kind": info.kind, "command": info.command, "subsystem": info.subsystem}
+            "login": info.login, "kind": info.kind, "command": command, "subsystem": info.subsystem,
+            **chain_fields(info.identity)}

@@ -28,7 +28,11 @@ def _any_glob(value: str, patterns: tuple[str, ...]) -> bool:
 
 
 def matches_identity(rule: NamesWho, identity: Identity) -> bool:
-    """Any listed subject (or e-mail), any listed group, or all listed claims (globs)."""
+    """Any listed subject (or e-mail), any listed group, or all listed claims (globs); and the
+    rule's delegation scope, when it has one (bastion/identity/delegation.py)."""
+    delegation = getattr(rule, "delegation", None)
+    if delegation and not delegation.matches(identity):
+        return False
     if rule.subjects and (_any_glob(identity.subject, rule.subjects)
                           or (identity.email and _any_glob(identity.email, rule.subjects))):
         return True

@@ -110,6 +110,7 @@ class Bench:
     def _start_gateway(self) -> None:
         assert self.sshd is not None
         self.gw_port, http_port = free_port(), free_port()
+        self.http_port = http_port  # the HTTP API (and the MCP door at /mcp)
         data = self.dir / "gw"
         self.recordings = self.dir / "recordings"
         self.audit = data / "audit.jsonl"

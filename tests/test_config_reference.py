@@ -66,7 +66,7 @@ def test_every_section_has_a_heading_and_every_key_a_description() -> None:
 
 # The least each table needs to parse, and nothing that has a default.
 MINIMAL: dict[str, Any] = {
-    "gateway": {}, "recording": {}, "ssh": {}, "state": {}, "approval_defaults": {}, "limits": {},
+    "gateway": {}, "recording": {}, "ssh": {}, "state": {}, "approval_defaults": {}, "limits": {}, "mcp": {},
     "roles": {"operators": {}, "auditors": {}},
     "oidc": [{"issuer": "https://issuer.example", "audience": "guarita"}],
     "targets": [{"name": "web", "host": "web.internal", "logins": ["deploy"],

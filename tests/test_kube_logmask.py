@@ -35,7 +35,9 @@ async def _until(out: _Out, expected: bytes) -> None:
             await out.changed.wait()
 
 
-def test_follow_stream_releases_tail_after_silence_and_audits_values() -> None:
+def test_follow_stream_holds_a_cut_value_through_silence_and_audits_values() -> None:
+    """``logs -f``: a line cut in the middle of a value by a pause of the log stays held
+    (masking decides on content, never on time) and is masked once the rest comes."""
     events: list[tuple[str, dict[str, Any]]] = []
     gw = SimpleNamespace(config=SimpleNamespace(masking=SimpleNamespace(flush_after=0.005)),
                          audit=SimpleNamespace(emit=lambda name, **fields: events.append((name, fields))))
@@ -45,12 +47,16 @@ def test_follow_stream_releases_tail_after_silence_and_audits_values() -> None:
         out = _Out()
         relay = MaskedLogRelay(gw, StreamMasker(default_detectors(), b"k" * 32), {"pod": "web"})  # type: ignore[arg-type]
         task = asyncio.create_task(relay.relay(resp, out))  # type: ignore[arg-type]
-        resp.content.queue.put_nowait(b"cliente 529.982.247-25\npedido 12345")
-        await _until(out, b"cliente ***.***.***-**\npedido 12345")  # the tail, after 5 ms of silence
+        resp.content.queue.put_nowait(b"cliente 529.982.247-25\npedido 529.982.")
+        await _until(out, b"cliente ***.***.***-**\npedido ")
+        for _ in range(5):  # a pause in the log: the cut CPF stays held
+            await asyncio.sleep(0)
+        assert out.data == b"cliente ***.***.***-**\npedido "
+        resp.content.queue.put_nowait(b"247-25 12345")
         resp.content.queue.put_nowait(b"")  # end of the stream
         await task
         return out.data
 
-    assert asyncio.run(scenario()) == b"cliente ***.***.***-**\npedido 12345"
+    assert asyncio.run(scenario()) == b"cliente ***.***.***-**\npedido ***.***.***-** 12345"
     assert [name for name, _ in events] == ["kube.logs.masked"]
-    assert events[0][1]["masking"] == {"cpf": 1} and events[0][1]["values"][0][0] == "cpf"
+    assert events[0][1]["masking"] == {"cpf": 2} and events[0][1]["values"][0][0] == "cpf"

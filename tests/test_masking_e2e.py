@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from bastion.masking import default_detectors, mask_bytes
 from bastion.masking.detectors import hmac_value
 from bastion.masking.samples import card, cpf, email
 from bastion.masking.stream import marker_values
@@ -61,15 +62,22 @@ def _printf(values: dict[str, str]) -> str:
     return "printf '%s\\n' " + " ".join(f"'{k}={v}'" for k, v in values.items())
 
 
+def _shown(command: str) -> str:
+    """A command line as the gateway keeps it (audit log, metadata): masked."""
+    return mask_bytes(default_detectors(), b"any", command.encode())[0].decode()
+
+
 def _secret(gw: GatewayProcess) -> bytes:
     from bastion.masking.config import load_or_create_secret
 
     return load_or_create_secret(gw.data_dir / "masking.key")
 
 
-def _masked(events: list[Any]) -> list[dict[str, Any]]:
-    """Every value of the recording's masking markers (one marker per output chunk)."""
-    return [v for e in events if e.code == "m" and e.data.get("type") == "masking" for v in marker_values(e.data)]
+def _masked(events: list[Any], streams: tuple[str, ...] = ("o", "e")) -> list[dict[str, Any]]:
+    """Every value of the recording's masking markers (one marker per output chunk) of
+    ``streams`` (``o``/``e`` output, ``i`` input, ``command`` the exec command line)."""
+    return [v for e in events if e.code == "m" and e.data.get("type") == "masking"
+            and e.data.get("stream") in streams for v in marker_values(e.data)]
 
 
 def _check_recording(gw: GatewayProcess, events: list[Any], expect_clean: bool) -> None:
@@ -97,12 +105,14 @@ def test_exec_output_is_masked_for_the_agent_and_the_recording(masking_gateway: 
     for value in VALUES.values():
         assert value.encode() not in r.stdout
     assert b"cpf=***.***.***-**" in r.stdout and r.stdout.endswith(b"done\n")
-    sid, manifest, events = gw.session_recording(mark, command=_printf(VALUES) + "; echo done")
+    sid, manifest, events = gw.session_recording(mark, command=_shown(_printf(VALUES) + "; echo done"))
     _check_recording(gw, events, expect_clean=True)
     client = r.stdout
     recorded = b"".join(e.stream_bytes() or b"" for e in events if e.stream == "o")
     assert recorded == client  # the recording is exactly what the agent saw
-    assert manifest["end"]["masking"] == {"cpf": 1, "email": 1, "card": 1}
+    # each value twice: in the command line (kept masked) and in the output
+    assert manifest["end"]["masking"] == {"cpf": 2, "email": 2, "card": 2}
+    assert sorted(m["detector"] for m in _masked(events, ("command",))) == sorted(VALUES)
     # The auditor's question, with the CLI: was this CPF masked in that session?
     asked = subprocess.run([*bastion_bin(), "mask-hash", "--config", str(gw.config_path), "cpf", VALUES["cpf"]],
                            capture_output=True, text=True, timeout=60)
@@ -113,7 +123,7 @@ def test_exec_output_is_masked_for_the_agent_and_the_recording(masking_gateway: 
                             capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0 and "MASKED" in listed.stdout.splitlines()[0], listed.stderr
     assert [line for line in listed.stdout.splitlines() if line.startswith(sid)][0].split()[8:11] == [
-        "card:1", "cpf:1", "email:1"]  # per-detector counts, per session
+        "card:2", "cpf:2", "email:2"]  # per-detector counts, per session
     # ... and across sessions, from the recordings alone: where was it masked?
     found = subprocess.run([sys.executable, "-m", "replay.cli", "--config", str(gw.config_path), "masked",
                             asked.stdout.strip(), "--json"], capture_output=True, text=True, timeout=60)
@@ -137,7 +147,7 @@ def test_recording_only_policy_shows_the_agent_the_original(masking_gateway: Gat
     r = run_ssh(["-p", str(gw.ssh_port), "recorded-only@127.0.0.1", command], token=oidc.token("agent-sre"))
     assert r.returncode == 0, r.stderr
     assert VALUES["cpf"].encode() in r.stdout
-    _, manifest, events = gw.session_recording(mark, command=command)
+    _, manifest, events = gw.session_recording(mark, command=_shown(command))
     _check_recording(gw, events, expect_clean=True)
     assert manifest["session"]["masking"] == "recording"
 

@@ -69,14 +69,14 @@ def _run(tmp: Path, held: bool) -> tuple[bytes, bytes]:
         if held:
             session.hold_target(True)  # the agent is slower: the front door stopped reading
         session._mask_fed -= 1.0  # the last output came a second ago (no waiting in a test)
-        session._mask_silence()  # the flush timer fires
+        session._mask_silence()  # the silence timer fires
         early = shown + b"".join(released)
         if held:
             session.hold_target(False)
-        shown = session.from_target(CPF[8:] + b" ok\n")
+        shown += session.from_target(CPF[8:] + b" ok\n")
         await session.end(0)
         await gw.recorder.close()
-        return early, early + shown + b"".join(released[1:] if not held else released)
+        return early, shown + b"".join(released)
 
     return asyncio.run(scenario())
 
@@ -87,13 +87,37 @@ def test_a_pause_of_the_gateways_making_does_not_cut_a_value(tmp_path: Path) -> 
     assert seen == b"cpf=***.***.***-** ok\n"
 
 
-def test_the_targets_own_silence_releases_the_tail(tmp_path: Path) -> None:
-    """The documented trade-off, which the pause above must not trigger: after flush_after of
-    the target's own silence the tail goes out, and a value split across that silence is not
-    found (docs/masking.md)."""
+def test_the_targets_own_silence_does_not_cut_a_value(tmp_path: Path) -> None:
+    """Masking decides on content, never on time: a value split by the target's (or its
+    link's) silence is still one value."""
     early, seen = _run(tmp_path, held=False)
-    assert early == b"cpf=" + CPF[:8]
-    assert seen == b"cpf=" + CPF + b" ok\n"
+    assert early == b"cpf="
+    assert seen == b"cpf=***.***.***-** ok\n"
+
+
+def test_silence_shows_the_agent_only_the_echo_of_its_own_typing(tmp_path: Path) -> None:
+    """The live view gets a held tail early only when it is what the agent typed; the
+    recording still waits for the bytes that decide it, and masks the value they complete."""
+
+    async def scenario() -> tuple[bytes, list[bytes]]:
+        gw, session, released = await _session(tmp_path)
+        session.from_client(b"ana")
+        shown = session.from_target(b"$ ana")  # the echo: could be an address's start
+        session._mask_fed -= 1.0
+        session._mask_silence()
+        early = list(released)
+        shown += session.from_target(b"529")  # not typed: stays held through the silence
+        session._mask_fed -= 1.0
+        session._mask_silence()
+        early.append(b"".join(released[len(early):]))
+        shown += session.from_target(b"@example.com\r\n")
+        await session.end(0)
+        await gw.recorder.close()
+        return shown, early
+
+    shown, early = asyncio.run(scenario())
+    assert early == [b"ana", b""]  # the echo at once; "529", which the agent did not type, not
+    assert shown == b"$ " + b"***@*******.***\r\n"  # the rest of "ana529@example.com", masked
 
 
 def test_masked_output_goes_out_no_larger_than_it_came_in(tmp_path: Path) -> None:

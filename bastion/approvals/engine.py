@@ -26,6 +26,7 @@ from bastion.approvals.rules import ApprovalPolicy, Context, Verdict
 from bastion.approvals.webhooks import Webhooks, public_request
 from bastion.config import format_duration
 from bastion.identity import Identity
+from bastion.identity.delegation import chain_fields
 from bastion.state import Conflict, NotFound, StateError
 
 if TYPE_CHECKING:
@@ -57,7 +58,9 @@ class ApprovalEngine:
     def __init__(self, gateway: Services) -> None:
         self.gw = gateway
         self.policy: ApprovalPolicy = gateway.config.approvals
-        self.webhooks = Webhooks(self.policy.webhooks)
+        from bastion.console.settings import request_link
+
+        self.webhooks = Webhooks(self.policy.webhooks, lambda rid: request_link(gateway.config, rid))
         self.sessions: dict[str, Session] = {}
         self._recent: dict[str, collections.deque[float]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -130,7 +133,10 @@ class ApprovalEngine:
 
     @staticmethod
     def context_of(info: SessionInfo) -> Context:
-        return Context(identity=info.identity, front_door=info.front_door, target=info.target,
+        # A session in a cluster is scoped like kube (clusters, namespaces) whichever door opened
+        # it (the MCP door's exec_in_pod).
+        door = "kube" if info.front_door == "kube" or info.extra.get("cluster") else info.front_door
+        return Context(identity=info.identity, front_door=door, target=info.target,
                        namespace=info.extra.get("namespace"))
 
     def command_verdict(self, ctx: Context, command: str, argv: list[str] | None = None) -> Verdict:
@@ -167,6 +173,8 @@ class ApprovalEngine:
             verdict = max([self.command_verdict(ctx, command, argv),
                            *(self.command_verdict(ctx, text) for text in also if text)],
                           key=lambda v: _STRICTNESS[v.action])
+        # Rules saw the command as sent; every copy kept from here on is masked (docs/masking.md).
+        command, also = _shown(session, command) or "", tuple(_shown(session, text) or "" for text in also)
         if verdict.action == "allow":
             if record and command:
                 self._record(session, t, command, kind, "allowed", verdict.rule_name if verdict.rule else None)
@@ -233,7 +241,7 @@ class ApprovalEngine:
         self.gw.audit.emit("approval.requested", request=rid, session=session.id, subject=ctx.identity.subject,
                            issuer=ctx.identity.issuer, target=ctx.target, login=info.login, command=command,
                            kind=kind, rule=verdict.rule_name, approvers=list(approvers),
-                           min_approvals=min_approvals, expires=request["expires"])
+                           min_approvals=min_approvals, expires=request["expires"], **chain_fields(ctx.identity))
         self.webhooks.announce("approval.requested", request)
         what = "Opening a shell" if kind == "shell" else "This command"
         lines = [f"guarita: {what} needs approval" + (f": {rule.message}" if rule and rule.message else "."),
@@ -295,6 +303,7 @@ class ApprovalEngine:
     def _record(self, session: Session, t: float, command: str, kind: str, outcome: str, rule: str | None,
                 request_id: str | None = None, reason: str | None = None, index: bool = True) -> None:
         """The command, with its outcome, in the recording (a ``command`` marker) and the index."""
+        command = _shown(session, command) or ""
         session.marker("command", command=command, mode=kind, outcome=outcome, rule=rule, request=request_id,
                        reason=reason if outcome != "allowed" else None)
         if index:
@@ -310,7 +319,12 @@ class ApprovalEngine:
 
     @staticmethod
     def _is_requester(request: dict[str, Any], identity: Identity) -> bool:
-        return (request["requester_issuer"] == identity.issuer and request["requester_subject"] == identity.subject)
+        if request["requester_issuer"] == identity.issuer and request["requester_subject"] == identity.subject:
+            return True
+        # An actor of the requester's delegation chain asked too: it may not decide either.
+        chain = (request.get("requester") or {}).get("act") or []
+        return any(isinstance(a, dict) and a.get("sub") == identity.subject
+                   and (a.get("iss") or request["requester_issuer"]) == identity.issuer for a in chain)
 
     @staticmethod
     def _is_approver(request: dict[str, Any], identity: Identity) -> bool:
@@ -326,6 +340,12 @@ class ApprovalEngine:
         if request["status"] != "pending":
             raise DecisionError(409, "already_decided", f"request {request_id} is already {request['status']}"
                                 + (f" ({request['status_reason']})" if request.get("status_reason") else ""))
+        if approver.delegated:
+            # A person approves, never an agent acting for one, whatever groups the token carries.
+            self._refused(request, approver, decision, "delegated_approver")
+            raise DecisionError(403, "delegated_approver",
+                                f"a delegated token ({approver.chain}) can never decide on a request: an agent "
+                                "in the chain would be approving; sign in as yourself (`bastion login`)")
         if self._is_requester(request, approver):
             self._refused(request, approver, decision, "self_approval")
             raise DecisionError(403, "self_approval", "nobody may decide on their own request")
@@ -355,3 +375,9 @@ class ApprovalEngine:
 
 
 __all__ = ["ApprovalEngine", "DecisionError", "GateResult", "public_request"]
+
+
+def _shown(session: Session, command: str | None) -> str | None:
+    """The command as the gateway keeps it: masked where the session's masking applies."""
+    mask = getattr(session, "mask_command", None)
+    return mask(command) if mask is not None else command

@@ -214,7 +214,8 @@ class InteractiveGate:
             # and a rule could match there. Fail closed rather than judge a fragment.
             reason = ("the command line does not fit on the screen, so guarita cannot read it whole; "
                       "type it again, shorter, or enlarge the terminal")
-            self.session.marker("command", command=screen, mode="interactive", outcome="refused", rule=None,
+            self.session.marker("command", command=self.session.mask_command(screen), mode="interactive",
+                                outcome="refused", rule=None,
                                 request=None, reason=reason)
             return False, reason
         # The typed text is a second opinion only where the screen cannot be trusted; when the

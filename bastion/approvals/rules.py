@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from bastion.identity import Identity
+from bastion.identity.delegation import DELEGATION_KEYS, DelegationScope, parse_scope
 from bastion.who import matches_identity
 
 
@@ -64,9 +65,13 @@ class ApprovalRule:
     min_approvals: int = 1
     timeout: float = DEFAULT_TIMEOUT
     message: str | None = None
+    # Delegated tokens (RFC 8693 `act`): `delegated`, `actors`, `max_delegation_depth`.
+    delegation: DelegationScope = field(default_factory=DelegationScope)
 
     def in_scope(self, ctx: Context) -> bool:
         if (self.subjects or self.groups or self.claims) and not _who(self, ctx.identity):
+            return False
+        if self.delegation and not self.delegation.matches(ctx.identity):
             return False
         if self.targets or self.clusters:
             if ctx.front_door == "kube":
@@ -299,7 +304,7 @@ def _timeout(r: _Reader, t: dict[str, Any], p: str, default: float) -> float:
 
 def _rule(r: _Reader, t: dict[str, Any], p: str, index: int, defaults: ApprovalDefaults) -> ApprovalRule:
     r.unknown(t, {"name", "pattern", "argv_prefix", "shell", "action", "subjects", "groups", "claims", "targets",
-                  "clusters", "namespaces", "approvers", "min_approvals", "timeout", "message"}, p)
+                  "clusters", "namespaces", "approvers", "min_approvals", "timeout", "message", *DELEGATION_KEYS}, p)
     kinds = [k for k in ("pattern", "argv_prefix", "shell") if k in t]
     if len(kinds) != 1:
         r.problems.append((p.rstrip("."), "give exactly one of pattern (a regex), argv_prefix (a list) or "
@@ -346,6 +351,7 @@ def _rule(r: _Reader, t: dict[str, Any], p: str, index: int, defaults: ApprovalD
         min_approvals=min_approvals,
         timeout=_timeout(r, t, p, defaults.timeout),
         message=r.get(t, "message", p, str, None),
+        delegation=parse_scope(r, t, p),
     )
 
 

@@ -62,8 +62,9 @@ class Lock:
     def matches(self, identity: Identity, target: str | None, session_id: str | None = None) -> bool:
         if self.kind == "session":
             return session_id is not None and session_id == self.value
-        if self.kind == "subject":
-            return self.value in (identity.subject, identity.email)
+        if self.kind == "subject":  # the subject, or anyone in its delegation chain
+            return self.value in (identity.subject, identity.email) or any(
+                self.value in (a.subject, a.client_id) for a in identity.actors)
         if self.kind == "group":
             return self.value in identity.groups
         if self.kind == "target":

@@ -250,8 +250,15 @@ async def dev_token(request: web.Request) -> web.Response:
     return web.json_response({"token": token})
 
 
+def _api_error(status: int, message: str) -> web.Response:
+    reason = {404: "not_found", 405: "method_not_allowed"}.get(status, "bad_request" if status < 500 else "internal")
+    return _error(status, reason, message)
+
+
 def build_app(gw: Services, more_routes: Sequence[Callable[[web.Application], None]] = ()) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY)
+    from bastion.http.badrequest import route_errors
+
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[route_errors("api", _api_error, gw.audit.emit)])
     app[GATEWAY_KEY] = gw
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -263,7 +270,9 @@ def build_app(gw: Services, more_routes: Sequence[Callable[[web.Application], No
     app.router.add_post("/v1/approvals/{id}/approve", approvals_approve)
     app.router.add_post("/v1/approvals/{id}/deny", approvals_deny)
     app.router.add_get("/v1/kube/ca", kube_ca)
-    for add in more_routes:  # locks, live sessions, kills (bastion/http/control_api.py)
+    # Given by the composition root (bastion/gateway.py), whose modules build on this one: locks,
+    # live sessions and kills (bastion/http/control_api.py), the MCP door, the web console.
+    for add in more_routes:
         add(app)
     if gw.dev_issuer is not None:
         app.router.add_get("/dev/.well-known/openid-configuration", dev_discovery)
@@ -274,8 +283,11 @@ def build_app(gw: Services, more_routes: Sequence[Callable[[web.Application], No
 
 async def start_http(gw: Services, more_routes: Sequence[Callable[[web.Application], None]] = ()
                      ) -> tuple[web.AppRunner, int]:
+    from bastion.http.badrequest import install
+
     runner = web.AppRunner(build_app(gw, more_routes), access_log=None)
     await runner.setup()
+    install(runner, "api", _api_error, gw.audit.emit)  # unparsable requests: JSON, audited
     host, port = gw.config.http_listen
     context = None
     if gw.config.tls_cert and gw.config.tls_key:

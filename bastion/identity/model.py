@@ -21,6 +21,27 @@ class AuthError(Exception):
 
 
 @dataclass(frozen=True)
+class Actor:
+    """One link of a delegation chain (RFC 8693 ``act``): a party acting for the subject."""
+
+    subject: str
+    issuer: str | None = None
+    client_id: str | None = None
+
+    def to_dict(self) -> dict[str, str]:
+        out = {"sub": self.subject}
+        if self.issuer:
+            out["iss"] = self.issuer
+        if self.client_id:
+            out["client_id"] = self.client_id
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Actor:
+        return cls(subject=str(data["sub"]), issuer=data.get("iss"), client_id=data.get("client_id"))
+
+
+@dataclass(frozen=True)
 class Identity:
     """A verified caller. Built only from a verified token or a gateway-signed certificate."""
 
@@ -34,10 +55,22 @@ class Identity:
     expires_at: float = 0.0
     # How the identity was proven: "password", "keyboard-interactive", "certificate", "bearer".
     method: str = ""
+    # The delegation chain from the token's (verified) ``act`` claim: current actor first, then
+    # the prior actors, as RFC 8693 nests them. Empty: the subject acts for itself.
+    actors: tuple[Actor, ...] = ()
 
     @property
     def display(self) -> str:
         return self.email or self.subject
+
+    @property
+    def delegated(self) -> bool:
+        return bool(self.actors)
+
+    @property
+    def chain(self) -> str:
+        """Who acts for whom, in the order delegation happened: ``alice via agent via subagent``."""
+        return " via ".join([self.display, *(a.subject for a in reversed(self.actors))])
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -47,7 +80,7 @@ class Identity:
             "email": self.email,
             "claims": dict(self.claims),
             "expires_at": self.expires_at,
-        }
+        } | ({"act": [a.to_dict() for a in self.actors]} if self.actors else {})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], method: str = "") -> Identity:
@@ -59,6 +92,7 @@ class Identity:
             claims={str(k): str(v) for k, v in (data.get("claims") or {}).items()},
             expires_at=float(data.get("expires_at") or 0.0),
             method=method,
+            actors=tuple(Actor.from_dict(a) for a in data.get("act") or () if isinstance(a, dict) and a.get("sub")),
         )
 
     def to_json(self) -> str:

@@ -7,6 +7,7 @@ AuthError with a machine-readable reason and a one-line explanation for the audi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import re
@@ -19,6 +20,7 @@ import aiohttp
 import jwt
 
 from bastion.config import FORBIDDEN_ALGORITHMS, IssuerConfig
+from bastion.identity.delegation import parse_actors
 from bastion.identity.model import AuthError, Identity
 
 log = logging.getLogger("guarita.identity")
@@ -132,7 +134,14 @@ class TokenVerifier:
             )
         except jwt.PyJWTError as exc:
             raise self._explain(exc, claims, cfg, header.get("kid")) from None
-        return self._identity(payload, cfg, method)
+        identity = self._identity(payload, cfg, method)
+        if payload.get("act") is None:
+            return identity
+        # RFC 8693 delegation: the signature vouches for the claim; each link must still name
+        # an issuer the gateway knows, and the chain is bounded (bastion/identity/delegation.py).
+        actors = parse_actors(payload["act"], cfg.issuer, (st.config.issuer for st in self._issuers.values()),
+                              cfg.max_delegation_depth)
+        return dataclasses.replace(identity, actors=actors)
 
     # -- token parsing and claim mapping --------------------------------------------
 

@@ -15,7 +15,6 @@ the cluster's RBAC (guarita impersonates the caller).
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
@@ -46,8 +45,9 @@ def log_masker(gw: Services, req: KubeRequest, cluster: str, identity: Identity)
 
 
 class MaskedLogRelay:
-    """Copies one log response to the client through a masker, releasing a held-back tail
-    after ``flush_after`` of silence (``logs -f``) and at the end."""
+    """Copies one log response to the client through a masker. A held-back tail goes out
+    once the log lines after it decide it, or at the end: never on a pause of the log (the
+    masker decides on content, never on time; a log line ends in a newline anyway)."""
 
     def __init__(self, gw: Services, masker: StreamMasker, fields: dict[str, Any]) -> None:
         self.gw = gw
@@ -57,17 +57,8 @@ class MaskedLogRelay:
         self._values: list[list[Any]] = []
 
     async def relay(self, resp: aiohttp.ClientResponse, out: web.StreamResponse) -> None:
-        flush_after = self.gw.config.masking.flush_after if self.gw.config.masking else 0.005
         try:
-            while True:
-                try:
-                    chunk = await (asyncio.wait_for(resp.content.readany(), flush_after) if self.masker.holding
-                                   else resp.content.readany())
-                except TimeoutError:  # silence: release what was held back
-                    await self._write(out, *self.masker.flush())
-                    continue
-                if not chunk:
-                    break
+            while chunk := await resp.content.readany():
                 await self._write(out, *self.masker.feed(chunk))
             await self._write(out, *self.masker.flush())
         finally:

@@ -5,8 +5,8 @@
 secret_file = "masking.key"     # HMAC key of the masking log; created (mode 0600) if missing
 default_apply = "both"          # where masking applies when no rule matches:
                                 # "live", "recording", "both" or "none"
-flush_after = "5ms"             # release the held-back tail after this much silence
-alt_screen = "pass"             # full-screen programs: "pass" (untouched) or "mask"
+flush_after = "5ms"             # show the held-back echo of typed text after this much silence
+alt_screen = "mask"             # full-screen programs are scanned too ("mask", the only value)
 
 [masking.detectors.card]        # built-ins: cpf cnpj card phone_br phone_e164 email
 enabled = true
@@ -117,7 +117,7 @@ class MaskingConfig:
     custom: tuple[CustomPattern, ...] = ()
     rules: tuple[MaskingRule, ...] = ()
     flush_after: float = 0.005
-    alt_screen: str = "pass"
+    alt_screen: str = "mask"
 
     def where(self, target: str | None, cluster: str | None, groups: Sequence[str]) -> str:
         """"live", "recording", "both" or "none" for a session (first matching rule wins)."""
@@ -137,8 +137,8 @@ class MaskingConfig:
         return out
 
     def masker(self, secret: bytes, detectors: Sequence[Detector] | None = None) -> StreamMasker:
-        return StreamMasker(self.build_detectors() if detectors is None else detectors, secret,
-                            passthrough_alt_screen=self.alt_screen == "pass")
+        # No screen mode switches masking off: full-screen programs are scanned too.
+        return StreamMasker(self.build_detectors() if detectors is None else detectors, secret)
 
 
 def parse_masking(table: Any, base: Path, data_dir: Path | None = None) -> tuple[MaskingConfig, list[tuple[str, str]]]:
@@ -175,10 +175,11 @@ def parse_masking(table: Any, base: Path, data_dir: Path | None = None) -> tuple
             problems.append((f"{p}flush_after", "must be more than 0 and at most 100ms (it delays interactive output)"))
             flush_after = 0.005
 
-    alt_screen = _get(problems, table, "alt_screen", p, str, "pass")
-    if alt_screen not in ("pass", "mask"):
-        problems.append((f"{p}alt_screen", f"must be 'pass' or 'mask', got {alt_screen!r}"))
-        alt_screen = "pass"
+    alt_screen = _get(problems, table, "alt_screen", p, str, "mask")
+    if alt_screen != "mask":
+        problems.append((f"{p}alt_screen", f"must be 'mask', got {alt_screen!r}: full-screen programs are always "
+                         "scanned (a screen mode must not switch masking off); remove the key"))
+        alt_screen = "mask"
 
     detectors = _detectors(problems, _get(problems, table, "detectors", p, dict, {}), f"{p}detectors.")
     custom = _customs(problems, table.get("custom", []), f"{p}custom")

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from bastion.masking import engine as _engine_mod
+from bastion.masking import views as _views
 from bastion.masking.detectors import _NUM_L, _NUM_R, BUILTINS, DIGIT_FAMILY, EMAIL_FAMILY, Detector
 
 try:  # optional: a wheel for x86-64 Linux bundles the library; elsewhere the Python pre-filter
@@ -151,6 +152,9 @@ class _Seg:
     start: int
     runs: list[tuple[int, int, int]]  # (v offset, buffer offset, length) of visible runs
     vstarts: list[int]
+    # (v offset, firm) right after escape sequences that may sit inside a value
+    # (views.split_view); firm: a two-byte escape (_is_firm) was among them
+    junctions: list[tuple[int, bool]]
 
     def orig(self, d: int) -> int:
         i = bisect_right(self.vstarts, d) - 1
@@ -187,7 +191,7 @@ class StreamMasker:
     """
 
     def __init__(self, detectors: Sequence[Detector], secret: bytes, *,
-                 hold_limit: int | None = None, passthrough_alt_screen: bool = True) -> None:
+                 hold_limit: int | None = None, passthrough_alt_screen: bool = False) -> None:
         if not secret:
             raise ValueError("the HMAC secret is empty")
         self.detectors = list(detectors)
@@ -227,14 +231,19 @@ class StreamMasker:
         self._r_email = max((d.reach for _, d in self._emails), default=0)
         self._r_custom = max((d.reach for _, d in self._customs), default=0)
         self._reach = max(self._r_digits, self._r_email, self._r_custom, 1)
+        # Encoded values (views.decoded_views) are found by the built-in detectors, in
+        # windows this wide around an escape; one decoded character takes up to MAX_UNIT bytes.
+        self._views_on = bool(self._digits or self._emails)
+        self._view_radius = _views.MAX_UNIT * max(self._r_digits, self._r_email) + 64
+        self._reach_views = _views.MAX_UNIT * self._reach if self._views_on else self._reach
         self._ctx_len = max([BINARY_WINDOW] + [d.behind for d in self.detectors]) + 1
         if hold_limit is None:
             self.escape_gap = DEFAULT_ESCAPE_GAP
         else:
-            self.escape_gap = (hold_limit - ESC_MAX) // (self._reach + 2) - 1
+            self.escape_gap = (hold_limit - ESC_MAX) // (self._reach_views + 2) - 1
             if self.escape_gap < 0:
                 raise ValueError(f"hold_limit {hold_limit} is too small for these detectors: "
-                                 f"at least {self._reach + 2 + ESC_MAX} bytes")
+                                 f"at least {self._reach_views + 2 + ESC_MAX} bytes")
         # Stream state.
         self._buf = b""  # held-back original bytes
         self._offset = 0  # offset of _buf[0] in the original stream
@@ -242,17 +251,24 @@ class StreamMasker:
         self._gap = 0  # escape bytes since the last visible byte
         self._broken = False  # the segment was already closed during this gap
         self._alt = False  # on the alternate screen (passing through)
+        self._ctx_junctions: list[tuple[int, bool]] = []  # junctions (see _Seg) in _ctx, positions in it
+        self._firm = False  # a firm escape (_is_firm) since the last visible byte
+        self._firm_next = False
+        self._live = 0  # bytes at the start of _buf already shown live (release_held)
+        self.live_out: bytes | None = None  # what the live view gets of the last output, if not it
+        self._split_pending = False  # a value-ending escape came right after a digit
+        self._unmasked = 0  # digits split by such an escape since take_unmasked()
 
     # -- public API ------------------------------------------------------------------------
 
     @property
     def hold_limit(self) -> int:
         """The most bytes :meth:`feed` ever holds back."""
-        return (self._reach + 2) * (self.escape_gap + 1) + ESC_MAX
+        return (self._reach_views + 2) * (self.escape_gap + 1) + ESC_MAX
 
     @property
     def holding(self) -> bool:
-        """Bytes are held back: call :meth:`flush` after a few ms of silence."""
+        """Bytes are held back: they go out once the bytes after them decide (or at the end)."""
         return bool(self._buf)
 
     @property
@@ -264,36 +280,70 @@ class StreamMasker:
         """Bytes of the original stream emitted (or masked) so far."""
         return self._offset
 
+    def held_text(self) -> bytes:
+        """The visible text of the whole held tail (escape sequences and control bytes out)."""
+        return _ESC_RE.sub(b"", self._buf).translate(None, _CONTROLS)
+
+    def unshown(self) -> bytes:
+        """Held bytes the live view has not had yet (see :meth:`release_held`)."""
+        return self._buf[self._live:]
+
+    def release_held(self) -> bytes:
+        """The held bytes the live view has not had, for the live view only: the caller has
+        established that the reader already knows them (the echo of what it typed). They
+        stay held for the masker: what it emits later (the recorded copy) is decided by the
+        bytes after them as always, and :attr:`live_out` is then that output without these
+        bytes (a value they begin is masked in what follows them)."""
+        out = self._buf[self._live:]
+        self._live = len(self._buf)
+        return out
+
+    def take_unmasked(self) -> int:
+        """How many times since the last call an escape sequence that ends values (a cursor
+        move, a mode change) came between two digits: a value may have been drawn across it
+        and gone out unmasked (docs/masking.md, "unmasked region")."""
+        n, self._unmasked = self._unmasked, 0
+        return n
+
     def feed(self, data: bytes) -> tuple[bytes, list[Masked]]:
         """Mask ``data``; returns what may be emitted now and the values masked in it."""
         if not data:
+            self.live_out = None
             return b"", []
         self._buf = self._buf + data if self._buf else bytes(data)
         return self._run(final=False)
 
     def flush(self) -> tuple[bytes, list[Masked]]:
-        """Release the held tail (after a few ms of silence, and at the end of the stream).
+        """Release the held tail: the end of the stream (no byte will come to decide it).
 
         A flush ends the current segment: a value split across it is not found.
         """
+        self.live_out = None
         out = self._run(final=True) if self._buf else (b"", [])
         self._ctx = b""
+        self._ctx_junctions = []
         self._gap = 0
         self._broken = False
+        self._split_pending = False
+        self._firm = False
+        self._live = 0
         return out
 
     # -- one round ------------------------------------------------------------------------
 
     def _run(self, final: bool) -> tuple[bytes, list[Masked]]:
         buf = self._buf
-        if not self._alt and b"\x1b" not in buf:
-            if self._engine is not None:
-                done = self._run_plain(buf, final)
-                if done is not None:
-                    return done
+        self.live_out = None
+        plain = (not self._alt and b"\x1b" not in buf and not self._gap and not self._ctx_junctions
+                 and not self._live and not self._split_pending and not self._firm)
+        if plain and self._engine is not None:
+            done = self._run_plain(buf, final)
+            if done is not None:
+                return done
+        if plain:
             ctx = self._ctx
-            segs = [_Seg(ctx + buf, len(ctx), [(len(ctx), 0, len(buf))], [len(ctx)])]
-            tok_end, state = len(buf), (0, False, False)
+            segs = [_Seg(ctx + buf, len(ctx), [(len(ctx), 0, len(buf))], [len(ctx)], [])]
+            tok_end, state = len(buf), (0, False, False, False)
         else:
             segs, tok_end, state = self._tokenize(buf, final)
 
@@ -303,16 +353,11 @@ class StreamMasker:
         d_last = len(last.v)
         for k, seg in enumerate(segs):
             is_last = k == len(segs) - 1
-            limit = self._limit(seg.v, seg.start) if is_last and not final else len(seg.v)
-            values = self._engine_scan(seg, limit)
-            if values is not None:  # the compiled engine found, validated and hashed them
-                decided, found_c = values
-                for q, e, rank, digest, rep in found_c:
-                    self._place(seg, q, e, self.detectors[rank].name, digest, rep, edits, masked)
-            else:
-                found, decided = self._scan(seg.v, seg.start, limit)
-                for c in found:
-                    self._apply(seg, c, edits, masked)
+            open_seg = is_last and not final
+            limit = self._limit(seg.v, seg.start) if open_seg else len(seg.v)
+            found, decided = self._values(seg, limit, open_seg)
+            for q, e, rank, digest, rep in found:
+                self._place(seg, q, e, self.detectors[rank].name, digest, rep, edits, masked)
             if is_last:
                 d_last = decided
 
@@ -323,12 +368,21 @@ class StreamMasker:
             d_last = _utf8_boundary(v, d_last, last.start)
         if d_last < len(v):
             cut = last.orig(d_last)
-            self._gap, self._broken, self._alt = 0, False, False
-            self._ctx = v[max(0, d_last - self._ctx_len):d_last]
+            self._gap, self._broken, self._alt, self._split_pending = 0, False, False, False
+            self._firm = False
+            lo = max(0, d_last - self._ctx_len)
+            self._ctx = v[lo:d_last]
+            self._ctx_junctions = [(j - lo, f) for j, f in last.junctions if lo < j <= d_last]
         else:
             cut = tok_end
-            self._gap, self._broken, self._alt = state
-            self._ctx = b"" if (state[1] or state[2]) else v[-self._ctx_len:]
+            self._gap, self._broken, self._alt, self._split_pending = state
+            self._firm = self._firm_next if not plain else False
+            if state[1] or state[2]:
+                self._ctx, self._ctx_junctions = b"", []
+            else:
+                lo = max(0, len(v) - self._ctx_len)
+                self._ctx = v[lo:]
+                self._ctx_junctions = [(j - lo, f) for j, f in last.junctions if j > lo]
 
         if edits:
             parts = []
@@ -341,19 +395,76 @@ class StreamMasker:
             out = b"".join(parts)
         else:
             out = buf[:cut] if cut < len(buf) else buf
+        if self._live:
+            self.live_out = _without_shown(buf, edits, cut, self._live)
+            self._live = max(0, self._live - cut)
         self._buf = buf[cut:]
         self._offset += cut
         self._bin_v = None
         return out, masked
 
-    def _engine_scan(self, seg: _Seg, limit: int) -> tuple[int, list[tuple[int, int, int, str, bytes]]] | None:
-        """_scan in the compiled engine, with hashes and replacements; None: do it here."""
-        if self._engine is None:
-            return None
-        try:
-            return self._engine.scan(seg.v, seg.start, limit)  # type: ignore[no-any-return]
-        except RuntimeError:  # pragma: no cover - its backtracking bound: Python decides
-            return None
+    def _values(self, seg: _Seg, limit: int, open_seg: bool) -> tuple[list[tuple[int, int, int, str, bytes]], int]:
+        """The values of ``seg`` starting before ``limit`` (v offsets, keyed hash and
+        replacement), in order, and the first undecided position: the plain reading's, and
+        those of the other readings (views.py) that overlap none of them."""
+        found, decided = self._find(seg.v, seg.start, limit)
+        if not self._views_on:
+            return found, decided
+        views: list[tuple[_views.View, bool]] = []
+        glue = _views.glue_junctions(seg.v, seg.junctions) if seg.junctions else []
+        if glue:
+            views.append((_views.split_view(seg.v, glue), False))
+        if _views.has_units(seg.v[max(0, seg.start - self._ctx_len):]):
+            views += [(w, True) for w in _views.decoded_views(seg.v, self._view_radius, not open_seg)]
+        if not views:
+            return found, decided
+        p_plain = -found[-1][1] if False else (found[-1][1] if found else 0)
+        cut = decided
+        taken = list(found)
+        for view, decoded in views:
+            text = view.text
+            v_start = view.index_at(seg.start)
+            if open_seg:
+                v_lim = min(view.index_at(limit), view.open_from)
+                if view.ends[-1] >= len(seg.v) or view.open_from < len(text):
+                    v_lim = min(v_lim, self._limit(text, v_start))
+                if v_lim < len(text):
+                    cut = min(cut, max(view.starts[v_lim], p_plain))
+            else:
+                v_lim = len(text)
+            vals, _ = self._find(text, v_start, v_lim, rep=False)
+            for q, e, rank, digest, _rep in vals:
+                s, t = view.starts[q], view.ends[e - 1]
+                if decoded and not view.has_unit(q, e):
+                    continue
+                if any(s < oe and o < t for o, oe, *_ in taken):
+                    continue
+                if t > decided:  # it needs bytes the plain reading has not decided: later
+                    cut = min(cut, s)
+                    continue
+                det = self.detectors[rank]
+                taken.append((s, t, rank, digest, det.replacement.apply(seg.v[s:t])))
+        if len(taken) > len(found):
+            taken.sort()
+        return taken, min(decided, cut)
+
+    def _find(self, v: bytes, start: int, limit: int, rep: bool = True) -> tuple[list[tuple[int, int, int, str, bytes]], int]:
+        """The plain reading of ``v``: (start, end, rank, keyed hash, replacement) of each
+        value starting in v[start:limit], and the first undecided position."""
+        if limit <= start:
+            return [], start
+        if self._engine is not None:
+            try:
+                decided, values = self._engine.scan(v, start, limit)
+                return values, decided
+            except RuntimeError:  # pragma: no cover - its backtracking bound: Python decides
+                pass
+        cands, decided = self._scan(v, start, limit)
+        out = []
+        for q, me, rank, norm in cands:
+            det = self.detectors[rank]
+            out.append((q, -me, rank, self._digest(norm), det.replacement.apply(v[q:-me]) if rep else b""))
+        return out, decided
 
     def _run_plain(self, buf: bytes, final: bool) -> tuple[bytes, list[Masked]] | None:
         """_run for plain text, in the compiled engine: the same cut, output and records."""
@@ -361,6 +472,8 @@ class StreamMasker:
         ctx = self._ctx
         v = ctx + buf if ctx else buf
         start = len(ctx)
+        if self._views_on and _views.has_units(v):
+            return None  # the other readings may add values: _run merges them
         limit = len(v) if final else self._limit(v, start)
         try:
             out, decided, masked = self._engine.plain(v, start, limit, final, self._offset)
@@ -409,18 +522,35 @@ class StreamMasker:
 
     # -- tokenising: visible bytes and escape sequences -------------------------------------
 
-    def _tokenize(self, buf: bytes, final: bool) -> tuple[list[_Seg], int, tuple[int, bool, bool]]:
+    def _tokenize(self, buf: bytes, final: bool) -> tuple[list[_Seg], int, tuple[int, bool, bool, bool]]:
         gap, broken, alt = self._gap, self._broken, self._alt
+        pending = self._split_pending
         max_gap = self.escape_gap
         segs: list[_Seg] = []
         parts = [self._ctx]
         vlen = start = len(self._ctx)
         runs: list[tuple[int, int, int]] = []
+        junctions = list(self._ctx_junctions)
+        last = self._ctx[-1] if self._ctx else -1
 
         def close() -> None:
-            nonlocal parts, vlen, start, runs
-            segs.append(_Seg(b"".join(parts), start, runs, [r[0] for r in runs]))
-            parts, vlen, start, runs = [], 0, 0, []
+            nonlocal parts, vlen, start, runs, junctions
+            segs.append(_Seg(b"".join(parts), start, runs, [r[0] for r in runs], junctions))
+            parts, vlen, start, runs, junctions = [], 0, 0, [], []
+
+        firm = self._firm
+
+        def visible(i: int, j: int) -> None:
+            nonlocal vlen, gap, broken, pending, last, firm
+            if gap and not broken:
+                junctions.append((vlen, firm))
+            firm = False
+            if pending and 0x30 <= buf[i] <= 0x39:
+                self._unmasked += 1
+            runs.append((vlen, i, j - i))
+            parts.append(buf[i:j])
+            vlen += j - i
+            gap, broken, pending, last = 0, False, False, buf[j - 1]
 
         n = len(buf)
         i = 0
@@ -441,10 +571,7 @@ class StreamMasker:
             if j < 0:
                 j = n
             if j > i:
-                runs.append((vlen, i, j - i))
-                parts.append(buf[i:j])
-                vlen += j - i
-                gap, broken = 0, False
+                visible(i, j)
                 i = j
                 continue
             m = _ESC_RE.match(buf, j)
@@ -459,17 +586,19 @@ class StreamMasker:
                 elif not broken and (gap > max_gap or _is_boundary(buf[j:end])):
                     close()
                     broken = True
+                    # Digits on both sides of it may be one value drawn across it.
+                    pending = 0x30 <= last <= 0x39
+                elif not firm and _is_firm(buf[j:end]):
+                    firm = True
                 i = end
                 continue
             if not final and _ESC_PREFIX.fullmatch(buf, j):
                 break  # an escape sequence cut by the end of the data: wait for the rest
-            runs.append((vlen, j, 1))  # a lone ESC is an ordinary (control) byte
-            parts.append(b"\x1b")
-            vlen += 1
-            gap, broken = 0, False
+            visible(j, j + 1)  # a lone ESC is an ordinary (control) byte
             i = j + 1
         close()
-        return segs, i, (gap, broken, alt)
+        self._firm_next = firm
+        return segs, i, (gap, broken, alt, pending)
 
     # -- finding values -------------------------------------------------------------------
 
@@ -773,13 +902,23 @@ def _digit_union(digits: list[tuple[int, Detector]]) -> re.Pattern[bytes]:
 
 
 def _is_boundary(seq: bytes) -> bool:
-    """Escape sequences that end a value: anything but colour (SGR ``m``), cursor-forward
+    """Escape sequences that end a value: every CSI but colour (SGR ``m``), cursor-forward
     (``C``) and erase-to-end-of-line (``K``, grep's highlighting), which programs do put
-    inside numbers. A mode change, a line clear, a cursor jump
-    or an OSC (window title) after a value is the end of that value, not part of it."""
+    inside numbers; an OSC (window title, hyperlink), a DCS/APC/PM/SOS string and a reset
+    (``ESC c``). A mode change, a line clear or a cursor jump after a value is the end of
+    that value, not part of it. The other two-byte escapes (:func:`_is_firm`) and
+    character-set designations are read both ways (views.split_view)."""
     if seq[1:2] == b"[":
         return seq[-1:] not in (b"m", b"C", b"K")
-    return seq[1:2] == b"]"
+    return seq[1:2] in (b"]", b"P", b"_", b"^", b"X", b"c")
+
+
+def _is_firm(seq: bytes) -> bool:
+    """Two-byte escapes other than character-set designations (save/restore cursor
+    ``ESC 7``/``ESC 8``, ``ESC M``, ``ESC E``, keypad modes ``ESC =``/``ESC >``, the string
+    terminator ``ESC \\``...): a value may end at them whatever follows, or run through
+    them (``ESC 7`` moves nothing), so the split view cuts there in every case."""
+    return seq[1:2] != b"[" and not (len(seq) == 3 and 0x28 <= seq[1] <= 0x2B)
 
 
 def _utf8_boundary(v: bytes, d: int, floor: int) -> int:
@@ -794,6 +933,28 @@ def _utf8_boundary(v: bytes, d: int, floor: int) -> int:
             need = 2 if b < 0xE0 else 3 if b < 0xF0 else 4
             return d - k if need > k else d
     return d
+
+
+_CONTROLS = bytes(range(0x20)) + b"\x7f"
+
+
+def _without_shown(buf: bytes, edits: list[tuple[int, int, bytes]], cut: int, shown: int) -> bytes:
+    """The output buf[:cut] with ``edits``, less what the live view already has: the first
+    ``shown`` original bytes (release_held). A value they begin is masked in the rest."""
+    parts = []
+    pos = shown
+    for o, oe, rep in edits:
+        if oe <= shown:
+            continue
+        if o < shown:
+            parts.append(rep[shown - o:] if len(rep) == oe - o else rep)
+        else:
+            parts.append(buf[pos:o])
+            parts.append(rep)
+        pos = oe
+    if pos < cut:
+        parts.append(buf[pos:cut])
+    return b"".join(parts)
 
 
 # A recording's ``masking`` marker: {"type": "masking", "stream": "o", "values": [[detector,
