@@ -191,7 +191,7 @@ async def connect_upstream(cluster: ClusterConfig, upstream: ClusterUpstream, re
                            identity: Identity, req: KubeRequest, query: list[tuple[str, str]] | str,
                            protocols: tuple[str, ...]) -> aiohttp.ClientWebSocketResponse:
     """The gateway's own WebSocket to the API server (credentials + impersonation)."""
-    creds = upstream.current()
+    creds = await upstream.credentials()
     headers = forward_headers(request.headers)
     for key, value in (*creds.auth_headers().items(), *impersonation(cluster, identity)):
         headers.add(key, value)

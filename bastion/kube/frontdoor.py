@@ -263,7 +263,7 @@ class KubeFrontDoor:
 
     async def proxy(self, request: web.Request, identity: Identity, req: KubeRequest, cluster: ClusterConfig,
                     upstream: ClusterUpstream, rule: AccessRule | None = None) -> web.StreamResponse:
-        creds = upstream.current()
+        creds = await upstream.credentials()
         headers = forward_headers(request.headers)
         for key, value in (*creds.auth_headers().items(), *impersonation(cluster, identity)):
             headers.add(key, value)

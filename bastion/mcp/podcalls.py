@@ -156,7 +156,7 @@ async def list_pods(gw: Services, identity: Identity, cluster: str, namespace: s
     """The pods of a namespace, asked of the API server as the caller (impersonated)."""
     _check_name("namespace", namespace)
     config, upstream, req = kube_request(gw, identity, cluster, f"/api/v1/namespaces/{namespace}/pods")
-    creds = upstream.current()
+    creds = await upstream.credentials()
     headers = CIMultiDict(creds.auth_headers())
     headers["Accept"] = "application/json"
     headers["Accept-Encoding"] = "identity"  # the upstream session does not decompress
