@@ -77,10 +77,6 @@ UPLOAD_CONCURRENCY = 8
 CONFLICTS_DIR = ".conflicts"
 
 
-class RecordingFailed(Exception):
-    """The spool cannot take this session's events (strict policy ends the session)."""
-
-
 def new_session_id(now: float | None = None) -> str:
     stamp = datetime.fromtimestamp(now or time.time(), UTC).strftime("%Y%m%d-%H%M%S")
     return f"{stamp}-{secrets.token_hex(4)}"

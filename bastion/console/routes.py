@@ -40,7 +40,7 @@ from bastion.console.guard import (
 from bastion.console.render import age, csrf_field, e, page, problem, size, table
 
 if TYPE_CHECKING:
-    from bastion.gateway import Gateway
+    from bastion.services import Services
 
 # -- signing in and out ------------------------------------------------------------------------
 
@@ -93,7 +93,7 @@ async def signed_out(request: web.Request) -> web.StreamResponse:
 # -- approvals ---------------------------------------------------------------------------------
 
 
-async def _visible_requests(gw: Gateway, viewer: Viewer) -> list[dict[str, Any]]:
+async def _visible_requests(gw: Services, viewer: Viewer) -> list[dict[str, Any]]:
     rows = await gw.state.list_requests(limit=200)
     return [r for r in rows if gw.approvals.may_view(r, viewer.identity)]
 
@@ -241,7 +241,7 @@ async def lock_subject(request: web.Request, viewer: Viewer) -> web.StreamRespon
     raise web.HTTPSeeOther("/console/sessions")
 
 
-async def _may_watch(gw: Gateway, viewer: Viewer, sid: str) -> bool:
+async def _may_watch(gw: Services, viewer: Viewer, sid: str) -> bool:
     if viewer.has("operator", "auditor"):
         return True
     requests = await gw.state.list_requests(session_id=sid, limit=50)
@@ -321,7 +321,7 @@ async def _sse(response: web.StreamResponse, data: Any) -> None:
 
 
 
-def add_routes(app: web.Application, gw: Gateway) -> None:
+def add_routes(app: web.Application, gw: Services) -> None:
     app[CONSOLE_KEY] = Console(gw)
     r = app.router
     r.add_get("/console", home)
