@@ -42,7 +42,7 @@ _PACE_MIN = 8192
 _TYPED_MAX = 4096
 _ESC_SEQ = re.compile(rb"\x1b(?:\[[0-?]*[ -/]*[@-~]|O.|.)?", re.DOTALL)
 _CONTROL_BYTES = bytes(range(0x20)) + b"\x7f"
-_UNMASKED_REGION = "digits on both sides of a cursor move or mode change: a value drawn out of order is not masked"
+_UNMASKED_REGION = "a cursor move or mode change between digits: a value drawn out of order there is not masked"
 
 
 class TerminalGate(Protocol):
