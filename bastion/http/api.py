@@ -276,10 +276,16 @@ def build_app(gw: Gateway) -> web.Application:
         from bastion.mcp.http import add_mcp_routes
 
         add_mcp_routes(app, gw)
+    from bastion.console.routes import add_routes as add_console_routes
+
+    add_console_routes(app, gw)  # the web console under /console/ (issue 19)
     if gw.dev_issuer is not None:
+        from bastion.console.devlogin import add_routes as add_dev_login_routes
+
         app.router.add_get("/dev/.well-known/openid-configuration", dev_discovery)
         app.router.add_get("/dev/jwks", dev_jwks)
         app.router.add_post("/dev/token", dev_token)
+        add_dev_login_routes(app)  # the dev issuer's sign-in page for the console
     return app
 
 

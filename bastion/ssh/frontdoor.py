@@ -19,6 +19,7 @@ import asyncssh
 
 from bastion.config import env_allowed
 from bastion.identity import AuthError, Identity
+from bastion.identity.delegation import chain_fields
 from bastion.masking.recorded import shown_command
 from bastion.policy import authorize, reachable_targets
 from bastion.session import Session, SessionInfo
@@ -146,7 +147,7 @@ class FrontDoorServer(asyncssh.SSHServer):
             self._auth_failed(username, method, exc)
             return False
         self.gw.audit.emit("auth.success", method=method, source=self.source, user=username,
-                           subject=self.identity.subject, issuer=self.identity.issuer)
+                           subject=self.identity.subject, issuer=self.identity.issuer, **chain_fields(self.identity))
         return True
 
     def _auth_failed(self, username: str, method: str, exc: AuthError) -> None:
@@ -200,7 +201,8 @@ class FrontDoorServer(asyncssh.SSHServer):
                 self.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "certificate refused")
                 return
             self.gw.audit.emit("auth.success", method="certificate", source=self.source,
-                               subject=self.identity.subject, issuer=self.identity.issuer)
+                               subject=self.identity.subject, issuer=self.identity.issuer,
+                               **chain_fields(self.identity))
 
     # -- what an authenticated agent may open ---------------------------------------------
 
