@@ -77,9 +77,9 @@ async def keep_writing(session: object, done: Callable[[], object], timeout: flo
         await asyncio.sleep(0.01)
 
 
-def _recorder(tmp_path: Path, spool: Path, policy: str) -> Recorder:
+def _recorder(tmp_path: Path, spool: Path, policy: str, segment_bytes: int = 64 * 1024) -> Recorder:
     return Recorder(FileStore(tmp_path / "rec"), spool, RecordingKey.load_or_create(tmp_path / "key.pem"),
-                    segment_seconds=60, segment_bytes=64 * 1024, flush_interval=0.05, failure_policy=policy)
+                    segment_seconds=60, segment_bytes=segment_bytes, flush_interval=0.05, failure_policy=policy)
 
 
 def _lines(prefix: str, n: int) -> bytes:
@@ -135,16 +135,19 @@ def test_best_effort_resumes_marks_the_gap_and_seals(tmp_path: Path) -> None:
 def test_strict_ends_and_seals_once_space_is_back(tmp_path: Path) -> None:
     with small_tmpfs(tmp_path / "spool") as spool:
         async def run() -> tuple[str, list[Exception]]:
-            rec = _recorder(tmp_path, spool, "strict")
+            # One segment: no upload frees space behind the fillers' back (a cut is uploaded and deleted).
+            rec = _recorder(tmp_path, spool, "strict", segment_bytes=64 * 1024 * 1024)
             await rec.start()
             failures: list[Exception] = []
             session = rec.open_session(META, term=(80, 24))
             session.on_failure = failures.append  # strict: the front door ends the session here
             session.output(_lines("before", 50))
             await session.sync()
+            assert await rec.wait_uploaded(10)
             filler = fill(spool)
             await keep_writing(session, lambda: failures)
-            # Whatever the uploads freed meanwhile is taken too: not even the seal fits.
+            # Whatever the uploads free is taken too: not even the seal fits.
+            assert await rec.wait_uploaded(10)
             second = fill(spool, ".filler2")
             session.exit(None, reason="recording failed")
             await session.close()  # the spool still refuses: it cannot seal yet
