@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import asyncssh
 
 from bastion.identity import Identity
-from bastion.pipeline import admit, refused
 from bastion.masking.recorded import shown_command
+from bastion.pipeline import admit, refused
 from bastion.policy import authorize, reachable_targets
 from bastion.refusal import Refused
 from bastion.session import Session, SessionInfo
