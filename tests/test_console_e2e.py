@@ -365,6 +365,7 @@ def test_play_a_recording_seek_to_a_marker_search_and_download(cgw: GatewayProce
     markers[0].click()
     chrome.wait(lambda: "second-screen" in chrome.css(".ap-term-text").text, what="the screen at the exit marker")
     assert "first-screen" in chrome.css(".ap-term-text").text
+    chrome.driver.execute_script("window.scrollTo(0, 0)")
     shoot(chrome, "console-recording.png")
 
     # Search (the engine of `replay search`), then jump to the hit.
@@ -449,3 +450,30 @@ def test_watch_and_kill_a_live_session(cgw: GatewayProcess, chrome: browser.Brow
     assert result.returncode != 0
     assert b"runaway loop" in result.stdout + result.stderr
     chrome.wait(lambda: sid not in chrome.text(), timeout=10, what="the session to leave the list")
+
+
+def test_lock_the_subject_of_a_live_session(cgw: GatewayProcess, chrome: browser.Browser, idp: OIDCProvider,
+                                            targets: Targets) -> None:
+    mark = cgw.audit_mark()
+    command = "for i in $(seq 1 120); do echo lock-tick-$i; sleep 0.5; done"
+    job = BackgroundSsh(["-tt", *ssh_args(cgw, targets, command)], idp.token("agent-ci"), timeout=90)
+    sid = str(cgw.wait_audit("session.start", mark, command=command)["session"])
+    sign_in(chrome, cgw, "ana", "/console/sessions")
+    form = f"form.lock[action='/console/sessions/{sid}/lock']"
+    chrome.wait(lambda: chrome.all(form), timeout=10, what="the lock form")
+    chrome.act(f"{form} input[name=reason]", lambda el: el.send_keys("leaked token"))
+    chrome.act(f"{form} button", lambda el: el.click())
+    result = job.join(60)
+    assert result.returncode != 0 and b"leaked token" in result.stdout + result.stderr
+    # Locked: the next connection is refused. Lifted again through the API, with the same identity.
+    token = cookie_of(chrome)
+    req = urllib.request.Request(cgw.http_url + "/v1/locks", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        locks = [lk for lk in json.loads(resp.read())["locks"] if lk["value"] == "agent-ci"]
+    assert locks and locks[0]["reason"] == "leaked token"
+    refused = BackgroundSsh(ssh_args(cgw, targets, "echo nope"), idp.token("agent-ci")).join()
+    assert refused.returncode == 255 and b"nope" not in refused.stdout
+    for lock in locks:
+        req = urllib.request.Request(f"{cgw.http_url}/v1/locks/{lock['id']}", method="DELETE",
+                                     headers={"Authorization": f"Bearer {token}"})
+        urllib.request.urlopen(req, timeout=10).close()

@@ -62,3 +62,12 @@ def test_html_is_escaped_and_relative_times_do_not_change_the_digest() -> None:
     assert e('<script>"&') == "&lt;script&gt;&quot;&amp;"
     one = '<td><span class="rel" data-age="1">3s ago</span></td>'
     assert digest(one) == digest(one.replace("3s", "9s")) != digest(one.replace("<td>", "<td>x"))
+
+
+def test_the_delegation_chain_is_shown_as_the_identity_names_it() -> None:
+    from bastion.console.approvals_page import delegation
+
+    request = {"requester": {"subject": "alice", "act": [{"sub": "subagent"}, {"sub": "claude"}]}}
+    assert "via claude via subagent" in delegation(request)
+    assert delegation({"requester": {"subject": "alice"}}) == ""
+    assert "&lt;b&gt;" in delegation({"requester": {"act": [{"sub": "<b>"}]}})
