@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from typing import Any
@@ -210,11 +211,17 @@ async def evidence(request: web.Request, viewer: Viewer) -> web.StreamResponse:
     path = await store.run(store.evidence, sessions, selection)
     gw.audit.emit("console.evidence", subject=viewer.identity.subject, issuer=viewer.identity.issuer,
                   selection=selection, sessions=len(sessions))
-    response = web.FileResponse(path, headers={"Content-Disposition": f'attachment; filename="{path.name}"',
-                                               "Content-Type": "application/gzip", "Cache-Control": "no-store"})
+    response = web.StreamResponse(headers={"Content-Disposition": f'attachment; filename="{path.name}"',
+                                           "Content-Type": "application/gzip", "Cache-Control": "no-store"})
+    response.content_length = path.stat().st_size
     try:
-        await response.prepare(request)  # sends the whole file
+        await response.prepare(request)
+        with path.open("rb") as package:
+            while chunk := await asyncio.to_thread(package.read, 256 * 1024):
+                await response.write(chunk)
         await response.write_eof()
+    except ConnectionResetError:
+        pass  # the browser went away; the package is gone with the folder below
     finally:
         shutil.rmtree(path.parent, ignore_errors=True)
     return response
