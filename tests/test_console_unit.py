@@ -71,3 +71,22 @@ def test_the_delegation_chain_is_shown_as_the_identity_names_it() -> None:
     assert "via claude via subagent" in delegation(request)
     assert delegation({"requester": {"subject": "alice"}}) == ""
     assert "&lt;b&gt;" in delegation({"requester": {"act": [{"sub": "<b>"}]}})
+
+
+def test_the_vendored_player_is_the_pinned_one() -> None:
+    """static/ holds the pinned asciinema-player (and its licence); when the npm package is installed
+    (.ci/install-deps), the committed copy must be byte for byte the pinned build."""
+    import json
+
+    console = Path(__file__).resolve().parent.parent / "bastion" / "console"
+    pinned = json.loads((console / "vendor" / "package.json").read_text())["dependencies"]["asciinema-player"]
+    static = console / "static"
+    assert f"asciinema-player {pinned} (Apache-2.0)" in (static / "VERSIONS").read_text()
+    assert "Apache License" in (static / "asciinema-player.LICENSE").read_text()
+    assert "MIT" in (static / "solid-js.LICENSE").read_text() or "Permission is hereby granted" in (
+        static / "solid-js.LICENSE").read_text()
+    built = console / "vendor" / "node_modules" / "asciinema-player" / "dist" / "bundle"
+    if not built.is_dir():
+        pytest.skip("bastion/console/vendor/node_modules is not installed (.ci/install-deps installs it)")
+    for name in ("asciinema-player.min.js", "asciinema-player.css"):
+        assert (static / name).read_bytes() == (built / name).read_bytes(), f"run bastion/console/vendor/update.sh ({name})"

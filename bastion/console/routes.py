@@ -45,8 +45,10 @@ if TYPE_CHECKING:
 # -- signing in and out ------------------------------------------------------------------------
 
 
-async def home(request: web.Request) -> web.StreamResponse:
-    raise web.HTTPSeeOther("/console/approvals")
+@guarded()
+async def home(request: web.Request, viewer: Viewer) -> web.StreamResponse:
+    """Approvers start at the approvals, operators and auditors at the live sessions."""
+    raise web.HTTPSeeOther("/console/approvals" if viewer.has("approver") else "/console/sessions")
 
 
 async def login(request: web.Request) -> web.StreamResponse:
