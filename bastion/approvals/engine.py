@@ -26,6 +26,7 @@ from bastion.approvals.rules import ApprovalPolicy, Context, Verdict
 from bastion.approvals.webhooks import Webhooks, public_request
 from bastion.config import format_duration
 from bastion.identity import Identity
+from bastion.identity.delegation import chain_fields
 from bastion.state import Conflict, NotFound, StateError
 
 if TYPE_CHECKING:
@@ -255,7 +256,7 @@ class ApprovalEngine:
         self.gw.audit.emit("approval.requested", request=rid, session=session.id, subject=ctx.identity.subject,
                            issuer=ctx.identity.issuer, target=ctx.target, login=info.login, command=command,
                            kind=kind, rule=verdict.rule_name, approvers=list(approvers),
-                           min_approvals=min_approvals, expires=request["expires"])
+                           min_approvals=min_approvals, expires=request["expires"], **chain_fields(ctx.identity))
         self.webhooks.announce("approval.requested", request)
         what = "Opening a shell" if kind == "shell" else "This command"
         lines = [f"guarita: {what} needs approval" + (f": {rule.message}" if rule and rule.message else "."),

@@ -249,8 +249,15 @@ async def dev_token(request: web.Request) -> web.Response:
     return web.json_response({"token": token})
 
 
+def _api_error(status: int, message: str) -> web.Response:
+    reason = {404: "not_found", 405: "method_not_allowed"}.get(status, "bad_request" if status < 500 else "internal")
+    return _error(status, reason, message)
+
+
 def build_app(gw: Gateway) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY)
+    from bastion.http.badrequest import route_errors
+
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[route_errors("api", _api_error, gw.audit.emit)])
     app[GATEWAY_KEY] = gw
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -283,8 +290,11 @@ def build_app(gw: Gateway) -> web.Application:
 
 
 async def start_http(gw: Gateway) -> tuple[web.AppRunner, int]:
+    from bastion.http.badrequest import install
+
     runner = web.AppRunner(build_app(gw), access_log=None)
     await runner.setup()
+    install(runner, "api", _api_error, gw.audit.emit)  # unparsable requests: JSON, audited
     host, port = gw.config.http_listen
     context = None
     if gw.config.tls_cert and gw.config.tls_key:

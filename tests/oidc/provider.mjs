@@ -165,7 +165,10 @@ async function tokenExchange(ctx) {
   const now = Math.floor(Date.now() / 1000);
   const lifetime = ttlFor(client);
   const { jti: _j, iat: _i, exp: _e, nbf: _n, act: prior, client_id: _c, scope: _s, ...kept } = subject;
-  const act = { sub: actor.sub, iss: issuer, ...(actor.client_id ? { client_id: actor.client_id } : {}), ...(prior ? { act: prior } : {}) };
+  // actor_issuer (this test provider only) vouches for the actor under another issuer's name:
+  // what a gateway must refuse when that issuer is not one it trusts.
+  const actIss = params.actor_issuer || issuer;
+  const act = { sub: actor.sub, iss: actIss, ...(actor.client_id ? { client_id: actor.client_id } : {}), ...(prior ? { act: prior } : {}) };
   const payload = {
     ...kept, aud: params.audience || audience, iat: now, exp: now + Math.min(lifetime, subject.exp - now),
     jti: randomUUID(), client_id: client.clientId, act,
@@ -179,7 +182,7 @@ async function tokenExchange(ctx) {
   };
 }
 provider.registerGrantType(TOKEN_EXCHANGE, tokenExchange,
-  ['subject_token', 'subject_token_type', 'actor_token', 'actor_token_type', 'audience']);
+  ['subject_token', 'subject_token_type', 'actor_token', 'actor_token_type', 'audience', 'actor_issuer']);
 
 if (deviceInterval) {
   // Emitted before the response is written: the body can still carry an interval.

@@ -250,7 +250,7 @@ class OIDCProvider:
             {"token": token, "token_type_hint": token_type_hint, "client_id": self.device_client_id},
         )
 
-    def exchange(self, client_id: str, subject_token: str, actor_token: str) -> str:
+    def exchange(self, client_id: str, subject_token: str, actor_token: str, actor_issuer: str | None = None) -> str:
         """RFC 8693 token exchange by ``client_id``: a token for the subject of
         ``subject_token`` whose ``act`` claim names the actor of ``actor_token`` (and nests
         the subject token's own ``act``, so exchanging again makes a longer chain)."""
@@ -258,6 +258,8 @@ class OIDCProvider:
         data = {"grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
                 "subject_token": subject_token, "subject_token_type": access,
                 "actor_token": actor_token, "actor_token_type": access}
+        if actor_issuer:  # the test provider then vouches for the actor under that issuer's name
+            data["actor_issuer"] = actor_issuer
         secret = self.clients[client_id]["client_secret"]
         _, body = _request(self.discovery()["token_endpoint"], data, auth=(client_id, secret))
         return json.loads(body)["access_token"]
