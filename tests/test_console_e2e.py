@@ -242,6 +242,15 @@ def test_approve_a_real_ssh_request_in_the_browser(cgw: GatewayProcess, chrome: 
     for fact in (command, "agent-ci", f"{targets.login}@web-key", "destructive", "sre", "ago", "in "):
         assert fact in card, (fact, card)
     shoot(chrome, "console-approvals.png")
+    # An approver paged at night decides on a phone: the page fits a narrow screen.
+    chrome.driver.set_window_size(412, 915)
+    try:
+        chrome.wait(lambda: chrome.driver.execute_script(
+            "return document.documentElement.scrollWidth <= window.innerWidth + 1"), timeout=5,
+            what="the page to fit a phone's width")
+        shoot(chrome, "console-approvals-phone.png")
+    finally:
+        chrome.driver.set_window_size(1280, 900)
 
     # The webhook links straight to this request's page.
     _, body = hooks.wait(lambda path, b: b["event"] == "approval.requested" and b["request"]["id"] == rid)
