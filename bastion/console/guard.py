@@ -55,7 +55,7 @@ def guarded(*roles: str) -> Callable[[Page], Callable[[web.Request], Awaitable[w
                               action=f"console {request.method} {request.path}", needs=list(roles) or ["any"])
                 needs = " or ".join(roles) if roles else "approver, operator or auditor"
                 return problem(403, "Forbidden", f"{found.identity.display} may not open this page: it takes the "
-                               f"{needs} role (agents' identities have no console)", found if found.roles else None)
+                               f"{needs} role (agents' identities have no console)", found)
             if request.method == "POST":
                 form = await request.post()
                 if not csrf_ok(found, request, form):
