@@ -450,6 +450,11 @@ def test_watch_and_kill_a_live_session(cgw: GatewayProcess, chrome: browser.Brow
     chrome.wait(lambda: chrome.all(".ap-term-text") and "live-tick" in chrome.css(".ap-term-text").text,
                 timeout=20, what="the session's output, live")
 
+    # Its recording, not sealed yet, is "live", never "verified", and links to the live view.
+    chrome.driver.get(f"{cgw.http_url}/console/recordings/{sid}")
+    chrome.wait_text("Not sealed yet")
+    assert chrome.css("p.verify.live a").get_attribute("href").endswith(f"/console/sessions/{sid}/watch")
+
     chrome.driver.get(cgw.http_url + "/console/sessions")
     form = f"form.kill[action='/console/sessions/{sid}/kill']"
     chrome.wait(lambda: chrome.all(form), what="the kill form")

@@ -129,7 +129,8 @@ async def recording(request: web.Request, viewer: Viewer) -> web.StreamResponse:
     if verdict.state == "verified":
         banner = '<p class="verify verified" role="status">Verified: signature, hash chain and segments are intact.</p>'
     elif verdict.state == "live":
-        banner = '<p class="verify live" role="status">Not sealed yet: the session is still running.</p>'
+        banner = ('<p class="verify live" role="status">Not sealed yet: the session is still running. '
+                  f'<a href="/console/sessions/{e(s.id)}/watch">Watch it live</a>.</p>')
     else:
         banner = ('<div class="verify failed" role="alert"><b>FAILED verification.</b> This recording may have been '
                   'altered or is incomplete; what it shows cannot be trusted.<ul>'
