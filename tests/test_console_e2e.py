@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import tarfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -222,6 +223,31 @@ def test_an_agent_identity_gets_403_on_every_page(cgw: GatewayProcess, chrome: b
     assert "no console" in chrome.text()
 
 
+def test_an_approver_sees_approvals_and_the_sessions_they_decide_on_only(cgw: GatewayProcess, idp: OIDCProvider,
+                                                                        targets: Targets) -> None:
+    approver = idp.token("agent-sre")  # group sre: an approver, neither operator nor auditor
+    command = "echo needs-approval-roles"
+    mark = cgw.audit_mark()
+    job = BackgroundSsh(ssh_args(cgw, targets, command), idp.token("agent-ci"))
+    rid = requested(cgw, mark, command)
+    sid = str(cgw.wait_audit("session.start", mark, command=command)["session"])
+    status, html, _ = http(cgw, "/console/approvals", approver)
+    assert status == 200 and rid in html and "button" in html.split(f'id="req-{rid}"')[1].split("</article>")[0]
+    assert http(cgw, f"/console/sessions/{sid}/watch", approver)[0] == 200  # a pending request of that session
+    for path in ("/console/sessions", "/console/recordings", "/console/evidence", f"/console/recordings/{sid}"):
+        assert http(cgw, path, approver)[0] == 403, path
+    status, _, headers = http(cgw, f"/console/approvals/{rid}/decide", approver,
+                              {"csrf": csrf_of(html), "decision": "approve", "reason": "fine", "back": "/console/approvals"})
+    assert status == 303 and headers["Location"] == "/console/approvals"
+    assert job.join().returncode == 0
+    assert http(cgw, f"/console/sessions/{sid}/watch", approver)[0] == 403  # decided: nothing left to watch for
+
+
+def test_without_a_console_table_sign_in_says_what_to_configure(gateway: GatewayProcess) -> None:
+    status, body, _ = http(gateway, "/console/login")
+    assert status == 503 and "[console]" in body and "client_id" in body
+
+
 def test_approve_a_real_ssh_request_in_the_browser(cgw: GatewayProcess, chrome: browser.Browser, idp: OIDCProvider,
                                                    targets: Targets, hooks: WebhookReceiver) -> None:
     sign_in(chrome, cgw, "ana")
@@ -236,7 +262,9 @@ def test_approve_a_real_ssh_request_in_the_browser(cgw: GatewayProcess, chrome: 
     mark = cgw.audit_mark()
     job = BackgroundSsh(ssh_args(cgw, targets, command), idp.token("agent-ci"))
     rid = requested(cgw, mark, command)
+    seen = time.monotonic()
     chrome.wait(lambda: chrome.all(f"#req-{rid} button.approve"), timeout=5, what="the request on the page")
+    print(f"\nconsole: request {rid} on the page {time.monotonic() - seen:.2f}s after its audit line")  # not asserted
     assert chrome.driver.execute_script("return window.notReloaded === true"), "the page was reloaded"
     card = chrome.wait(lambda: chrome.css(f"#req-{rid}").text, what="the card's text")
     for fact in (command, "agent-ci", f"{targets.login}@web-key", "destructive", "sre", "ago", "in "):

@@ -38,7 +38,8 @@ def decisions(r: dict[str, Any]) -> str:
     return f'<ul class="decisions">{"".join(items)}</ul>' if items else ""
 
 
-def card(raw: dict[str, Any], viewer: Viewer, engine: ApprovalEngine) -> str:
+def card(raw: dict[str, Any], viewer: Viewer, engine: ApprovalEngine, back: str = "/console/approvals") -> str:
+    """One request; ``back`` is the page a decision returns to."""
     r = public_request(raw)
     rid = r["id"]
     own = engine._is_requester(raw, viewer.identity)  # noqa: SLF001 - the engine's own test, not a copy
@@ -60,6 +61,7 @@ def card(raw: dict[str, Any], viewer: Viewer, engine: ApprovalEngine) -> str:
     reason = f' <small>{e(r["status_reason"])}</small>' if r.get("status_reason") else ""
     if may_decide:
         action = (f'<form method="post" action="/console/approvals/{e(rid)}/decide" class="decide">{csrf_field(viewer)}'
+                  f'<input type="hidden" name="back" value="{e(back)}">'
                   f'<input name="reason" required placeholder="reason (kept for auditors)" aria-label="reason" '
                   f'id="reason-{e(rid)}">'
                   f'<button name="decision" value="approve" class="approve">Approve</button>'

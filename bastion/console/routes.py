@@ -121,7 +121,7 @@ async def approval(request: web.Request, viewer: Viewer) -> web.StreamResponse:
     if not gw.approvals.may_view(row, viewer.identity):
         return problem(403, "Forbidden", f"{viewer.identity.display} is neither the requester nor in an approver "
                        f"group of request {rid}", viewer, back="/console/approvals")
-    body = approvals_page.card(row, viewer, gw.approvals)
+    body = approvals_page.card(row, viewer, gw.approvals, back=f"/console/approvals/{rid}")
     if request.query.get("fragment"):
         return render.fragment(body)
     return page(f"Request {rid}", render.live(body) + '<p><a href="/console/approvals">all requests</a></p>',
@@ -142,7 +142,7 @@ async def decide(request: web.Request, viewer: Viewer) -> web.StreamResponse:
         await gw.approvals.decide(rid, viewer.identity, decision, str(form.get("reason") or ""))
     except DecisionError as exc:
         return problem(exc.status, "Not decided", str(exc), viewer, back=f"/console/approvals/{rid}")
-    raise web.HTTPSeeOther(f"/console/approvals/{rid}")
+    raise web.HTTPSeeOther(safe_next(str(form.get("back") or f"/console/approvals/{rid}")))
 
 
 async def events(request: web.Request) -> web.StreamResponse:
