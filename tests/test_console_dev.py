@@ -73,6 +73,7 @@ def _dev_token(gw: GatewayProcess, **body: Any) -> str:
 
 @pytest.mark.skipif(browser.available() is not None, reason=str(browser.available()))
 def test_dev_sign_in_page_and_roles(dev: GatewayProcess) -> None:
+    assert f"{dev.http_url}/console/" in dev.log_text()  # the welcome text says where the console is
     with browser.Browser() as b:
         b.driver.get(dev.http_url + "/console/")
         b.wait(lambda: b.all("#as-alice"), what="the dev sign-in page")
