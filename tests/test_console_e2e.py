@@ -374,6 +374,11 @@ def test_bad_cookies_and_missing_csrf(cgw: GatewayProcess, chrome: browser.Brows
                          {"Origin": "https://evil.example"})):
         status, body, _ = http(cgw, "/console/approvals/x/decide", token, form, extra)
         assert status == 403 and "CSRF" in body, body[:300]
+    # A callback the browser did not start, a replayed state, or the issuer's refusal: no session.
+    status, body, headers = http(cgw, "/console/callback?code=x&state=y")
+    assert status == 400 and "not started here" in body and "Set-Cookie" not in headers
+    status, body, _ = http(cgw, "/console/callback?error=access_denied&error_description=no")
+    assert status == 400 and "refused the sign-in: access_denied" in body
     # Sign out: the cookie goes, and the pages ask to sign in again.
     chrome.driver.get(cgw.http_url + "/console/approvals")
     chrome.css("header button.link").click()
