@@ -90,3 +90,18 @@ def test_the_vendored_player_is_the_pinned_one() -> None:
         pytest.skip("bastion/console/vendor/node_modules is not installed (.ci/install-deps installs it)")
     for name in ("asciinema-player.min.js", "asciinema-player.css"):
         assert (static / name).read_bytes() == (built / name).read_bytes(), f"run bastion/console/vendor/update.sh ({name})"
+
+
+def test_origin_is_this_gateway_or_its_public_url() -> None:
+    from aiohttp.test_utils import make_mocked_request
+
+    from bastion.console.auth import same_origin
+
+    def req(origin: str | None) -> object:
+        headers = {"Host": "10.0.0.5:8080", **({"Origin": origin} if origin else {})}
+        return make_mocked_request("POST", "/console/logout", headers=headers)
+
+    assert same_origin(req(None)) and same_origin(req("http://10.0.0.5:8080"))  # type: ignore[arg-type]
+    assert not same_origin(req("https://evil.example"))  # type: ignore[arg-type]
+    assert not same_origin(req("null"))  # type: ignore[arg-type]
+    assert same_origin(req("https://bastion.example.com"), "https://bastion.example.com")  # type: ignore[arg-type]

@@ -12,6 +12,7 @@ from bastion.console.auth import OidcClient, Viewer, clear_session, csrf_ok, vie
 from bastion.console.feed import Feed
 from bastion.console.recordings import Recordings
 from bastion.console.render import problem
+from bastion.console.settings import console_settings
 from bastion.http.api import GATEWAY_KEY
 
 if TYPE_CHECKING:
@@ -58,7 +59,8 @@ def guarded(*roles: str) -> Callable[[Page], Callable[[web.Request], Awaitable[w
                                f"{needs} role (agents' identities have no console)", found)
             if request.method == "POST":
                 form = await request.post()
-                if not csrf_ok(found, request, form):
+                settings = console_settings(gw.config)
+                if not csrf_ok(found, request, form, settings.url if settings else None):
                     gw.audit.emit("console.csrf_refused", subject=found.identity.subject, path=request.path,
                                   source=request.remote)
                     return problem(403, "Refused", "the form's CSRF token is missing or wrong (a page from another "
