@@ -409,14 +409,14 @@ def test_play_a_recording_seek_to_a_marker_search_and_download(cgw: GatewayProce
     assert "first-screen" in chrome.css(".ap-term-text").text
     # The player's own timeline carries the markers.
     assert chrome.all(".ap-marker-container")
+    chrome.driver.execute_script("window.scrollTo(0, 0)")
+    shoot(chrome, "console-recording.png")
     # Another speed: the player starts again from where it was, at that speed.
     before = chrome.driver.execute_script("return window.guaritaPlayer")
     chrome.driver.execute_script("var s = document.getElementById('speed'); s.value = '4';"
                                  "s.dispatchEvent(new Event('change'))")
     chrome.wait(lambda: chrome.driver.execute_script("return window.guaritaPlayer") != before, what="a new player")
     chrome.wait(lambda: "second-screen" in chrome.css(".ap-term-text").text, what="the screen after the change")
-    chrome.driver.execute_script("window.scrollTo(0, 0)")
-    shoot(chrome, "console-recording.png")
 
     # Search (the engine of `replay search`), then jump to the hit.
     chrome.driver.get(f"{cgw.http_url}/console/recordings?q=first-scr")

@@ -82,7 +82,7 @@ async def recordings(request: web.Request, viewer: Viewer) -> web.StreamResponse
         verdict = _verdict_html(verdicts[i]) if i < len(verdicts) else '<span class="verify">not checked</span>'
         masked = " ".join(f"{k}:{v}" for k, v in sorted((s.end.get("masking") or {}).items()) if v) or "-"
         rows.append([f'<input type="checkbox" name="id" value="{e(s.id)}" aria-label="select {e(s.id)}">',
-                     f'<a href="/console/recordings/{e(s.id)}">{e(s.id[-12:])}</a>',
+                     f'<a href="/console/recordings/{e(s.id)}">{e(s.id)}</a>',
                      e(s.started_at.strftime("%Y-%m-%d %H:%M:%S")), e(s.identity.get("subject", "?")), e(_where(s)),
                      e(str(s.meta.get("kind", "?")) + ("/tty" if s.meta.get("tty") else "")),
                      e("-" if s.exit_status is None else s.exit_status), e(masked),
@@ -151,7 +151,7 @@ async def recording(request: web.Request, viewer: Viewer) -> web.StreamResponse:
             f'<div id="player" class="player{"" if verdict.playable_as_fine else " unverified"}"></div>'
             f'<h2>Markers</h2><ol class="markers">{marks or "<li>none</li>"}</ol>'
             f'<script type="application/json" id="player-config">{json_html(config)}</script>')
-    return page(f"Recording {s.id[-12:]}", body, viewer, current="recordings", head=PLAYER_HEAD, scripts=PLAYER_SCRIPTS)
+    return page(f"Recording {s.id}", body, viewer, current="recordings", head=PLAYER_HEAD, scripts=PLAYER_SCRIPTS)
 
 
 @guarded("operator", "auditor")
