@@ -194,6 +194,7 @@ def _print_welcome(gw: Any, json_log: bool = False) -> None:
             "Then see what happened:",
             f"  replay ls --data-dir {c.data_dir}",
             f"  replay cat ID --data-dir {c.data_dir}",
+            f"Or in a browser (approvals, live sessions, recordings): {http}/console/",
         ]
     if json_log:  # one JSON line each, like the rest of the log
         welcome = logging.getLogger("guarita")
