@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from recorder import events as ev
+from recorder.index import SessionIndexNotes
 from recorder.segment import (
     COMPRESSION_LEVEL,
     SegmentRecord,
@@ -131,6 +132,9 @@ class Recorder:
         self._session_drained: dict[Path, asyncio.Event] = {}
         self._uploaders: list[asyncio.Task[None]] = []
         self._last_upload_ok = 0.0
+        # Called on the event loop with (session id, manifest bytes) once a session's manifest
+        # is in the store: the archive index is filled from here (bastion/archive_indexer.py).
+        self.on_session_stored: Callable[[str, bytes], None] | None = None
         # Their own threads: the loop's default executor has cpu_count + 4 of them, shared.
         self._upload_executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.upload_concurrency, thread_name_prefix="recorder-upload")
@@ -240,7 +244,9 @@ class Recorder:
             try:
                 if path.name == "manifest.json":
                     await self._session_uploaded(path.parent)
-                await self._upload_with_retries(path, key)
+                stored = await self._upload_with_retries(path, key)
+                if stored is not None and path.name == "manifest.json" and self.on_session_stored:
+                    self.on_session_stored(path.parent.name, stored)
             finally:
                 self.uploads_pending -= 1
                 self._queued_at.pop(seq, None)
@@ -262,12 +268,15 @@ class Recorder:
         if event is not None:
             event.set()
 
-    async def _upload_with_retries(self, path: Path, key: str) -> None:
+    async def _upload_with_retries(self, path: Path, key: str) -> bytes | None:
+        """Upload until the store takes the object; returns its bytes (None when it could not
+        be: a conflict, or the spool copy vanished)."""
         delay = 0.2
         while True:
             started = time.monotonic()
             try:
-                await asyncio.get_running_loop().run_in_executor(self._upload_executor, self._upload_one, path, key)
+                data = await asyncio.get_running_loop().run_in_executor(
+                    self._upload_executor, self._upload_one, path, key)
             except _Conflict as exc:
                 # The store answered, but retrying cannot help: set the object aside so
                 # that it does not hold up every later upload.
@@ -278,10 +287,11 @@ class Recorder:
                 except OSError:
                     kept = path
                 log.error("recording object %s NOT uploaded: %s; the spool copy is kept in %s", key, exc, kept)
+                return None
             except FileNotFoundError:
                 log.error("spooled recording object %s vanished before its upload to %s (is the spool %s "
                           "shared with another gateway?)", path, key, self.spool_dir)
-                return
+                return None
             except Exception as exc:  # noqa: BLE001 - whatever it is, the uploader must not die
                 self.upload_errors += 1
                 self.last_upload_error = str(exc) if isinstance(exc, StoreError | OSError) else repr(exc)
@@ -306,9 +316,9 @@ class Recorder:
                             "waiting in the spool", self.store.url, time.time() - self.store_down_since,
                             self.uploads_pending - 1)
                 self.store_down_since = None
-            return
+            return data
 
-    def _upload_one(self, path: Path, key: str) -> None:
+    def _upload_one(self, path: Path, key: str) -> bytes:
         data = path.read_bytes()
         try:
             self.store.put(key, data)
@@ -323,6 +333,7 @@ class Recorder:
         else:
             path.unlink()
             self._spool_add(-len(data))
+        return data
 
     def _set_aside(self, path: Path) -> Path:
         """Move a spooled object the store refused out of the session directory (a refused
@@ -393,6 +404,9 @@ class SessionRecording:
         self.closed = False
         self.counts: dict[str, int] = {"o": 0, "e": 0, "i": 0}
         self.markers: dict[str, int] = {}
+        # What the archive index needs of this session, collected as markers are recorded and
+        # written into the manifest (recorder/index.py): commands, and masking markers' values.
+        self._index = SessionIndexNotes()
         self._encoders = {c: ev.StreamEncoder(c) for c in ("o", "e", "i")}
         self._screen = ScreenTracker(*term) if term else None
         self._snap_t = 0.0
@@ -464,12 +478,14 @@ class SessionRecording:
     def marker(self, kind: str, **fields: Any) -> None:
         self.markers[kind] = self.markers.get(kind, 0) + 1
         t = self.now()
+        self._index.marker(t, kind, fields)
         self._append(ev.encode(t, "m", {"type": kind, **fields}), t)
 
     def marker_json(self, kind: str, key: str, raw: bytes, **fields: Any) -> None:
         """:meth:`marker` with the field ``key`` given as JSON text (``raw``), last."""
         self.markers[kind] = self.markers.get(kind, 0) + 1
         t = self.now()
+        self._index.marker_json(t, kind, key, raw, fields)
         self._append(ev.encode_with_json(t, "m", {"type": kind, **fields}, key, raw), t)
 
     def exit(self, status: int | None, signal: str | None = None, reason: str | None = None) -> None:
@@ -670,7 +686,8 @@ class SessionRecording:
         self.recorder_loop_call(lambda: self.recorder.queue_upload(self.dir / name, self.prefix + name))
         if final:
             self._writer = None
-            self.recorder._spool_add(_write_manifest(self.dir, self.recorder.key, self.meta, end or {}, self._chain))
+            self.recorder._spool_add(_write_manifest(self.dir, self.recorder.key, self.meta, end or {}, self._chain,
+                                                     index=self._index.to_manifest()))
             self.recorder_loop_call(
                 lambda: self.recorder.queue_upload(self.dir / "manifest.json", self.prefix + "manifest.json"))
         else:
@@ -844,7 +861,7 @@ def _resume_writer(writer: SegmentWriter, path: Path, index: int, kept: bytes, t
 
 
 def _write_manifest(session_dir: Path, key: RecordingKey, meta: dict[str, Any], end: dict[str, Any],
-                    chain: list[SegmentRecord]) -> int:
+                    chain: list[SegmentRecord], index: dict[str, Any] | None = None) -> int:
     import base64
 
     body = {
@@ -856,5 +873,7 @@ def _write_manifest(session_dir: Path, key: RecordingKey, meta: dict[str, Any], 
         "public_key": base64.b64encode(key.public_raw).decode(),
         "signed_at": iso(time.time()),
     }
+    if index is not None:
+        body["index"] = index
     manifest = {**body, "signature": key.sign(body)}
     return _write_file(session_dir / "manifest.json", json.dumps(manifest, ensure_ascii=False, indent=1).encode())
