@@ -596,10 +596,6 @@ def _print_commands(ctx: Context, summary: SessionSummary) -> None:
         _fail(str(exc))
 
 
-if __name__ == "__main__":
-    main()
-
-
 @main.command("index")
 @click.option("--rebuild", is_flag=True, required=True, help="Index every sealed session in the bucket.")
 @click.option("--state", "state_url", metavar="URL", required=True,
@@ -613,3 +609,7 @@ def index(ctx: Context, rebuild: bool, state_url: str, since: str | None) -> Non
 
     count = cli_index.rebuild(state_url, ctx.store(), _parse_since(since))
     click.echo(f"indexed {count} sessions from {ctx.store().url} into {state_url}")
+
+
+if __name__ == "__main__":
+    main()
