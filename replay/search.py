@@ -20,6 +20,8 @@ from replay.asciicast import ANSI
 from replay.reader import SessionSummary, iter_events
 
 MAX_LINE = 64 * 1024  # a pathological line without newline is matched in pieces
+# Segments fetched ahead in parallel while one is searched (reads wait on the store).
+READERS = 8
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ def search_session(store: RecordingStore, summary: SessionSummary, pattern: re.P
         yield Hit(summary.id, 0.0, "command", command)
     line: list[str] = []
     line_t = 0.0
-    for event in iter_events(store, summary):
+    for event in iter_events(store, summary, readers=READERS):
         if event.code == "m" and isinstance(event.data, dict) and event.data.get("type") == "command":
             text = str(event.data.get("command", ""))
             if pattern.search(text):
@@ -87,7 +89,7 @@ def masked_in_session(store: RecordingStore, summary: SessionSummary, hmac: str)
 
 def all_masked_in_session(store: RecordingStore, summary: SessionSummary) -> Iterator[tuple[MaskHit, str]]:
     """Every masked value of the session with its keyed hash, in recording order."""
-    for event in iter_events(store, summary):
+    for event in iter_events(store, summary, readers=READERS):
         if event.code != "m" or not isinstance(event.data, dict) or event.data.get("type") != "masking":
             continue
         for row in masked_rows(event.t, str(event.data.get("stream", "o")), event.data.get("values")):
