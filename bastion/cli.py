@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from bastion.cli_group import AliasGroup
 from bastion.config import ConfigError, load_config, parse_duration, parse_listen
 from recorder.store import StoreError
 
@@ -28,7 +29,7 @@ def _setup_logging(verbose: bool, log_format: str = "auto") -> str:
     return setup_logging(log_format, verbose)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=AliasGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="guarita")
 def main() -> None:
     """guarita: an access gateway that proves who agents are and records what they do."""
@@ -51,7 +52,7 @@ def main() -> None:
               help="With --dev: serve this cluster through the gateway (repeatable; everyone may use it).")
 @click.option("--state", "state_url", help="Where state goes: sqlite:///PATH (default DATA_DIR/state.db) or "
               "postgresql://USER@HOST:PORT/DB (several replicas).")
-@click.option("-v", "--verbose", is_flag=True)
+@click.option("-v", "--verbose", is_flag=True, help="Debug-level log.")
 @click.option("--log-format", type=click.Choice(["auto", "json", "text"]), default="auto", show_default=True,
               envvar="GUARITA_LOG_FORMAT", help="The log on stderr: JSON lines, or text; auto: text on a terminal, "
               "JSON otherwise.")
@@ -97,6 +98,10 @@ def serve(config_path: Path | None, dev: bool, data_dir: Path | None, recordings
             config = replace(config, state_url=state_url)
         if kube_clusters:
             config = _dev_clusters(config, kube_clusters, dev)
+        from bastion.config_files import file_problems
+
+        if problems := file_problems(config):
+            raise ConfigError(problems)
     except ConfigError as exc:
         _config_problems(exc)
         sys.exit(2)
@@ -129,16 +134,34 @@ async def _serve(gateway_cls: Any, config: Any, reload_source: tuple[Path, dict[
 
     # SIGHUP before the gateway has its handler (it installs it once serving) must not kill it.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    from bastion.instance_lock import InstanceLock, InstanceLocked
+
+    # One gateway per data dir and spool, taken before anything in them is touched; held
+    # until the process exits (bastion/instance_lock.py).
+    instance_lock = InstanceLock()
+    try:
+        instance_lock.acquire([config.data_dir, config.recording.spool_dir])
+    except InstanceLocked as exc:
+        click.echo(f"guarita: cannot start: {exc}", err=True)
+        sys.exit(1)
     try:
         gw = gateway_cls(config)
         if reload_source is not None:  # what SIGHUP reads again (bastion/lifecycle.py)
             gw.config_file, gw.config_overrides, gw.config_raw = reload_source
         await gw.start()
     except (OSError, RuntimeError, ValueError, StoreError) as exc:
-        click.echo(f"guarita: cannot start: {exc}", err=True)
+        click.echo(f"guarita: cannot start: {_start_error(exc)}", err=True)
         sys.exit(1)
     _print_welcome(gw, json_log)
     await gw.run_forever()
+
+
+def _start_error(exc: Exception) -> str:
+    """One line naming what failed: an OSError says which path (str() of one often does not)."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        target = f" -> {exc.filename2}" if exc.filename2 is not None else ""
+        return f"{exc.strerror or type(exc).__name__}: {exc.filename}{target}"
+    return str(exc)
 
 
 def _print_welcome(gw: Any, json_log: bool = False) -> None:
@@ -201,16 +224,23 @@ def config_reference(output: Path | None) -> None:
 
 @main.command("check-config")
 @click.argument("config_path", type=click.Path(path_type=Path))
-def check_config(config_path: Path) -> None:
-    """Validate a config file; print every problem with the key that has it."""
+@click.option("--skip-files", is_flag=True, help="Check the config's keys and values only, not the files it names "
+              "(for a config written for another machine: a container, a Helm chart).")
+def check_config(config_path: Path, skip_files: bool = False) -> None:
+    """Validate a config file and the files it names; print every problem with the key that has it."""
+    from bastion.config_files import file_problems
+
     try:
         config = load_config(config_path)
+        problems = [] if skip_files else file_problems(config)
+        if problems:
+            raise ConfigError(problems)
     except ConfigError as exc:
         _config_problems(exc)
         sys.exit(2)
     click.echo(f"{config_path}: OK ({len(config.issuers)} issuer(s), {len(config.targets)} target(s), "
                f"{len(config.access)} access rule(s), {len(config.approvals.rules)} approval rule(s); "
-               f"recordings to {config.recording.url})")
+               f"recordings to {config.recording.url})" + ("; files not checked (--skip-files)" if skip_files else ""))
 
 
 # -- credentials -------------------------------------------------------------------------
@@ -257,7 +287,7 @@ def read_token(token_file: Path | None = None) -> str | None:
 @main.command("dev-token")
 @click.option("--sub", required=True, help="Subject of the token.")
 @click.option("--group", "groups", multiple=True, help="A group (repeatable).")
-@click.option("--email")
+@click.option("--email", help="E-mail claim of the token.")
 @click.option("--ttl", default="1h", show_default=True, help="Lifetime, e.g. 10m, 1h.")
 @click.option("--claim", "claims", multiple=True, help="Extra claim NAME=VALUE (repeatable).")
 @click.option("--gateway", help=f"Gateway HTTP API (default $GUARITA_URL or {DEFAULT_GATEWAY}).")
@@ -465,7 +495,8 @@ def ssh_cert(key_path: Path, token_file: Path | None, ttl: str, gateway: str | N
 @click.argument("value")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="The gateway's config (finds the secret).")
 @click.option("--secret-file", type=click.Path(path_type=Path), help="The masking secret file itself.")
-@click.option("--data-dir", type=click.Path(path_type=Path), default=Path("guarita-data"), show_default=True)
+@click.option("--data-dir", type=click.Path(path_type=Path), default=Path("guarita-data"), show_default=True,
+              help="The data folder holding the masking secret (without --config).")
 def mask_hash(detector: str, value: str, config_path: Path | None, secret_file: Path | None, data_dir: Path) -> None:
     """Keyed hash of VALUE as the masking log records it: compare it with a session's
     `masking` markers to confirm "this CPF was masked in that session"."""
@@ -499,8 +530,10 @@ def mask_hash(detector: str, value: str, config_path: Path | None, secret_file: 
 
 
 @main.command()
-@click.option("--data-dir", type=click.Path(path_type=Path), default=Path("guarita-data"), show_default=True)
-@click.option("--config", "config_path", type=click.Path(path_type=Path))
+@click.option("--data-dir", type=click.Path(path_type=Path), default=Path("guarita-data"), show_default=True,
+              help="The data folder holding the keys (without --config).")
+@click.option("--config", "config_path", type=click.Path(path_type=Path),
+              help="The gateway's config file (finds its keys).")
 def keys(data_dir: Path, config_path: Path | None) -> None:
     """Print the public keys an auditor or a target needs: recording key, user CA, target CA."""
     from bastion.identity.usercert import load_or_create_key
@@ -596,7 +629,7 @@ def approvals() -> None:
 
 
 @approvals.command("list")
-@click.option("--status", default="pending", show_default=True,
+@click.option("--status", default="pending", show_default=True, help="Requests in this state.",
               type=click.Choice(["pending", "approved", "denied", "expired", "cancelled", "all"]))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_gateway_option
@@ -614,13 +647,17 @@ def approvals_list(status: str, as_json: bool, gateway: str | None, token_file: 
     import time as _time
 
     now = _time.time()
+    table = [("ID", "STATUS", "REQUESTER", "TARGET", "APPROVERS", "COMMAND")]
     for r in rows:
         requester = r["requester"].get("email") or r["requester"].get("subject")
         left = f"{max(0, int(r['expires'] - now))}s left" if r["status"] == "pending" else r["status"]
         command = r["command"].replace("\n", " ⏎ ")
         command = command if len(command) <= 60 else command[:57] + "..."
-        click.echo(f"{r['id']}  {left:>10}  {requester}  {r.get('target') or '-'}  {command}  "
-                   f"[approvers: {', '.join(r['approvers'])}]")
+        table.append((r["id"], left, str(requester), r.get("target") or "-", ", ".join(r["approvers"]) or "-",
+                      command))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
+    for row in table:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
 
 
 @approvals.command("show")

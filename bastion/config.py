@@ -258,6 +258,8 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     # [mcp]: the MCP front door (bastion/mcp).
     mcp: McpSettings = field(default_factory=McpSettings)
+    # [console] (bastion/console/settings.py ConsoleConfig); None: no console outside --dev.
+    console: Any = None
 
     @property
     def state(self) -> str:
@@ -356,7 +358,7 @@ def parse_config(raw: dict[str, Any], base: Path, overrides: dict[str, Any] | No
     problems: list[tuple[str, str]] = []
     r = _Reader(problems, base)
     r.unknown(raw, {"gateway", "recording", "ssh", "oidc", "targets", "access", "clusters", "state", "approvals",
-                   "approval_defaults", "webhooks", "roles", "limits", "masking", "mcp"}, "")
+                   "approval_defaults", "webhooks", "roles", "limits", "masking", "mcp", "console"}, "")
     overrides = overrides or {}
 
     gw = r.get(raw, "gateway", "", dict, {})
@@ -431,6 +433,11 @@ def parse_config(raw: dict[str, Any], base: Path, overrides: dict[str, Any] | No
         masking, masking_problems = parse_masking(raw["masking"], base, data_dir)
         problems.extend(masking_problems)
 
+    # [console]: the web console's OIDC client (issue 19)
+    from bastion.console.settings import parse_console
+
+    console, console_problems = parse_console(raw.get("console"), tuple(i.issuer for i in issuers))
+    problems.extend(console_problems)
     if problems:
         raise ConfigError(problems)
     return Config(
@@ -464,6 +471,7 @@ def parse_config(raw: dict[str, Any], base: Path, overrides: dict[str, Any] | No
         limits=limits,
         mcp=mcp,
         masking=masking,
+        console=console,
     )
 
 
@@ -759,6 +767,8 @@ CONFIG_SECTIONS = (
     ConfigSection("roles.auditors", "Auditors read locks and live sessions (and metrics)."),
     ConfigSection("limits", "Per identity, per replica, so a runaway agent cannot exhaust the gateway."),
     ConfigSection("mcp", "The MCP front door (`/mcp` on the HTTP API, `bastion mcp` over stdio; docs/mcp.md)."),
+    ConfigSection("console", "The web console (docs/console.md): the OIDC client it signs people in with "
+                             "(authorization code with PKCE). Without this table the console is off outside `--dev`."),
     ConfigSection("masking", "Personal-data masking of output (docs/masking.md). Without this table nothing is "
                              "masked."),
     ConfigSection("masking.detectors.<name>", "A built-in detector: `<name>` is one of `cpf`, `cnpj`, `card`, "
@@ -970,6 +980,15 @@ CONFIG_KEYS = (
     ConfigKey("limits.sessions_per_minute", "integer", 600, "New sessions of one subject per minute (0: no limit)."),
     ConfigKey("limits.lock_poll_interval", "duration", "1s", "How often each replica re-reads locks when no "
               "notification came (at most 1s)."),
+    # [console]
+    ConfigKey("console.client_id", "string", REQUIRED, "A public client at the issuer (no secret) allowed the "
+              "authorization code grant with PKCE and the redirect URI `URL/console/callback`."),
+    ConfigKey("console.issuer", "URL", None, "Which `[[oidc]]` issuer people sign in with.",
+              default_text="the first `[[oidc]]` issuer"),
+    ConfigKey("console.url", "URL", None, "The base URL people open (the redirect URI and the links in webhooks "
+              "derive from it).", default_text="the URL of the request"),
+    ConfigKey("console.scopes", "list of strings", None, "Scopes asked for (must include `openid`).",
+              default_text='`["openid", "email", "profile"]`'),
     # [masking]
     ConfigKey("masking.secret_file", "path", None, "HMAC key of the masking log (created, mode 0600, if missing).",
               default_text="`DATA_DIR/masking.key`"),

@@ -25,6 +25,7 @@ from bastion.identity.usercert import UserCA, load_or_create_key
 from bastion.metrics import Metrics
 from bastion.state import StateError, open_state
 from recorder import Recorder, RecordingKey, open_store
+from recorder.store import is_outage
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -53,6 +54,8 @@ def _log_masking_engine(detectors: list[Any]) -> None:
                     "slower on output dense with personal data")
 
 DEMO_TARGET = "demo"
+# How long the start-up check of the recordings store may take before it counts as an outage.
+STORE_CHECK_TIMEOUT = 10.0
 
 
 class Gateway:
@@ -117,12 +120,26 @@ class Gateway:
         from bastion.http.api import start_http
         from bastion.ssh.frontdoor import start_ssh
 
-        problems = await asyncio.to_thread(self.store.check)
+        try:
+            problems = await asyncio.wait_for(asyncio.to_thread(self.store.check), STORE_CHECK_TIMEOUT)
+        except TimeoutError:
+            problems = [f"{self.store.url} did not answer within {STORE_CHECK_TIMEOUT:g}s"]
         if problems:
             # One problem on one line; several as a list (each may contain ';' and commands).
             detail = f" {problems[0]}" if len(problems) == 1 else "".join(f"\n  - {p}" for p in problems)
-            if self.config.recording.failure_policy == "strict":
+            # An outage (the store does not answer) is what the spool is for, the same whether
+            # the gateway is starting or running: sessions go on, recordings wait in the spool
+            # (up to recording.spool_budget), /readyz and guarita_store_up say so. A store that
+            # answers but is unfit (no bucket, no Object Lock, access denied) refuses under strict.
+            outage = all(is_outage(p) for p in problems)
+            if self.config.recording.failure_policy == "strict" and not outage:
                 raise RuntimeError(f"recordings store {self.store.url} is not usable:{detail}")
+            if outage:
+                log.error("ALERT recordings store %s does not answer:%s (starting anyway: recordings wait in the "
+                          "spool %s and are uploaded when it answers; /readyz reports it)", self.store.url, detail,
+                          self.config.recording.spool_dir)
+                problems = []
+        if problems:
             # best_effort: sessions go on; recordings wait in the spool until the store is fixed.
             log.error("ALERT recordings store %s is not usable:%s (failure_policy = best_effort: starting "
                       "anyway, recordings stay in the spool)", self.store.url, detail)

@@ -59,11 +59,20 @@ class Readiness:
 
     # -- recordings store ---------------------------------------------------------------------
 
+    async def store_problem(self) -> str | None:
+        """Why the recordings store is not usable now (None when it is), within ``timeout``: a
+        store that hangs counts as down, not only one that answers with an error."""
+        return await self._store_problem()
+
     async def _store_problem(self) -> str | None:
         rec = self.gw.recorder
         if rec.store_down_since is not None:
             return f"uploads to {self.gw.store.url} fail since {time.time() - rec.store_down_since:.0f}s ago: " \
                    f"{rec.last_upload_error}"
+        since = getattr(rec, "upload_since", None)
+        if since is not None and time.time() - since > self.timeout:
+            return f"an upload to {self.gw.store.url} has not finished after {time.time() - since:.0f}s (the store " \
+                   "does not answer)"
         now = time.monotonic()
         if self._store_result is not None and now - self._store_result[0] < (
                 self.store_ttl if not self._store_result[1] else min(self.store_ttl, STORE_FAILED_TTL)):

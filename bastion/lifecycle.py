@@ -217,7 +217,7 @@ def _swap_approvals(engine: Any, policy: Any) -> None:
         return
     from bastion.approvals.webhooks import Webhooks
 
-    old, engine.webhooks = engine.webhooks, Webhooks(policy.webhooks)
+    old, engine.webhooks = engine.webhooks, Webhooks(policy.webhooks, getattr(engine.webhooks, "link", None))
     task = asyncio.get_running_loop().create_task(old.close())
     engine._tasks.add(task)
     task.add_done_callback(engine._tasks.discard)

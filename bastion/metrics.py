@@ -78,6 +78,9 @@ class Metrics:
         self.auth_failures = Counter("guarita_auth_failures", "Credentials refused, by front door (ssh, kube, "
                                      "api) and reason (expired, bad_signature, unknown_issuer...).",
                                      ["front_door", "reason"], registry=r)
+        self.auth_throttled = Counter("guarita_auth_throttled", "Login attempts refused by the guessing limits "
+                                      "(bastion/ssh/authlimit.py), by scope: connection, address, subject.",
+                                      ["scope"], registry=r)
         self.approval_requests = Counter("guarita_approval_requests", "Approval requests created by this "
                                          "replica.", registry=r)
         self.approvals_decided = Counter("guarita_approvals_decided", "Approval requests resolved, by decision "
@@ -92,6 +95,8 @@ class Metrics:
                                        "(all replicas: read from the state database).", registry=r)
         self.locks_active = Gauge("guarita_locks_active", "Locks in force (all replicas: read from the state "
                                   "database).", registry=r)
+        # The last scrape's check of the recordings store (bastion/health.py, with a timeout).
+        self.store_probe_ok = True
         self.state_up = Gauge("guarita_state_up", "1 when the state database answered the last scrape's "
                               "query.", registry=r)
         # Relayed bytes of sessions that have ended, by (front door, direction); live sessions
@@ -128,6 +133,8 @@ class Metrics:
         self.audit_events.labels(event).inc()
         if event == "auth.failure":
             self.auth_failures.labels(_auth_front_door(fields), str(fields.get("reason") or "unknown")).inc()
+        elif event == "auth.throttled":
+            self.auth_throttled.labels(str(fields.get("scope") or "unknown")).inc()
         elif event == "session.refused":
             self.refused.labels(str(fields.get("front_door") or "ssh"), str(fields.get("reason") or "unknown")).inc()
         elif event == "approval.requested":
@@ -140,7 +147,15 @@ class Metrics:
     # -- a scrape ---------------------------------------------------------------------------------
 
     async def refresh(self) -> None:
-        """Numbers that need the state database (bounded: a slow database never blocks a scrape)."""
+        """Numbers that need the state database or the recordings store (bounded: a slow one
+        never blocks a scrape, and one that hangs counts as down)."""
+        readiness = getattr(self.gw, "readiness", None)
+        if readiness is not None:
+            try:
+                self.store_probe_ok = await asyncio.wait_for(readiness.store_problem(), STATE_TIMEOUT + 2) is None
+            except Exception as exc:  # noqa: BLE001 - a scrape must answer whatever the store does
+                log.debug("metrics: the recordings store check did not answer: %s", exc)
+                self.store_probe_ok = False
         state = getattr(self.gw, "state", None)
         if getattr(state, "engine", None) is None:
             return
@@ -230,11 +245,15 @@ class _LiveCollector(Collector):
                       now - rec.store_down_since if rec.store_down_since else 0.0)
             yield GaugeMetricFamily("guarita_upload_lag_seconds", "Age of the oldest recording object waiting for "
                                     "upload (or of the store outage, if longer); 0 when nothing waits.", value=lag)
-            yield GaugeMetricFamily("guarita_store_up", "0 while uploads to the recordings store fail.",
-                                    value=0 if rec.store_down_since else 1)
+            yield GaugeMetricFamily("guarita_store_up", "0 while the recordings store fails or does not answer "
+                                    "(uploads failing or hanging, or its check timing out).",
+                                    value=0 if rec.store_down_since or not m.store_probe_ok else 1)
             yield CounterMetricFamily("guarita_upload_errors", "Failed upload attempts to the recordings store.",
                                       value=rec.upload_errors)
             yield GaugeMetricFamily("guarita_recordings_open", "Recordings being written.", value=len(rec.sessions))
+            yield CounterMetricFamily("guarita_spool_failures", "Times a session's recording could not be written "
+                                      "to the spool (each leaves a gap, or ends the session under strict).",
+                                      value=getattr(rec, "spool_failures", 0))
         approvals = getattr(gw, "approvals", None)
         hooks = getattr(approvals, "webhooks", None)
         if hooks is not None:

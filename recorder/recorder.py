@@ -112,6 +112,10 @@ class Recorder:
         self.upload_errors = 0
         self.uploads_pending = 0
         self.upload_conflicts = 0
+        # When each upload in flight started: health and metrics see a hung store (upload_since).
+        self._in_flight: dict[object, float] = {}
+        # Times a session's recording could not be written to the spool (each opens a gap).
+        self.spool_failures = 0
         self.store_down_since: float | None = None
         self.last_upload_error: str | None = None
         # Bytes in the spool, kept up to date as files are written and removed so that
@@ -163,6 +167,12 @@ class Recorder:
         """Seal live sessions, then give the uploader ``timeout`` seconds to drain the spool."""
         for rec in list(self.sessions.values()):
             await rec.close({"reason": "gateway shutting down"})
+        for rec in list(self.sessions.values()):
+            if not rec.sealed:
+                rec.stop_sealing()
+                log.error("ALERT recording of session %s could not be sealed: the spool %s refuses writes (%s); "
+                          "it is sealed from the spool at the next start", rec.id, self.spool_dir, rec.failed,
+                          extra={"session": rec.id})
         deadline = time.monotonic() + timeout
         while self.uploads_pending and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -222,6 +232,12 @@ class Recorder:
             return queued
         return None
 
+    @property
+    def upload_since(self) -> float | None:
+        """When the oldest upload still in flight started (None when none is): a store that
+        hangs shows as an upload that never ends."""
+        return min(self._in_flight.values(), default=None)
+
     def queue_upload(self, path: Path, key: str) -> None:
         self.uploads_pending += 1
         self._upload_seq += 1
@@ -274,9 +290,14 @@ class Recorder:
         delay = 0.2
         while True:
             started = time.monotonic()
+            attempt = object()
+            self._in_flight[attempt] = time.time()
             try:
-                data = await asyncio.get_running_loop().run_in_executor(
-                    self._upload_executor, self._upload_one, path, key)
+                try:
+                    data = await asyncio.get_running_loop().run_in_executor(
+                        self._upload_executor, self._upload_one, path, key)
+                finally:
+                    del self._in_flight[attempt]
             except _Conflict as exc:
                 # The store answered, but retrying cannot help: set the object aside so
                 # that it does not hold up every later upload.
@@ -428,6 +449,19 @@ class SessionRecording:
         self._writer: SegmentWriter | None = None
         self._inflight_lock = threading.Lock()
         self._fail_reported = False
+        # Spool failures (docs/recording-format.md, "Gaps"): while ``_gap`` is set, file work is
+        # skipped and counted as lost; best_effort tries to resume every flush interval, and
+        # the close seals what the spool holds (retrying until the spool takes it) whatever
+        # the policy, so that no recording stays unsealed until a restart.
+        self._gap: dict[str, Any] | None = None
+        self._gaps: list[dict[str, Any]] = []
+        self._resuming = False
+        self._opened = False
+        self._queued_segments: set[int] = set()
+        self._final_sealed = False
+        self.sealed = False
+        self._final_end: dict[str, Any] = {}
+        self._sealer: asyncio.Task[None] | None = None
         self._loop = asyncio.get_running_loop()
         self._work = _SerialWork(recorder._executor, self._run_op)
         self._timer = asyncio.create_task(self._tick(), name=f"recording-timer-{session_id}")
@@ -519,9 +553,31 @@ class SessionRecording:
         self._timer.cancel()
         end = {"ended_at": iso(time.time()), "duration": round(self.now(), 3),
                "bytes": dict(self.counts), "markers": dict(self.markers), **(end or {})}
-        self._cut(final=True, end=end)
+        items, size = self._take()
+        t_end = self._last_t
+        self._final_end = end
+        self._submit(lambda: self._op_final(items, t_end), size, always=True)
         await self._barrier()
+        if self.sealed:
+            self.recorder.sessions.pop(self.id, None)
+        else:
+            # The spool refused the seal: try again until it takes it (space freed, disk back).
+            self._sealer = asyncio.create_task(self._seal_later(), name=f"recording-sealer-{self.id}")
+
+    def stop_sealing(self) -> None:
+        if self._sealer is not None:
+            self._sealer.cancel()
+
+    async def _seal_later(self) -> None:
+        delay = min(self.recorder.flush_interval, 0.5)
+        while not self.sealed:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            self._submit(self._op_final_retry, 0, always=True)
+            await self._barrier()
         self.recorder.sessions.pop(self.id, None)
+        log.warning("recording of session %s sealed: the spool %s takes writes again", self.id, self.dir,
+                    extra={"session": self.id})
 
     # -- buffering and segment cutting --------------------------------------------------
 
@@ -601,6 +657,11 @@ class SessionRecording:
         interval = self.recorder.flush_interval
         while True:
             await asyncio.sleep(interval)
+            if self._gap is not None:
+                if self.recorder.failure_policy == "best_effort" and not self._resuming:
+                    self._resuming = True
+                    self._submit(self._op_resume, 0, always=True)
+                continue
             if self._seg_raw and self.now() - self._seg_t >= self.recorder.segment_seconds:
                 self._cut()
             else:
@@ -620,11 +681,17 @@ class SessionRecording:
     def _run_op(self, op: Callable[[], Any], size: int, always: bool) -> None:
         """Worker thread: one op, in submission order. Failures are reported to the loop."""
         try:
-            if always or not (self.failed and self.recorder.failure_policy == "strict"):
+            if always or self._gap is None:
                 op()
+            else:
+                self._gap["lost_bytes"] += size  # the spool failed and has not taken writes since
         except Exception as exc:  # noqa: BLE001 - any failure to record is the session's failure
             if not isinstance(exc, OSError | StoreError | ValueError):
                 log.exception("recording of session %s failed unexpectedly", self.id)
+            if self._gap is None:
+                self._gap = {"from": round(self.now(), 3), "lost_bytes": 0, "reason": _why(exc)}
+                self.recorder.spool_failures += 1
+            self._gap["lost_bytes"] += size
             self.failed = self.failed or exc
             self._loop.call_soon_threadsafe(self._fail, exc)
         finally:
@@ -639,10 +706,12 @@ class SessionRecording:
         self.failed = self.failed or exc
         if not self._fail_reported:
             self._fail_reported = True
-            log.error("recording of session %s cannot reach the spool %s: %s (policy %s)",
-                      self.id, self.dir, exc, self.recorder.failure_policy, extra={"session": self.id})
+            then = ("the session is ended" if self.recorder.failure_policy == "strict" else
+                    "the session goes on unrecorded; recording resumes when the spool takes writes again")
+            log.error("ALERT recording of session %s cannot reach the spool %s: %s (failure_policy %s: %s)",
+                      self.id, self.dir, exc, self.recorder.failure_policy, then, extra={"session": self.id})
             self._drained.set()
-            if self.on_failure:
+            if self.on_failure and not self.closed:
                 self.on_failure(exc)
 
     def _op_open(self, snapshot: dict[str, Any] | None) -> None:
@@ -652,6 +721,7 @@ class SessionRecording:
             _write_file(self.dir / name, meta)
         self.recorder._spool_add(2 * len(meta))
         self.recorder_loop_call(lambda: self.recorder.queue_upload(self.dir / "start.json", self.prefix + "start.json"))
+        self._opened = True
         self._writer = self._new_writer(0, None, 0.0, snapshot)
 
     def _new_writer(self, index: int, prev: str | None, t: float, snapshot: dict[str, Any] | None) -> SegmentWriter:
@@ -680,10 +750,11 @@ class SessionRecording:
         writer.append(raw, n, t_end, sync=False)
         self.recorder._spool_add(writer.size - before)
         name = segment_name(writer.index)
+        self._writer = None  # sealing closes its file: never written again, whatever fails below
         record = writer.seal(self.dir / name)
         self._chain.append(record)
         self.recorder._spool_add(_append_chain(self.dir, record))
-        self.recorder_loop_call(lambda: self.recorder.queue_upload(self.dir / name, self.prefix + name))
+        self._queue_segment(record.index)
         if final:
             self._writer = None
             self.recorder._spool_add(_write_manifest(self.dir, self.recorder.key, self.meta, end or {}, self._chain,
@@ -695,6 +766,94 @@ class SessionRecording:
 
     def recorder_loop_call(self, fn: Callable[[], None]) -> None:
         self._loop.call_soon_threadsafe(fn)
+
+    def _queue_segment(self, index: int) -> None:
+        if index not in self._queued_segments:
+            self._queued_segments.add(index)
+            name = segment_name(index)
+            self.recorder_loop_call(lambda: self.recorder.queue_upload(self.dir / name, self.prefix + name))
+
+    # -- after a spool failure (worker thread) -----------------------------------------------------
+
+    def _op_resume(self) -> None:
+        """best_effort: try to take writes again; on success the gap is marked and closed."""
+        try:
+            self._repair()
+        except OSError as exc:
+            log.debug("spool %s still refuses session %s: %s", self.dir, self.id, exc)
+            return
+        finally:
+            self._resuming = False
+        log.warning("recording of session %s resumes: the spool takes writes again (%.1fs not recorded)",
+                    self.id, self._gaps[-1]["to"] - self._gaps[-1]["from"], extra={"session": self.id})
+        self.failed = None
+        self._fail_reported = False
+
+    def _repair(self) -> None:
+        """Bring the spool back in line with what the session holds, then mark the gap.
+
+        The session directory and its metadata are written again if the failure came before
+        them; a segment sealed on disk but not chained is chained; ``chain.jsonl`` is
+        rewritten whole (an append may have left half a line); the open segment keeps its
+        complete frames (a failed write may have left part of one) or starts anew. Raises
+        OSError while the spool still refuses."""
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            writer.abandon()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not self._opened:
+            meta = json.dumps(self.meta, ensure_ascii=False, indent=1).encode()
+            for name in ("meta.json", "start.json"):
+                _write_file(self.dir / name, meta)
+            self.recorder_loop_call(
+                lambda: self.recorder.queue_upload(self.dir / "start.json", self.prefix + "start.json"))
+            self._opened = True
+        index = len(self._chain)
+        if (self.dir / segment_name(index)).exists():
+            self._chain.append(_record_from_file(self.dir / segment_name(index), index))
+            index += 1
+        _write_file(self.dir / "chain.jsonl", b"".join((json.dumps(r.to_dict()) + "\n").encode() for r in self._chain))
+        for record in self._chain:
+            self._queue_segment(record.index)
+        t = self.now()
+        self._writer = _reopen_segment(self.dir, self.id, index, self._chain[-1].sha256 if self._chain else None, t)
+        if self._gap is not None:
+            gap = {**self._gap, "to": round(t, 3)}
+            self._writer.append(ev.encode(t, "m", {"type": "gap", **gap}), 1, t, sync=True)
+            self._gaps.append(gap)
+            self._gap = None
+
+    def _op_final(self, items: list[bytes | tuple[float, str, bytes]], t_end: float) -> None:
+        """Seal the last segment and write the manifest; after a spool failure, first repair
+        (marking the gap up to the end). Each step is done once, so a retry picks up where the
+        spool refused."""
+        if not self._final_sealed:
+            if self._gap is not None or self._writer is None:
+                self._repair()
+            assert self._writer is not None
+            raw, n = self._encode(items) if items else (b"", 0)
+            before = self._writer.size
+            self._writer.append(raw, n, t_end, sync=False)
+            self.recorder._spool_add(self._writer.size - before)
+            writer, self._writer = self._writer, None
+            record = writer.seal(self.dir / segment_name(writer.index))
+            self._chain.append(record)
+            self._final_sealed = True
+            self.recorder._spool_add(_append_chain(self.dir, record))
+            self._queue_segment(record.index)
+        for chained in self._chain:  # an append to chain.jsonl may have failed before the queueing
+            self._queue_segment(chained.index)
+        end = {**self._final_end, **({"gaps": self._gaps} if self._gaps else {})}
+        self.recorder._spool_add(_write_manifest(self.dir, self.recorder.key, self.meta, end, self._chain))
+        self.sealed = True
+        self.recorder_loop_call(
+            lambda: self.recorder.queue_upload(self.dir / "manifest.json", self.prefix + "manifest.json"))
+
+    def _op_final_retry(self) -> None:
+        try:
+            self._op_final([], self._last_t)
+        except OSError as exc:
+            log.debug("spool %s still refuses the seal of session %s: %s", self.dir, self.id, exc)
 
 
 class _SerialWork:
@@ -837,6 +996,32 @@ def _seal_recovered(session_dir: Path, sid: str, chain: list[SegmentRecord]) -> 
     record = writer.seal(session_dir / segment_name(index))
     open_path.unlink(missing_ok=True)
     return record
+
+
+def _why(exc: Exception) -> str:
+    return f"the spool could not be written: {exc.strerror or exc}" if isinstance(exc, OSError) else str(exc)
+
+
+def _reopen_segment(session_dir: Path, sid: str, index: int, prev: str | None, t: float) -> SegmentWriter:
+    """The open segment ``index`` cut back to its complete frames, ready for appending; a new
+    one when it has none (a failed write may have left part of a frame, or no header)."""
+    path = session_dir / (segment_name(index) + ".open")
+    data = path.read_bytes() if path.exists() else b""
+    raw, good, _ = read_frames(data)
+    header_line, _, rest = raw.partition(b"\n")
+    if not header_line:
+        return SegmentWriter(path, index, make_header(sid, index, prev, t, None), t)
+    kept = data[:good]
+    t_last = float(json.loads(header_line)["t"])
+    for e in ev.decode_lines(rest):
+        t_last = max(t_last, e.t)
+    with open(path, "r+b") as f:
+        f.truncate(good)
+        f.flush()
+        os.fsync(f.fileno())
+    writer = SegmentWriter.__new__(SegmentWriter)
+    _resume_writer(writer, path, index, kept, t_last)
+    return writer
 
 
 def _resume_writer(writer: SegmentWriter, path: Path, index: int, kept: bytes, t_last: float) -> None:

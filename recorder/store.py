@@ -140,6 +140,13 @@ class FileStore:
         return []
 
 
+def is_outage(problem: str) -> bool:
+    """Whether a ``check()`` problem says the store does not answer (an outage the spool rides
+    out), rather than that it answers and is unfit (no bucket, no Object Lock, access denied).
+    The wording is S3Store._error's (connection refused or timed out)."""
+    return problem.startswith("cannot reach ") or " did not answer within " in problem
+
+
 def open_store(url: str, lock_mode: str = "COMPLIANCE", retention: float = 5 * 31536000.0) -> RecordingStore:
     """The store for a recordings URL. ``lock_mode`` and ``retention`` (seconds) apply to S3."""
     parsed = urlparse(url)

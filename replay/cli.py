@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from bastion.cli_group import AliasGroup
 from recorder.signing import load_public_key
 from recorder.store import RecordingStore, StoreError, open_store
 from replay.cli_index import state_option
@@ -61,6 +62,9 @@ class Context:
             key_file = load_config(self.config).recording.key_file
         elif self.data_dir:
             key_file = self.data_dir / "recording_key.pem"
+        elif not self.recordings:
+            # No flag: the folder where `bastion serve --dev` ran, as for the recordings.
+            key_file = Path("guarita-data") / "recording_key.pem"
         if key_file and key_file.exists():
             from recorder.signing import RecordingKey
 
@@ -113,7 +117,8 @@ def _fail(message: str) -> None:
     sys.exit(1)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=AliasGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="guarita", prog_name="replay")
 @click.option("--config", type=click.Path(path_type=Path), help="The gateway's config file (finds its recordings).")
 @click.option("--recordings", help="Recordings URL: file:///PATH or s3://BUCKET/PREFIX.")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="A `bastion serve --dev` data folder.")
@@ -148,7 +153,20 @@ def _sessions(ctx: Context, f: Filters, state_url: str | None = None) -> list[Se
         found = list(list_sessions(ctx.store(), f.since))
     except StoreError as exc:
         raise click.ClickException(str(exc)) from None
-    return [s for s in found if f.match(s)]
+    chosen = [s for s in found if f.match(s)]
+    if f.approved:  # the markers' counts say an approval was asked; the events say how it ended
+        chosen = [s for s in chosen if _had_approved_command(ctx, s)]
+    return chosen
+
+
+def _had_approved_command(ctx: Context, summary: SessionSummary) -> bool:
+    """A command ran after approval (not denied, expired or cancelled)."""
+    try:
+        return any(e.code == "m" and isinstance(e.data, dict) and e.data.get("type") == "command"
+                   and e.data.get("outcome") == "approved" for e in iter_events(ctx.store(), summary))
+    except (ReplayError, StoreError) as exc:
+        click.echo(f"replay: {summary.id}: {exc} (not counted as approved)", err=True)
+        return False
 
 
 class Filters:
@@ -186,7 +204,8 @@ def filter_options(fn: Any) -> Any:
         click.option("--target", help="This target (or cluster)."),
         click.option("--login", help="This login."),
         click.option("--exit", "exit_status", type=int, help="This exit status."),
-        click.option("--approved", is_flag=True, help="Had an approval."),
+        click.option("--approved", is_flag=True, help="Ran a command after its approval was granted (not denied, "
+                     "expired or cancelled)."),
         click.option("--masked", is_flag=True, help="Had masking."),
         click.option("--command", help="Exec command containing this text."),
     ]
@@ -244,7 +263,8 @@ def _open(ctx: Context, ref: str) -> SessionSummary:
 @main.command()
 @click.argument("session")
 @click.option("--raw", is_flag=True, help="Keep terminal escape sequences.")
-@click.option("--input", "show_input", is_flag=True, help="Also show what was typed, marked with ⌨.")
+@click.option("--input", "show_input", is_flag=True, help="Also show what was typed, marked with ⌨, on stdout "
+              "between the output it came with.")
 @click.option("--commands", "show_commands", is_flag=True, help="List commands with times and approval outcome.")
 @pass_store
 def cat(ctx: Context, session: str, raw: bool, show_input: bool, show_commands: bool) -> None:
@@ -259,7 +279,7 @@ def cat(ctx: Context, session: str, raw: bool, show_input: bool, show_commands: 
             data = event.stream_bytes()
             if data is None:
                 if event.code == "m" and event.data.get("type") == "hidden-input" and show_input:
-                    err.write(f"⌨ [hidden input, {event.data.get('length')} bytes]\n".encode())
+                    out.write(f"⌨ [hidden input, {event.data.get('length')} bytes]\n".encode())
                 continue
             stream = event.stream
             if stream == "i" and not show_input:
@@ -267,8 +287,11 @@ def cat(ctx: Context, session: str, raw: bool, show_input: bool, show_commands: 
             if not raw:
                 data = _ANSI.sub("", data.decode("utf-8", "replace")).replace("\r\n", "\n").encode()
             if stream == "i":
-                err.write(b"\xe2\x8c\xa8 " + data + b"\n")
+                # Typed input goes with the output it came between, on stdout (a pipe keeps the order).
+                out.write(b"\xe2\x8c\xa8 " + data + b"\n")
             else:
+                if stream == "e":
+                    out.flush()
                 (err if stream == "e" else out).write(data)
     except ReplayError as exc:
         out.flush()
@@ -309,6 +332,11 @@ def play(ctx: Context, session: str, speed: float, idle_limit: float | None, fro
     summary = _open(ctx, session)
     _warn_size(summary)
     player = Player(ctx.store(), summary, sys.stdout.buffer, speed, idle_limit)
+    if player.duration and start > player.duration:
+        raise click.BadParameter(f"{from_} is past the end of session {summary.id}, which lasts "
+                                 f"{format_offset(player.duration)}", param_hint="--from")
+    length = f"{format_offset(player.duration)} long" if player.duration else "still running or never sealed"
+    click.echo(f"replay: {summary.id}, {length}: playing from {format_offset(start)} at speed x{speed:g}", err=True)
     keys = open_keys()
     try:
         player.play(start, keys)
@@ -339,7 +367,7 @@ def _warn_size(summary: SessionSummary) -> None:
 @main.command()
 @click.argument("session")
 @click.option("--format", "fmt", type=click.Choice(["asciicast-v2", "asciicast-v3", "json", "text"]),
-              default="asciicast-v2", show_default=True)
+              default="asciicast-v2", show_default=True, help="asciicast for asciinema, JSON events, or plain text.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output file (default stdout).")
 @pass_store
 def export(ctx: Context, session: str, fmt: str, output: Path | None) -> None:
@@ -365,7 +393,7 @@ def export(ctx: Context, session: str, fmt: str, output: Path | None) -> None:
 @click.argument("pattern")
 @filter_options
 @click.option("--commands-only", is_flag=True, help="Search commands only, not output.")
-@click.option("-i", "--ignore-case", is_flag=True)
+@click.option("-i", "--ignore-case", is_flag=True, help="Match upper and lower case alike.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per hit.")
 @state_option
 @pass_store
@@ -556,30 +584,47 @@ def progress_events(ctx: Context, summary: SessionSummary, label: str | None) ->
 @click.option("--since", help="With --all: only sessions started in the last DURATION or since a date.")
 @click.option("--public-key", "public_keys", multiple=True, help=PUBLIC_KEY_HELP)
 @click.option("--lock-mode", type=click.Choice(["COMPLIANCE", "GOVERNANCE"]), help="Expected Object Lock mode.")
+@click.option("--no-trusted-key", "untrusted_ok", is_flag=True,
+              help="Without a trusted public key, check hashes, chain and retention and the signature against "
+                   "the manifest's own key only (a forger who can write the bucket can re-sign), and exit 0 when "
+                   "they hold. Without this flag such a recording is UNVERIFIED (exit 1).")
 @pass_store
 def verify(ctx: Context, session: str | None, all_: bool, since: str | None, public_keys: tuple[str, ...],
-           lock_mode: str | None) -> None:
-    """Check hashes, chain, signature and retention; exit 1 at the first broken recording."""
+           lock_mode: str | None, untrusted_ok: bool = False) -> None:
+    """Check hashes, chain, signature and retention; exit 1 if any recording fails or is unverified.
+
+    The signing key is trusted from --public-key, the gateway's --config, --data-dir, or the
+    ./guarita-data folder of `bastion serve --dev`. A session hidden by an S3 delete marker
+    fails; a stretch the recorder could not record (a full spool under best_effort) is named."""
     if bool(session) == all_:
         raise click.UsageError("give a SESSION or --all")
     trusted = ctx.trusted_keys(public_keys)
     targets = _sessions(ctx, Filters(since=since)) if all_ else [_open(ctx, session or "")]
-    failed = 0
+    failed = unverified = 0
     warned: set[str] = set()
     for summary in progress(targets, "verifying"):
-        result = verify_session(ctx.store(), summary, trusted, lock_mode)
+        result = verify_session(ctx.store(), summary, trusted, lock_mode, untrusted_ok=untrusted_ok)
         for warning in result.warnings:
             if warning not in warned:
                 warned.add(warning)
                 click.echo(f"warning: {warning}", err=True)
-        if result.ok:
-            click.echo(f"{summary.id}: OK ({result.segments} segments)")
-        else:
+        gaps = "".join(f"; GAP {g}" for g in result.gaps) if result.ok or result.unverified else ""
+        if result.problems:
             failed += 1
             click.echo(f"{summary.id}: FAILED: {result.problems[0]}")
+        elif result.unverified:
+            unverified += 1
+            click.echo(f"{summary.id}: UNVERIFIED: hashes and chain hold ({result.segments} segments), but no trusted "
+                       f"public key vouches for the signature{gaps}")
+        else:
+            click.echo(f"{summary.id}: OK ({result.segments} segments){gaps}")
+    if unverified:
+        click.echo("replay: no trusted public key: pass --public-key (see `bastion keys`), --config or --data-dir; "
+                   "or --no-trusted-key to accept the manifests' own keys", err=True)
     if all_:
-        click.echo(f"{len(targets) - failed} verified, {failed} failed", err=True)
-    sys.exit(1 if failed else 0)
+        click.echo(f"{len(targets) - failed - unverified} verified, {failed} failed"
+                   + (f", {unverified} unverified" if unverified else ""), err=True)
+    sys.exit(1 if failed or unverified else 0)
 
 
 def _print_commands(ctx: Context, summary: SessionSummary) -> None:

@@ -35,7 +35,7 @@ from replay.verify import verify_session
 
 INDEX_FIELDS = ("id", "started_at", "state", "subject", "email", "groups", "actors", "source", "front_door", "target", "login",
                 "namespace", "pod", "container", "kind", "command", "exit_status", "end_reason", "approvals", "masking", "verified",
-                "problems")
+                "problems", "masking_mode")
 
 README = """guarita evidence package
 ========================
@@ -59,11 +59,25 @@ recording-keys/          the trusted recording public keys, base64, one file eac
 
 To check it without trusting whoever made it (`pip install guarita` gives `replay`):
 
-    mkdir evidence && tar xzf PACKAGE.tar.gz -C evidence && cd evidence
-    replay --recordings "file://$PWD/store" verify --all --public-key recording-keys
+    mkdir evidence && tar xzf {package} -C evidence && cd evidence
+    {verify}
     replay --recordings "file://$PWD/store" ls
 
-Compare recording-keys/ with the keys the gateway's operators published (`bastion keys`).
+{key_advice}
+
+What is masked and what is not
+------------------------------
+{masking}
+Masking applies per target or group as the gateway's policy says: "live" and "both" mask
+what the agent saw and what was recorded, "recording" masks the recording only (the agent
+saw the values), "none" (or no masking configured) masks nothing. Detectors find CPF,
+CNPJ, payment cards (Luhn), e-mail addresses, Brazilian and international phone numbers
+and the custom patterns configured; a value in a format they do not recognise (spelled
+out, split across words, in an image, compressed or encoded) is NOT masked.
+Never masked: what was typed (stdin is recorded as typed, except input typed while the
+remote side did not echo, e.g. a password prompt, which is recorded only as its length),
+file transfers (sftp, scp) and port forwards, and Kubernetes API objects. `kubectl logs`
+is not recorded here (its masked values are in the gateway's audit log).
 Masking markers hold keyed hashes, never values: `bastion mask-hash DETECTOR VALUE` with
 the gateway's masking secret gives a value's hash, and `replay masked HASH` finds it.
 """
@@ -83,15 +97,37 @@ def write_package(store: RecordingStore, sessions: list[SessionSummary], out: Pa
             _add(tar, "index.csv", _csv(rows))
             for key in trusted_keys:
                 _add(tar, f"recording-keys/{public_key_id(key).replace(':', '-')}.pub", base64.b64encode(key) + b"\n")
-            key_ids = ", ".join(public_key_id(k) for k in trusted_keys) or (
-                "none given: signatures were checked against the keys in the manifests")
+            key_ids = ", ".join(public_key_id(k) for k in trusted_keys) or "none: see below"
             _add(tar, "README.txt", README.format(made=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                                                   selection=selection, count=len(rows), ok=ok,
-                                                  failed=len(rows) - ok, key_ids=key_ids).encode())
+                                                  failed=len(rows) - ok, key_ids=key_ids, package=out.name,
+                                                  **_key_instructions(trusted_keys),
+                                                  masking=_masking_summary(rows)).encode())
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     return ok, len(rows) - ok
+
+
+def _key_instructions(trusted_keys: tuple[bytes, ...]) -> dict[str, str]:
+    if trusted_keys:
+        return {"verify": 'replay --recordings "file://$PWD/store" verify --all --public-key recording-keys',
+                "key_advice": "Compare recording-keys/ with the keys the gateway's operators published "
+                              "(`bastion keys`)."}
+    return {"verify": 'replay --recordings "file://$PWD/store" verify --all --public-key KEY.pem',
+            "key_advice": "No trusted recording key was given when this package was made, so it holds none: "
+                          "get the public key from the gateway's operators (`bastion keys`) and pass it as "
+                          "KEY.pem. Without one, verify says UNVERIFIED (a manifest re-signed by another key "
+                          "cannot be told from the gateway's); --no-trusted-key checks the rest alone."}
+
+
+def _masking_summary(rows: list[dict[str, Any]]) -> str:
+    """Per session: where masking applied and how many values each detector masked."""
+    lines = []
+    for row in rows:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted((row.get("masking") or {}).items()) if v) or "no values"
+        lines.append(f"  {row['id']}: masking {row.get('masking_mode') or 'none'}; masked: {counts}\n")
+    return "".join(lines)
 
 
 def _add_session(tar: tarfile.TarFile, store: RecordingStore, summary: SessionSummary,
@@ -101,6 +137,9 @@ def _add_session(tar: tarfile.TarFile, store: RecordingStore, summary: SessionSu
         _add(tar, "store/" + key, store.get(key))
     result = verify_session(store, summary, trusted_keys)
     problems = list(result.problems)
+    if result.unverified:
+        problems.append("UNVERIFIED: no trusted recording public key was given, the signature proves nothing")
+    problems += [f"GAP {g}" for g in result.gaps]
     # Each view reads the recording again, through a temporary file: memory stays flat
     # whatever the session's size.
     marks: list[Any] = []
@@ -148,7 +187,7 @@ def _row(summary: SessionSummary, marks: list[Any], verified: bool, problems: li
         "container": meta.get("container"),
         "kind": meta.get("kind"), "command": meta.get("command"), "exit_status": summary.exit_status,
         "end_reason": summary.end.get("reason"), "approvals": approvals, "masking": summary.end.get("masking") or {},
-        "verified": verified, "problems": problems,
+        "verified": verified, "problems": problems, "masking_mode": meta.get("masking") or "none",
     }
 
 

@@ -37,6 +37,7 @@ class Player:
         records = (summary.manifest or {}).get("segments")
         self.starts: list[float] | None = [float(r["t_start"]) for r in records] if records else None
         self.duration = float((summary.manifest or {}).get("end", {}).get("duration") or 0.0)
+        self._status_at = 0.0
 
     def _segment(self, index: int) -> tuple[dict, list[Event]]:
         key = self.keys[index]
@@ -111,6 +112,8 @@ class Player:
     def _play_from(self, start: float, keys: KeyReader | None) -> float | None:
         """Play from ``start``; return a new position to seek to, or None when done or quit."""
         wall0, rec0, last = time.monotonic(), start, start
+        if keys is not None:
+            self.show_status(start, bar=start > 0)
         skip_to_marker = False
         for instant, item in self.events_from(start):
             if isinstance(item, bytes):
@@ -124,7 +127,11 @@ class Player:
                 due = wall0 + (event.t - rec0) / self.speed
                 while True:
                     wait = due - time.monotonic()
-                    key = keys.read(max(wait, 0)) if keys else None
+                    # At most a second per read: the position shown moves on during a pause in the output.
+                    key = keys.read(min(max(wait, 0), 1.0)) if keys else None
+                    if key is None and keys is not None and due - time.monotonic() > 0:
+                        self.show_status(rec0 + (time.monotonic() - wall0) * self.speed)
+                        continue
                     if key is None or keys is None:
                         if wait > 0 and keys is None:
                             self.out.flush()
@@ -147,6 +154,8 @@ class Player:
             if event.stream in ("o", "e"):
                 self.out.write(event.stream_bytes() or b"")
                 if keys is not None:
+                    if time.monotonic() - self._status_at >= 1.0:
+                        self.show_status(last)
                     self.out.flush()
         self.out.flush()
         return None
@@ -155,6 +164,7 @@ class Player:
         if key in (b"q", b"\x03"):
             return "quit"
         if key == b" ":
+            self.show_status(now, "paused", bar=True)
             while (k := keys.read(None)) not in (b" ", b"q", b"\x03"):
                 pass
             return "quit" if k != b" " else "resume"
@@ -168,7 +178,31 @@ class Player:
             self.speed *= 2
         elif key == b"-":
             self.speed /= 2
+        self.show_status(now, bar=True)
         return "speed"
+
+    # -- where playback is: the terminal's title, and a bar on the bottom line on demand -------
+
+    def status(self, t: float, state: str = "playing") -> str:
+        total = f" / {_clock(self.duration)}" if self.duration else ""
+        return f"{state} {_clock(max(0.0, t))}{total}  speed x{self.speed:g}"
+
+    def show_status(self, t: float, state: str = "playing", bar: bool = False) -> None:
+        """The position and speed in the terminal's title (always) and, after a key, on the
+        bottom line in reverse video (the next output draws over it)."""
+        self._status_at = time.monotonic()
+        text = self.status(t, state)
+        self.out.write(f"\x1b]2;replay {self.summary.id}: {text}\x07".encode())
+        if bar:
+            help_text = "  space pause  <- -> 10s  ] marker  + - speed  q quit"
+            self.out.write(f"\x1b7\x1b[999;1H\x1b[7m {text}{help_text} \x1b[0m\x1b[K\x1b8".encode())
+        self.out.flush()
+
+
+def _clock(t: float) -> str:
+    minutes, seconds = divmod(int(t), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
 
 
 class KeyReader:

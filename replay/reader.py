@@ -18,6 +18,7 @@ from typing import Any
 from recorder.events import Event
 from recorder.segment import SegmentError, parse_segment, segment_name
 from recorder.store import NotFound, RecordingStore, is_session_id, session_prefix
+from recorder.versions import get_version, hidden_objects
 
 
 class ReplayError(Exception):
@@ -30,6 +31,11 @@ class SessionSummary:
     meta: dict[str, Any]
     manifest: dict[str, Any] | None
     segment_keys: list[str] = field(default_factory=list)
+    # Objects of this session an S3 delete marker hides (start.json, manifest.json, segments):
+    # the session was "deleted" around its Object Lock; it is listed, and it fails verify.
+    deleted: list[str] = field(default_factory=list)
+    # Why the session's metadata cannot be read (segments without start.json/manifest.json).
+    problem: str | None = None
 
     @property
     def complete(self) -> bool:
@@ -63,13 +69,22 @@ class SessionSummary:
 
     @property
     def state(self) -> str:
+        if self.deleted:
+            return "DELETED"
+        if self.problem:
+            return "DAMAGED"
         if not self.manifest:
             return "live"
         return "recovered" if self.end.get("recovered") else "complete"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "state": self.state, **{k: v for k, v in self.meta.items() if k not in ("format", "id")},
-                "end": self.end or None, "segments": len(self.segment_keys)}
+        out = {"id": self.id, "state": self.state, **{k: v for k, v in self.meta.items() if k not in ("format", "id")},
+               "end": self.end or None, "segments": len(self.segment_keys)}
+        if self.deleted:
+            out["deleted"] = self.deleted
+        if self.problem:
+            out["problem"] = self.problem
+        return out
 
 
 def _date_prefixes(since: datetime | None) -> list[str]:
@@ -86,7 +101,7 @@ def _date_prefixes(since: datetime | None) -> list[str]:
 
 def list_sessions(store: RecordingStore, since: datetime | None = None) -> Iterator[SessionSummary]:
     """Every session in the store (newest last), read from manifests or start metadata."""
-    groups: dict[str, dict[str, list[str] | str]] = {}
+    groups: dict[str, dict[str, Any]] = {}
     for prefix in _date_prefixes(since):
         for key in store.list(prefix):
             parts = key.split("/")
@@ -94,24 +109,47 @@ def list_sessions(store: RecordingStore, since: datetime | None = None) -> Itera
                 continue
             entry = groups.setdefault(parts[3], {"segments": []})
             if parts[4].startswith("seg-"):
-                entry["segments"].append(key)  # type: ignore[union-attr]
+                entry["segments"].append(key)
             else:
                 entry[parts[4]] = key
+        for key, version in hidden_objects(store, prefix).items():
+            parts = key.split("/")
+            if len(parts) == 5 and is_session_id(parts[3]):
+                groups.setdefault(parts[3], {"segments": []}).setdefault("hidden", {})[parts[4]] = version
     for sid in sorted(groups):
-        entry = groups[sid]
-        try:
-            yield _summary(store, sid, entry)
-        except (NotFound, ValueError, KeyError):
-            continue  # half-written session directory: nothing to list yet
+        summary = _summary(store, sid, groups[sid])
+        if summary is not None:
+            yield summary
 
 
-def _summary(store: RecordingStore, sid: str, entry: dict[str, Any]) -> SessionSummary:
-    manifest = json.loads(store.get(entry["manifest.json"])) if "manifest.json" in entry else None
-    if manifest is not None:
-        meta = manifest["session"]
-    else:
-        meta = json.loads(store.get(entry["start.json"]))
-    return SessionSummary(sid, meta, manifest, sorted(entry["segments"]))
+def _summary(store: RecordingStore, sid: str, entry: dict[str, Any]) -> SessionSummary | None:
+    """The session from its manifest, else its start.json, else (hidden by a delete marker) their
+    older versions. None for a directory being written right now (start.json not there yet)."""
+    hidden: dict[str, str] = entry.get("hidden") or {}
+    problem = None
+    manifest = meta = None
+    try:
+        manifest = _json(store, sid, entry, hidden, "manifest.json")
+        meta = manifest["session"] if manifest is not None else _json(store, sid, entry, hidden, "start.json")
+    except (NotFound, ValueError, KeyError, TypeError) as exc:
+        problem = f"its metadata cannot be read ({exc})"
+    if meta is None and problem is None:
+        if not hidden and not entry["segments"]:
+            return None
+        # start.json is uploaded before any segment: segments without it were tampered with.
+        problem = "segments without start.json or manifest.json (its metadata was removed)"
+    if not isinstance(meta, dict) or "started_at" not in meta:
+        stamp = datetime.strptime(sid[:15], "%Y%m%d-%H%M%S").replace(tzinfo=UTC)
+        meta = {"id": sid, "started_at": stamp.isoformat().replace("+00:00", "Z")}
+    return SessionSummary(sid, meta, manifest, sorted(entry["segments"]), deleted=sorted(hidden), problem=problem)
+
+
+def _json(store: RecordingStore, sid: str, entry: dict[str, Any], hidden: dict[str, str], name: str) -> Any:
+    if name in entry:
+        return json.loads(store.get(entry[name]))
+    if name in hidden:
+        return json.loads(get_version(store, session_prefix(sid) + name, hidden[name]))
+    return None
 
 
 def open_session(store: RecordingStore, ref: str) -> SessionSummary:
@@ -119,18 +157,20 @@ def open_session(store: RecordingStore, ref: str) -> SessionSummary:
     if is_session_id(ref):
         prefix = session_prefix(ref)
         keys = list(store.list(prefix))
-        if not keys:
+        hidden = {k[len(prefix):]: v for k, v in hidden_objects(store, prefix).items()}
+        if not keys and not hidden:
             raise ReplayError(f"no recording {ref} in {store.url}")
-        entry: dict[str, Any] = {"segments": []}
+        entry: dict[str, Any] = {"segments": [], "hidden": hidden}
         for key in keys:
             name = key[len(prefix):]
             if name.startswith("seg-"):
                 entry["segments"].append(key)
             else:
                 entry[name] = key
-        if "manifest.json" not in entry and "start.json" not in entry:
-            raise ReplayError(f"recording {ref} has segments but no metadata (start.json or manifest.json)")
-        return _summary(store, ref, entry)
+        summary = _summary(store, ref, entry)
+        if summary is None:
+            raise ReplayError(f"no recording {ref} in {store.url}")
+        return summary
     matches = [s for s in list_sessions(store) if ref in s.id]
     if not matches:
         raise ReplayError(f"no recording matches {ref!r} in {store.url} (see `replay ls`)")

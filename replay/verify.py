@@ -29,18 +29,32 @@ class VerifyResult:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     segments: int = 0
+    # Hashes and chain hold, but nothing trusted vouches for the signing key: without a
+    # trusted public key anyone who can write the bucket can re-sign a forged manifest.
+    unverified: bool = False
+    # Stretches the recorder could not record (best_effort, spool full): "from-to: why".
+    gaps: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and not self.unverified
 
 
 def verify_session(store: RecordingStore, summary: SessionSummary, trusted_key: bytes | Collection[bytes] | None,
-                   lock_mode: str | None = None) -> VerifyResult:
+                   lock_mode: str | None = None, untrusted_ok: bool = False) -> VerifyResult:
     """``trusted_key``: the recording key, or a keyring (every key the gateways signed with
-    across rotations); None checks the signature against the manifest's own key only."""
+    across rotations). Without one the result is ``unverified`` (not ok), unless
+    ``untrusted_ok``: then the signature is checked against the manifest's own key only."""
     result = VerifyResult(summary.id)
     prefix = session_prefix(summary.id)
+    if summary.deleted:
+        result.problems.append(f"{', '.join(summary.deleted)} hidden by an S3 delete marker (DeleteObject without a "
+                               "version id): the session was made to look deleted; its locked versions are still "
+                               "in the bucket (aws s3api list-object-versions)")
+        return result
+    if summary.problem:
+        result.problems.append(summary.problem)
+        return result
     try:
         raw_manifest = store.get(prefix + "manifest.json")
     except NotFound:
@@ -62,8 +76,11 @@ def verify_session(store: RecordingStore, summary: SessionSummary, trusted_key: 
         return result
     keyring = (trusted_key,) if isinstance(trusted_key, bytes) else tuple(trusted_key or ())
     if not keyring:
-        result.warnings.append("no trusted public key given: the signature was checked only against the key "
-                               "inside the manifest (pass --public-key or --data-dir)")
+        if untrusted_ok:
+            result.warnings.append("no trusted public key: the signature was checked only against the key inside "
+                                   "the manifest, which anyone who can write the bucket can replace")
+        else:
+            result.unverified = True
     elif public_raw not in keyring:
         trusted = "the trusted recording key" if len(keyring) == 1 else f"any of the {len(keyring)} trusted keys"
         result.problems.append(f"manifest.json: signed by {manifest.get('key_id')}, not by {trusted}")
@@ -71,6 +88,7 @@ def verify_session(store: RecordingStore, summary: SessionSummary, trusted_key: 
     if manifest.get("session", {}).get("id") != summary.id:
         result.problems.append("manifest.json: belongs to another session")
         return result
+    result.gaps = [_gap_text(g) for g in (manifest.get("end") or {}).get("gaps") or [] if isinstance(g, dict)]
     _check_chain(store, prefix, records, summary.id, result)
     if result.ok:
         _check_extra_objects(store, prefix, len(records), result)
@@ -148,3 +166,9 @@ def _check_retention(store: RecordingStore, prefix: str, count: int, lock_mode: 
         if info.retain_until <= now:
             result.problems.append(f"{name}: retention ended {info.retain_until.isoformat()}")
             return
+
+
+def _gap_text(gap: dict) -> str:
+    """A stretch the recorder lost (recorder.recorder: best_effort with a full spool)."""
+    lost = f"{gap.get('lost_events', '?')} events, {gap.get('lost_bytes', '?')} bytes lost"
+    return f"{float(gap.get('from', 0)):.1f}s-{float(gap.get('to', 0)):.1f}s not recorded ({lost}): {gap.get('reason')}"

@@ -995,3 +995,21 @@ def test_output_frames_merge_per_channel_in_order() -> None:
     assert [b"".join(f) for f in frames] == [b"\x01abcd", b"\x02err", b"\x01ef", b"\x03{}"]
     assert Codec("v4.base64.channel.k8s.io").frames(chunks[:2]) == ["1YWJjZA=="]
     assert [b"".join(f) for f in Codec("v4.channel.k8s.io").frames([(1, b"x")])] == [b"\x01x"]
+
+
+def test_malformed_requests_get_a_status_and_are_audited(kgw: KubeGateway) -> None:
+    """An oversized header, a NUL in a header, `GET *`, a path with invalid bytes: a Kubernetes
+    Status, an audit event, no traceback (the HTTP API's side: tests/test_http_malformed.py)."""
+    from tests.test_http_malformed import MALFORMED, raw_exchange
+
+    context = ssl.create_default_context(cafile=str(kgw.ca_file))
+    mark = kgw.audit_mark()
+    for name, (request, expected) in MALFORMED.items():
+        status, ctype, body = raw_exchange(kgw.kube_port, request, context)
+        assert status == expected, (name, status, body[:200])
+        answer = json.loads(body)
+        assert (answer["kind"], answer["code"], answer["reason"]) == ("Status", expected, "BadRequest"), answer
+        assert answer["message"].startswith("guarita: ") and ctype.startswith("application/json"), answer
+    events = [e for e in kgw.audit_events(mark) if e["event"] == "http.bad_request"]
+    assert len(events) == len(MALFORMED) and all(e["front_door"] == "kube" for e in events), events
+    assert "Traceback" not in kgw.log_text()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -40,6 +41,7 @@ CLIENTS = [
     {"client_id": "subagent", "client_secret": "s-sub", "groups": []},
     {"client_id": "lead", "client_secret": "s-lead", "groups": ["leads"]},
     {"client_id": "ops", "client_secret": "s-ops", "groups": ["sre"]},
+    {"client_id": "brief", "client_secret": "s-brief", "groups": ["contractors"], "ttl": 4},
 ]
 
 
@@ -169,6 +171,15 @@ def test_large_output_is_paged(mcp_gateway: GatewayProcess, idp: OIDCProvider) -
     assert text.split() == [str(i) for i in range(1, 5001)]
     other = call(mcp_gateway, idp.token("ops"), "session_output", {"session_id": data["session_id"]})
     assert other.is_error and "not yours" in _text(other)
+    # Beyond what a call keeps in memory (1 MiB), pages come from the recording.
+    big = call(mcp_gateway, token, "run_command", {"target": "web-key", "argv": ["seq", "1", "300000"]})
+    full = "".join(f"{i}\n" for i in range(1, 300001))
+    assert big.structured_content["stdout_bytes"] == len(full)
+    far = call(mcp_gateway, token, "session_output",
+               {"session_id": big.structured_content["session_id"], "offset": 1_500_000})
+    assert far.structured_content["text"] == full[1_500_000:1_500_000 + 4096]
+    bad = call(mcp_gateway, token, "session_output", {"session_id": "../../etc"})
+    assert bad.is_error and "not a session id" in _text(bad)
 
 
 def test_approval_holds_the_call_until_a_lead_approves(mcp_gateway: GatewayProcess, idp: OIDCProvider,
@@ -406,3 +417,109 @@ def test_the_mcp_inspector_cli_lists_and_calls_tools(mcp_gateway: GatewayProcess
     assert replay(mcp_gateway, "verify", sid).returncode == 0
     refused = _inspector(tmp_path, url, "--header", "Authorization: Bearer not-a-jwt", "--method", "tools/list")
     assert refused.returncode != 0
+
+
+def test_kube_door_requests_with_a_delegated_token_carry_the_chain(mcp_gateway: KubeGateway, standin: KubeAPIStandIn,
+                                                                     chain_token: str) -> None:
+    mark = mcp_gateway.audit_mark()
+    ca = httpx2.get(mcp_gateway.http_url + "/v1/kube/ca", timeout=10).content
+    ca_file = mcp_gateway.data_dir / "mcp-test-kube-ca.pem"
+    ca_file.write_bytes(ca)
+    resp = httpx2.get(mcp_gateway.kube_url + "/clusters/prod/api/v1/namespaces/default/pods",
+                      headers={"Authorization": f"Bearer {chain_token}"},
+                      verify=ssl.create_default_context(cafile=str(ca_file)), timeout=20)
+    assert resp.status_code == 200, resp.text
+    event = mcp_gateway.wait_audit("kube.request", since=mark, cluster="prod")
+    assert event["chain"] == "alice@example.com via agent via subagent" and event["actors"] == ["subagent", "agent"]
+    seen = [s for s in standin.seen if s.path.endswith("/namespaces/default/pods")]
+    assert seen[-1].impersonation()["impersonate-user"] == ["alice"]
+
+
+def test_whoami_and_the_evidence_package_show_the_chain(mcp_gateway: GatewayProcess, chain_token: str,
+                                                          tmp_path: Path) -> None:
+    import tarfile
+
+    me = cli(["whoami"], chain_token, mcp_gateway.http_url)
+    assert me.returncode == 0, me.stderr
+    assert "acting   alice via agent via subagent" in me.stdout and "never approve" in me.stdout
+    as_json = json.loads(cli(["whoami", "--json"], chain_token, mcp_gateway.http_url).stdout)
+    assert [a["sub"] for a in as_json["act"]] == ["subagent", "agent"]
+    result = call(mcp_gateway, chain_token, "run_command", {"target": "web-key", "command": "echo evidence"})
+    sid = result.structured_content["session_id"]
+    mcp_gateway.read_recording(sid)  # sealed
+    package = tmp_path / "evidence.tar.gz"
+    made = replay(mcp_gateway, "evidence", "--subject", "subagent", "--output", str(package))
+    assert made.returncode == 0, made.stdout + made.stderr
+    with tarfile.open(package) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith("index.json"))
+        rows = json.load(tar.extractfile(member))  # type: ignore[arg-type]
+    rows = rows if isinstance(rows, list) else rows.get("sessions", rows)
+    row = next(r for r in rows if r["id"] == sid)
+    assert [a["sub"] for a in row["actors"]] == ["subagent", "agent"]
+
+
+def test_an_unanswered_request_returns_pending_then_approval_status_waits(mcp_gateway: GatewayProcess,
+                                                                          idp: OIDCProvider, chain_token: str) -> None:
+    progress: list[Any] = []
+    pending = call(mcp_gateway, chain_token, "run_command",
+                   {"target": "web-key", "command": "echo needs-approval later", "approval_wait_seconds": 1},
+                   progress)
+    data = pending.structured_content
+    assert not pending.is_error and data["status"] == "pending", _text(pending)
+    assert data["approvers"] == ["leads"] and data["request_id"] in _text(pending)
+    still = call(mcp_gateway, chain_token, "approval_status", {"request_id": data["request_id"]})
+    assert still.structured_content["status"] == "pending" and "leads" in _text(still)
+    approved = cli(["approvals", "approve", data["request_id"], "--reason", "fine"], idp.token("lead"),
+                   mcp_gateway.http_url)
+    assert approved.returncode == 0, approved.stderr
+    done = call(mcp_gateway, chain_token, "approval_status", {"request_id": data["request_id"], "wait_seconds": 20})
+    assert "needs-approval later" in done.structured_content.get("stdout", ""), _text(done)
+    other = call(mcp_gateway, idp.token("alice"), "approval_status", {"request_id": data["request_id"]})
+    assert other.is_error and "not yours" in _text(other)  # alice herself is not alice-via-agents
+
+
+def test_a_token_that_expires_mid_call_ends_the_call(mcp_gateway: GatewayProcess, idp: OIDCProvider) -> None:
+    token = idp.token("brief")  # lives 4 s
+    result = call(mcp_gateway, token, "run_command", {"target": "web-key", "command": "echo started; sleep 60"})
+    data = result.structured_content
+    assert result.is_error and data["status"] == "ended", _text(result)
+    assert "credential expired" in _text(result) and "started" in data["stdout"]
+    end = mcp_gateway.wait_audit("session.end", session=data["session_id"])
+    assert "credential expired" in end["reason"]
+    wait_for(lambda: idp_expired(token), 15, "the token to expire")
+    with pytest.raises(Exception):  # noqa: B017 - the next call is refused with a 401
+        call(mcp_gateway, token, "list_targets", {})
+
+
+def idp_expired(token: str) -> bool:
+    import time
+
+    import jwt
+
+    return jwt.decode(token, options={"verify_signature": False})["exp"] + 6 < time.time()
+
+
+def test_an_actor_vouched_for_by_an_unknown_issuer_is_refused(mcp_gateway: GatewayProcess, idp: OIDCProvider) -> None:
+    forged = idp.exchange("agent", idp.token("alice"), idp.token("agent"), actor_issuer="https://evil.example")
+    mark = mcp_gateway.audit_mark()
+    raw = httpx2.post(mcp_gateway.http_url + "/mcp", headers={"Authorization": f"Bearer {forged}"},
+                      json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"}, timeout=10)
+    assert raw.status_code == 401 and "https://evil.example" in raw.json()["error_description"]
+    mcp_gateway.wait_audit("auth.failure", since=mark, method="mcp", reason="untrusted_actor")
+    assert not any(e["event"] == "session.start" for e in mcp_gateway.audit_events(mark))
+
+
+def test_exec_in_pod_waits_for_approval_too(mcp_gateway: GatewayProcess, standin: KubeAPIStandIn,
+                                            idp: OIDCProvider) -> None:
+    before = len([s for s in standin.seen if s.path.endswith("/pods/web/exec")])
+    pending = call(mcp_gateway, idp.token("alice"), "exec_in_pod",
+                   {"cluster": "prod", "pod": "web", "argv": ["echo", "needs-approval", "in-pod"],
+                    "approval_wait_seconds": 0.5})
+    rid = pending.structured_content["request_id"]
+    assert pending.structured_content["status"] == "pending" and rid
+    assert len([s for s in standin.seen if s.path.endswith("/pods/web/exec")]) == before  # nothing ran yet
+    assert cli(["approvals", "deny", rid, "--reason", "not today"], idp.token("lead"),
+               mcp_gateway.http_url).returncode == 0
+    done = call(mcp_gateway, idp.token("alice"), "approval_status", {"request_id": rid, "wait_seconds": 10})
+    assert done.structured_content["status"] == "denied" and "not today" in _text(done)
+    assert len([s for s in standin.seen if s.path.endswith("/pods/web/exec")]) == before

@@ -295,8 +295,11 @@ def test_tampering_through_the_cli(moto: MotoServer, pristine, tmp_path: Path,
     t.write("seg-000001.zst", objects[session_prefix(sid) + "seg-000001.zst"])
     t.write("manifest.json", _resign(t.read("manifest.json"), OTHER_KEY))
     proc = replay_cli("--recordings", store.url, "verify", sid)
-    assert proc.returncode == 0
-    assert "warning: no trusted public key given" in proc.stderr
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stdout.startswith(f"{sid}: UNVERIFIED"), proc.stdout
+    proc = replay_cli("--recordings", store.url, "verify", sid, "--no-trusted-key")
+    assert proc.returncode == 0 and proc.stdout.startswith(f"{sid}: OK"), proc.stdout + proc.stderr
+    assert "warning: no trusted public key" in proc.stderr
     # Across a key rotation the auditor holds a keyring: a manifest signed by any key in it verifies,
     # one signed by a key outside it does not.
     keyring = tmp_path / "keyring"

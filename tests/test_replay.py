@@ -154,6 +154,8 @@ def test_cli_ls_cat_export_and_verify(generated: tuple[FileStore, str, bytes], t
     assert json.loads(v3.stdout.splitlines()[0])["term"]["cols"] == 80
     assert json.loads(v3.stdout.splitlines()[-1])[1] == "x"
     verified = _replay("verify", sid, root=root)
+    assert verified.returncode == 1 and "UNVERIFIED" in verified.stdout, verified.stdout  # no trusted key
+    verified = _replay("verify", sid, "--no-trusted-key", root=root)
     assert verified.returncode == 0 and "OK" in verified.stdout
 
 

@@ -26,6 +26,7 @@ from bastion.approvals.rules import ApprovalPolicy, Context, Verdict
 from bastion.approvals.webhooks import Webhooks, public_request
 from bastion.config import format_duration
 from bastion.identity import Identity
+from bastion.identity.delegation import chain_fields
 from bastion.state import Conflict, NotFound, StateError
 
 if TYPE_CHECKING:
@@ -65,7 +66,9 @@ class ApprovalEngine:
     def __init__(self, gateway: Gateway) -> None:
         self.gw = gateway
         self.policy: ApprovalPolicy = gateway.config.approvals
-        self.webhooks = Webhooks(self.policy.webhooks)
+        from bastion.console.settings import request_link
+
+        self.webhooks = Webhooks(self.policy.webhooks, lambda rid: request_link(gateway.config, rid))
         self.sessions: dict[str, Session] = {}
         self._recent: dict[str, collections.deque[float]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -253,7 +256,7 @@ class ApprovalEngine:
         self.gw.audit.emit("approval.requested", request=rid, session=session.id, subject=ctx.identity.subject,
                            issuer=ctx.identity.issuer, target=ctx.target, login=info.login, command=command,
                            kind=kind, rule=verdict.rule_name, approvers=list(approvers),
-                           min_approvals=min_approvals, expires=request["expires"])
+                           min_approvals=min_approvals, expires=request["expires"], **chain_fields(ctx.identity))
         self.webhooks.announce("approval.requested", request)
         what = "Opening a shell" if kind == "shell" else "This command"
         lines = [f"guarita: {what} needs approval" + (f": {rule.message}" if rule and rule.message else "."),

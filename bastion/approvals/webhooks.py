@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -18,14 +19,19 @@ log = logging.getLogger("guarita.approvals.webhooks")
 
 
 class Webhooks:
-    def __init__(self, hooks: tuple[WebhookConfig, ...]) -> None:
+    def __init__(self, hooks: tuple[WebhookConfig, ...], link: Callable[[str], str | None] | None = None) -> None:
         self.hooks = hooks
+        # The console page of a request (bastion/console/settings.py request_link), if any.
+        self.link = link
         self.failures = 0
         self.sent = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
 
     def announce(self, event: str, request: dict[str, Any], **extra: Any) -> None:
+        url = self.link(request["id"]) if self.link else None
+        if url:
+            extra = {**extra, "url": url}
         for hook in self.hooks:
             body = slack_payload(event, request, extra) if hook.format == "slack" else json_payload(event, request, extra)
             task = asyncio.create_task(self._post(hook, body))
@@ -103,6 +109,8 @@ def slack_payload(event: str, request: dict[str, Any], extra: dict[str, Any]) ->
                   if last else (r.get("status_reason") or ""))
     command = r["command"].replace("```", "'''")
     text = f"{title}\n*{who}* on *{where}* ({r['kind']}), rule *{r['rule']}*\n```{command}```\n{action}"
+    if extra.get("url"):
+        text += f"\n<{extra['url']}|Open in the console>"
     return {
         "text": text,
         "blocks": [

@@ -249,8 +249,15 @@ async def dev_token(request: web.Request) -> web.Response:
     return web.json_response({"token": token})
 
 
+def _api_error(status: int, message: str) -> web.Response:
+    reason = {404: "not_found", 405: "method_not_allowed"}.get(status, "bad_request" if status < 500 else "internal")
+    return _error(status, reason, message)
+
+
 def build_app(gw: Gateway) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY)
+    from bastion.http.badrequest import route_errors
+
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[route_errors("api", _api_error, gw.audit.emit)])
     app[GATEWAY_KEY] = gw
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -269,16 +276,25 @@ def build_app(gw: Gateway) -> web.Application:
         from bastion.mcp.http import add_mcp_routes
 
         add_mcp_routes(app, gw)
+    from bastion.console.routes import add_routes as add_console_routes
+
+    add_console_routes(app, gw)  # the web console under /console/ (issue 19)
     if gw.dev_issuer is not None:
+        from bastion.console.devlogin import add_routes as add_dev_login_routes
+
         app.router.add_get("/dev/.well-known/openid-configuration", dev_discovery)
         app.router.add_get("/dev/jwks", dev_jwks)
         app.router.add_post("/dev/token", dev_token)
+        add_dev_login_routes(app)  # the dev issuer's sign-in page for the console
     return app
 
 
 async def start_http(gw: Gateway) -> tuple[web.AppRunner, int]:
+    from bastion.http.badrequest import install
+
     runner = web.AppRunner(build_app(gw), access_log=None)
     await runner.setup()
+    install(runner, "api", _api_error, gw.audit.emit)  # unparsable requests: JSON, audited
     host, port = gw.config.http_listen
     context = None
     if gw.config.tls_cert and gw.config.tls_key:

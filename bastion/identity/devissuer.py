@@ -38,6 +38,8 @@ class DevIssuer:
             jwk = OKPAlgorithm.to_jwk(self._key.public_key(), as_dict=True)
         self.kid = _thumbprint(jwk)
         self._public_jwk = {**jwk, "kid": self.kid, "use": "sig", "alg": self._alg}
+        # code -> (expires, claims, client_id, redirect_uri, PKCE challenge): the console's sign-in.
+        self._codes: dict[str, tuple[float, dict[str, Any], str, str, str]] = {}
 
     def mint(
         self,
@@ -69,9 +71,34 @@ class DevIssuer:
             "issuer": self.issuer_url,
             "jwks_uri": self.issuer_url + "/jwks",
             "id_token_signing_alg_values_supported": [self._alg],
-            "response_types_supported": ["id_token"],
+            "response_types_supported": ["id_token", "code"],
             "subject_types_supported": ["public"],
+            # The console's sign-in page for demo identities (bastion/console/devlogin.py).
+            "authorization_endpoint": self.issuer_url + "/authorize",
+            "token_endpoint": self.issuer_url + "/oauth/token",
+            "code_challenge_methods_supported": ["S256"],
+            "grant_types_supported": ["authorization_code"],
         }
+
+    def issue_code(self, claims: Mapping[str, Any], client_id: str, redirect_uri: str, challenge: str) -> str:
+        """A one-time authorization code (60 s) for the console's sign-in in --dev."""
+        now = time.monotonic()
+        self._codes = {c: v for c, v in self._codes.items() if v[0] > now}
+        code = base64.urlsafe_b64encode(os.urandom(24)).rstrip(b"=").decode()
+        self._codes[code] = (now + 60, dict(claims), client_id, redirect_uri, challenge)
+        return code
+
+    def redeem(self, code: str, client_id: str, redirect_uri: str, verifier: str) -> str:
+        """The access token for a code, once; ValueError names what does not match."""
+        entry = self._codes.pop(code, None)
+        if entry is None or entry[0] < time.monotonic():
+            raise ValueError("unknown, used or expired code")
+        _, claims, want_client, want_uri, challenge = entry
+        computed = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+        if client_id != want_client or redirect_uri != want_uri or computed != challenge:
+            raise ValueError("client_id, redirect_uri or code_verifier does not match the authorization request")
+        return self.mint(str(claims["sub"]), groups=claims.get("groups") or [], email=claims.get("email"),
+                         ttl=float(claims.get("ttl") or 3600))
 
     def jwks(self) -> dict[str, Any]:
         return {"keys": [dict(self._public_jwk)]}

@@ -29,6 +29,7 @@ from yarl import URL
 
 from bastion.config import ClusterConfig
 from bastion.identity import AuthError, Identity
+from bastion.identity.delegation import chain_fields
 from bastion.kube.held import HeldStream
 from bastion.kube.logmask import MaskedLogRelay, log_masker
 from bastion.kube.policy import PathError, authorize_kube, parse_path, reachable_clusters
@@ -154,6 +155,10 @@ class KubeFrontDoor:
         self.runner = web.AppRunner(app, access_log=None, handler_cancellation=True, auto_decompress=False,
                                     max_line_size=65536, max_field_size=65536, shutdown_timeout=2.0)
         await self.runner.setup()
+        from bastion.http.badrequest import install
+
+        # Unparsable requests: a Kubernetes Status, audited (bastion/http/badrequest.py).
+        install(self.runner, "kube", lambda code, msg: status_response(code, f"guarita: {msg}"), self.gw.audit.emit)
         host, port = config.kube_listen
         site = web.TCPSite(self.runner, host, port, ssl_context=context)
         await site.start()
@@ -214,7 +219,7 @@ class KubeFrontDoor:
             self.gw.audit.emit("kube.request", subject=identity.subject, source=source, cluster=req.cluster,
                                method=request.method, path=req.raw_path[:500], namespace=req.namespace,
                                resource=req.resource, status=response.status,
-                               duration=round(time.monotonic() - started, 3))
+                               duration=round(time.monotonic() - started, 3), **chain_fields(identity))
         return response
 
     async def _dispatch(self, request: web.Request, identity: Identity, req: KubeRequest,
@@ -229,7 +234,8 @@ class KubeFrontDoor:
             event = "kube.portforward.denied" if req.needs_port_forward else "kube.denied"
             self.gw.audit.emit(event, subject=identity.subject, source=source, cluster=req.cluster,
                                namespace=req.namespace, method=request.method, path=req.raw_path[:500],
-                               reason=decision.reason, ports=request.query.getall("ports", None))
+                               reason=decision.reason, ports=request.query.getall("ports", None),
+                               **chain_fields(identity))
             raise Refused(403, decision.reason)
         control = getattr(self.gw, "control", None)
         lock = control.locked(identity, cluster.name) if control is not None else None

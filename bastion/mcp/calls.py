@@ -30,8 +30,9 @@ if TYPE_CHECKING:
     from bastion.gateway import Gateway
 
 Phase = Literal["starting", "approval", "running", "done"]
-# What one call keeps of each stream for paging (session_output); the recording has it all.
-KEEP_BYTES = 16 * 1024 * 1024
+# What one call keeps of each stream in memory for paging (session_output); pages beyond it are
+# read back from the recording, which has it all. With Calls' 64 recent calls: at most 128 MiB.
+KEEP_BYTES = 1024 * 1024
 EXIT_REFUSED = 1
 
 
@@ -82,6 +83,7 @@ class Call:
         self.approvers: list[str] = []
         self.started = time.time()
         self.done = asyncio.Event()
+        self.sealed = asyncio.Event()  # the session has ended and its recording was closed
         self._conn: asyncssh.SSHClientConnection | None = None
         self._chan: asyncssh.SSHClientChannel[bytes] | None = None
         self._closed = asyncio.Event()
@@ -99,10 +101,20 @@ class Call:
         finally:
             self.phase = "done"
             self.gw.live_sessions.pop(self.id, None)
+            if self._connecting is not None and self._conn is None:
+                self._connecting.cancel()  # refused: a connection still being made is not wanted
+                if self._connecting.done() and not self._connecting.cancelled() \
+                        and self._connecting.exception() is None:
+                    self._connecting.result().close()
             self.hang_up()
-            if self.session is not None and not self.session.ended:
-                await self.session.end(self.exit_status, self.exit_signal, self.reason)
+            # The agent has its answer now; sealing the recording (last segment, signed manifest)
+            # goes on after, as when an SSH door sends the exit status first.
             self.done.set()
+            try:
+                if self.session is not None and not self.session.ended:
+                    await self.session.end(self.exit_status, self.exit_signal, self.reason)
+            finally:
+                self.sealed.set()
 
     async def _run(self) -> None:
         gw = self.gw
@@ -121,6 +133,7 @@ class Call:
         gw.live_sessions[self.id] = self
         approvals = getattr(gw, "approvals", None)
         if approvals is not None and approvals.gates_opening(info, argv=self.argv):
+            self.preconnect()  # as the SSH door does: an approved command starts at once
             self.phase = "approval"
             result = await session.gate_exec(self.command, argv=self.argv)
             self.request_id = result.request_id or self.request_id
@@ -149,11 +162,31 @@ class Call:
                                         target=target.name, login=login, kind="exec", command=self.command,
                                         session_id=self.id, extra={"mcp_tool": self.tool})
 
+    _connecting: asyncio.Future[asyncssh.SSHClientConnection] | None = None
+
+    def preconnect(self) -> None:
+        """Open the target connection while the approval waits (no session is opened on it
+        before the decision; closed unused if the answer is no)."""
+        target = self.gw.config.target(self.target_name)
+        assert target is not None and self.login is not None
+        self._connecting = asyncio.ensure_future(
+            connect_target(target, self.login, self.identity, self.id, self.gw.target_ca))
+        self._connecting.add_done_callback(self._close_if_unused)
+
+    def _close_if_unused(self, future: asyncio.Future[asyncssh.SSHClientConnection]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        if self.phase == "done" and self._conn is None:
+            future.result().close()
+
     async def execute(self, session: Session) -> None:
         target = self.gw.config.target(self.target_name)
         assert target is not None and self.login is not None
         try:
-            self._conn = await connect_target(target, self.login, self.identity, self.id, self.gw.target_ca)
+            if self._connecting is not None:
+                self._conn = await self._connecting
+            else:
+                self._conn = await connect_target(target, self.login, self.identity, self.id, self.gw.target_ca)
         except TargetError as exc:
             self.gw.audit.emit("session.refused", reason=exc.reason, detail=str(exc), source=self.source,
                                subject=self.identity.subject, target=target.name, login=self.login, kind="exec",
@@ -265,7 +298,7 @@ class _TargetReader(asyncssh.SSHClientSession):  # type: ignore[type-arg]
 class Calls:
     """Recent calls of this replica, for paging and waiting (bounded: the oldest finished go)."""
 
-    def __init__(self, keep: int = 128) -> None:
+    def __init__(self, keep: int = 64) -> None:
         self._calls: collections.OrderedDict[str, Call] = collections.OrderedDict()
         self._keep = keep
 

@@ -129,6 +129,7 @@ class McpHttpDoor:
             "guarita.identity": identity, "guarita.source": source,
         }
         delivered = False
+        finished = False
         response: web.StreamResponse | None = None
 
         async def receive() -> dict[str, Any]:
@@ -138,12 +139,14 @@ class McpHttpDoor:
                 return {"type": "http.request", "body": body, "more_body": False}
             # After the body, the only news is the client going away (a closed response stream
             # cancels the request in MCP): aiohttp has no event for it, so look at the socket.
-            while request.transport is not None and not request.transport.is_closing():
+            # A finished response counts too, so no watcher outlives its request on a kept-alive
+            # connection.
+            while not finished and request.transport is not None and not request.transport.is_closing():
                 await asyncio.sleep(_DISCONNECT_POLL)
             return {"type": "http.disconnect"}
 
         async def send(message: MutableMapping[str, Any]) -> None:
-            nonlocal response
+            nonlocal response, finished
             if message["type"] == "http.response.start":
                 response = web.StreamResponse(status=message["status"])
                 for name, value in message.get("headers") or ():
@@ -156,9 +159,15 @@ class McpHttpDoor:
                 if chunk:
                     await response.write(chunk)
                 if not message.get("more_body"):
+                    finished = True
                     await response.write_eof()
 
-        await self.app(scope, receive, send)
+        try:
+            await self.app(scope, receive, send)
+        except ConnectionError:  # aiohttp's ClientConnectionResetError too
+            pass  # the client went away mid-response; the SDK has cancelled what it was doing
+        finally:
+            finished = True
         if response is None:
             return web.json_response({"error": "no response from the MCP server"}, status=500)
         return response

@@ -101,6 +101,10 @@ class PodCall(Call):
                                              target=self.target_name, kind="exec", command=self.command,
                                              session_id=self.id, extra=extra)
 
+    def preconnect(self) -> None:
+        """Nothing: the exec WebSocket runs the command as it opens, so it waits for the decision
+        (as in the Kubernetes door)."""
+
     async def execute(self, session: Session) -> None:
         assert self._req is not None
         query = [("command", c) for c in self.argv or ()]

@@ -10,6 +10,7 @@ every call, refused or not, is in the audit log with ``front_door = mcp``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import fnmatch
 import shlex
@@ -34,6 +35,11 @@ infrastructure, under the operator's rules. Personal data in output may be maske
 with list_targets to see what you may reach. Some commands need a human's approval: the call then waits \
 (progress notifications) and, if nobody decided in time, returns the pending request id; call \
 approval_status to wait more, or stop. A denial carries the approver's reason: do not retry around it."""
+
+# How long session_output waits for a recent call's recording to reach the store.
+STORE_WAIT = 15.0
+WAIT_HELP = ("If the command needs approval, wait at most this long for it before returning the pending "
+             "request (the gateway's mcp.approval_wait caps it)")
 
 # A holder per tools/call request: the tool marks it when its body runs, so the middleware can
 # tell arguments the SDK refused (the tool never ran) from the tool's own results.
@@ -122,7 +128,7 @@ class Tools:
     # -- run_command ----------------------------------------------------------------------------------
 
     async def run_command(self, ctx: Context, target: str, command: str | None, argv: list[str] | None,
-                          login: str | None) -> CallToolResult:
+                          login: str | None, wait: float | None = None) -> CallToolResult:
         identity, source = identity_of(ctx)
         if (command is None) == (argv is None) or (argv is not None and not argv) or command == "":
             self.audit("run_command", identity, "bad_arguments", target=target)
@@ -131,30 +137,31 @@ class Tools:
         call = Call(self.gw, identity, source, target, login, line, "run_command")
         if argv is not None:
             call.argv = list(argv)
-        return await self._start(ctx, call)
+        return await self._start(ctx, call, wait)
 
-    async def _start(self, ctx: Context, call: Call, **fields: Any) -> CallToolResult:
+    async def _start(self, ctx: Context, call: Call, wait: float | None, **fields: Any) -> CallToolResult:
         self.calls.add(call)
         task = asyncio.get_running_loop().create_task(call.run())
-        result = await self._await(ctx, call, task)
+        limit = self.settings.approval_wait if wait is None else min(wait, self.settings.approval_wait)
+        result = await self._await(ctx, call, task, limit)
         self.audit(call.tool, call.identity, call.outcome if call.done.is_set() else "pending", session=call.id,
                    target=call.target_name, command=call.command, request=call.request_id, reason=call.reason,
                    **fields)
         return result
 
-    async def _await(self, ctx: Context, call: Call, task: asyncio.Task[None]) -> CallToolResult:
+    async def _await(self, ctx: Context, call: Call, task: asyncio.Task[None], limit: float) -> CallToolResult:
         settings = self.settings
         approval_since: float | None = None
         try:
-            while not await wait_done(call, settings.progress_interval):
+            while not await wait_done(call, min(settings.progress_interval, max(limit, 0.05))):
                 if call.phase != "approval":
                     continue
                 now = time.monotonic()
                 approval_since = approval_since or now
                 waited = now - approval_since
-                if waited >= settings.approval_wait:
+                if waited >= limit:
                     return self._pending(call)
-                await ctx.report_progress(round(waited, 1), settings.approval_wait, self._waiting_line(call))
+                await ctx.report_progress(round(waited, 1), limit, self._waiting_line(call))
         except asyncio.CancelledError:
             call.cancel("the MCP client went away while the call waited")
             raise
@@ -184,8 +191,9 @@ class Tools:
             "reason": call.reason, "request_id": call.request_id, "approvers": call.approvers or None,
             "notes": call.notes or None,
         }
-        more = [f"stdout continues: call session_output with session_id={call.id} offset={next_out}"
-                for _ in [0] if next_out < call.stdout.total]
+        more = []
+        if next_out < call.stdout.total:
+            more.append(f"stdout continues: call session_output with session_id={call.id} offset={next_out}")
         if next_err < call.stderr.total:
             more.append(f"stderr continues: session_output with stream=stderr offset={next_err}")
         data["truncated"] = bool(more)
@@ -216,12 +224,12 @@ class Tools:
                                                                         "pods": pods})
 
     async def exec_in_pod(self, ctx: Context, cluster: str, namespace: str, pod: str, argv: list[str],
-                          container: str | None) -> CallToolResult:
+                          container: str | None, wait: float | None = None) -> CallToolResult:
         from bastion.mcp.podcalls import PodCall
 
         identity, source = identity_of(ctx)
         call = PodCall(self.gw, identity, source, cluster, namespace, pod, container, argv)
-        return await self._start(ctx, call, pod=pod, namespace=namespace)
+        return await self._start(ctx, call, wait, pod=pod, namespace=namespace)
 
     # -- session_output ------------------------------------------------------------------------------
 
@@ -236,8 +244,11 @@ class Tools:
             if not call.done.is_set():
                 return _result(f"session {session_id} is still {call.phase}; try again when it has ended",
                                {"status": call.phase, "session_id": session_id})
-            data, total = bytes(call.stderr.data if stream == "stderr" else call.stdout.data), \
-                (call.stderr if stream == "stderr" else call.stdout).total
+            kept = call.stderr if stream == "stderr" else call.stdout
+            data, total = bytes(kept.data), kept.total
+            if offset + limit > len(data) and total > len(data):  # beyond what the call kept in memory
+                data = await self._recorded_when_stored(call, identity, stream)
+                total = len(data)
         else:
             data = await asyncio.to_thread(self._recorded, identity, session_id, "e" if stream == "stderr" else "o")
             total = len(data)
@@ -249,10 +260,31 @@ class Tools:
                                      "next_offset": nxt if nxt < len(data) else None, "total_bytes": total,
                                      "text": text})
 
+    async def _recorded_when_stored(self, call: Call, identity: Identity, stream: str) -> bytes:
+        """A recent call's output from its recording, once sealed and uploaded (moments after
+        the call answered)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(call.sealed.wait(), STORE_WAIT)
+        deadline = time.monotonic() + STORE_WAIT
+        while True:
+            try:
+                data = await asyncio.to_thread(self._recorded, identity, call.id, "e" if stream == "stderr" else "o")
+            except ToolError:
+                data = b""
+            kept = call.stderr if stream == "stderr" else call.stdout
+            if len(data) >= kept.total or time.monotonic() > deadline:
+                if not data:
+                    raise ToolError(f"the recording of {call.id} is not in the store yet; try again shortly")
+                return data
+            await asyncio.sleep(0.2)
+
     def _recorded(self, identity: Identity, session_id: str, code: str) -> bytes:
         """The output of an ended session of this caller, from the recordings store (any door)."""
+        from recorder.store import is_session_id
         from replay.reader import ReplayError, iter_events, open_session
 
+        if not is_session_id(session_id):
+            raise ToolError(f"{session_id!r} is not a session id (like 20261207-210102-1a2b3c4d)")
         try:
             summary = open_session(self.gw.store, session_id)
         except (ReplayError, Exception):
@@ -344,8 +376,9 @@ def build_server(gw: Gateway) -> tuple[MCPServer, Tools]:
                                                 max_length=4096)] = None,
         login: Annotated[str | None, Field(description="Login on the target (default: the target's)",
                                            max_length=200)] = None,
+        approval_wait_seconds: Annotated[float | None, Field(ge=0, le=3600, description=WAIT_HELP)] = None,
     ) -> CallToolResult:
-        return await tools.run_command(ctx, target, command, argv, login)
+        return await tools.run_command(ctx, target, command, argv, login, approval_wait_seconds)
 
     @server.tool(description="Read the output of one of your own sessions (any earlier run_command, or an "
                  "ssh/kubectl session of yours that has ended), a page at a time from `offset` (bytes).",
@@ -391,8 +424,9 @@ def build_server(gw: Gateway) -> tuple[MCPServer, Tools]:
         namespace: Annotated[str, Field(min_length=1, max_length=253, description="Namespace")] = "default",
         container: Annotated[str | None, Field(max_length=253, description="Container (default: the pod's "
                                                                           "first)")] = None,
+        approval_wait_seconds: Annotated[float | None, Field(ge=0, le=3600, description=WAIT_HELP)] = None,
     ) -> CallToolResult:
-        return await tools.exec_in_pod(ctx, cluster, namespace, pod, argv, container)
+        return await tools.exec_in_pod(ctx, cluster, namespace, pod, argv, container, approval_wait_seconds)
 
     known = {"list_targets", "run_command", "session_output", "approval_status", "list_pods", "exec_in_pod"}
 

@@ -19,9 +19,11 @@ import asyncssh
 
 from bastion.config import env_allowed
 from bastion.identity import AuthError, Identity
+from bastion.identity.delegation import chain_fields
 from bastion.masking.recorded import shown_command
 from bastion.policy import authorize, reachable_targets
 from bastion.session import Session, SessionInfo
+from bastion.ssh.authlimit import MAX_AUTH_TRIES, AuthThrottle, claimed_subject
 from bastion.ssh.upstream import PREFERRED_CIPHERS, TargetError, connect_target
 from recorder.recorder import new_session_id
 
@@ -44,13 +46,18 @@ def parse_username(username: str) -> tuple[str | None, str]:
 
 
 class FrontDoorServer(asyncssh.SSHServer):
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, throttle: AuthThrottle | None = None) -> None:
         self.gw = gateway
         self.identity: Identity | None = None
         self.conn: asyncssh.SSHServerConnection | None = None
         self.source = "?"
         self._cert: Any = None
         self._banner_sent = False
+        # Credential guessing (bastion/ssh/authlimit.py): failed attempts on this connection.
+        self.throttle = throttle or AuthThrottle()
+        self._address = "?"
+        self._failures = 0
+        self._throttled = False
 
     # -- connection ------------------------------------------------------------------
 
@@ -58,7 +65,33 @@ class FrontDoorServer(asyncssh.SSHServer):
         self.conn = conn
         peer = conn.get_extra_info("peername") or ("?", 0)
         self.source = f"{peer[0]}:{peer[1]}"
+        self._address = str(peer[0])
         self._capture_certificates(conn)
+        self._audit_forwarding_requests(conn)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.identity is None and not self._throttled:
+            # Gone before authenticating: a scanner, garbage instead of SSH, or a client giving up.
+            why = str(exc) if exc is not None else "the client closed the connection"
+            self.gw.audit.emit("auth.abandoned", source=self.source, failures=self._failures,
+                               reason=why[:300] or type(exc).__name__)
+
+    def _audit_forwarding_requests(self, conn: asyncssh.SSHServerConnection) -> None:
+        # Agent and X11 forwarding are off (start_ssh); asyncssh refuses them without a
+        # callback, so the two methods it asks are wrapped to audit each refusal.
+        agent = conn.create_agent_listener
+        x11 = conn.attach_x11_listener
+
+        async def refuse_agent() -> bool:
+            self._refused("agent-forwarding", "ssh-agent")
+            return await agent()
+
+        async def refuse_x11(chan: Any, auth_proto: bytes, auth_data: bytes, screen: int) -> Any:
+            self._refused("x11-forwarding", f"screen {screen}")
+            return await x11(chan, auth_proto, auth_data, screen)
+
+        conn.create_agent_listener = refuse_agent  # type: ignore[method-assign]
+        conn.attach_x11_listener = refuse_x11  # type: ignore[method-assign]
 
     def _capture_certificates(self, conn: asyncssh.SSHServerConnection) -> None:
         # asyncssh checks a certificate's CA, validity and signature, but hands its callbacks
@@ -102,13 +135,19 @@ class FrontDoorServer(asyncssh.SSHServer):
         return await self._accept_token(username, responses[0], "keyboard-interactive")
 
     async def _accept_token(self, username: str, token: str, method: str) -> bool:
+        subject = claimed_subject(token)
+        refusal = self.throttle.refusal(self._address, subject)
+        if refusal is not None:  # refused before the token is even verified: guessing costs little
+            self._throttle(refusal[0], refusal[1], method)
+            return False
         try:
             self.identity = await self.gw.verifier.verify(token.strip(), method=method)
         except AuthError as exc:
+            self.throttle.failed(self._address, subject)
             self._auth_failed(username, method, exc)
             return False
         self.gw.audit.emit("auth.success", method=method, source=self.source, user=username,
-                           subject=self.identity.subject, issuer=self.identity.issuer)
+                           subject=self.identity.subject, issuer=self.identity.issuer, **chain_fields(self.identity))
         return True
 
     def _auth_failed(self, username: str, method: str, exc: AuthError) -> None:
@@ -117,6 +156,25 @@ class FrontDoorServer(asyncssh.SSHServer):
         if self.conn is not None and not self._banner_sent:
             self._banner_sent = True
             self.conn.send_auth_banner(AUTH_BANNER)
+        self._count_failure(method)
+
+    def _count_failure(self, method: str) -> None:
+        self._failures += 1
+        if self._failures >= MAX_AUTH_TRIES:
+            self._throttle("connection", f"too many authentication attempts on one connection ({MAX_AUTH_TRIES})",
+                           method)
+
+    def _throttle(self, scope: str, message: str, method: str) -> None:
+        """Refuse with one clear line (a banner the client prints) and close the connection."""
+        if self._throttled:
+            return
+        self._throttled = True
+        self.gw.audit.emit("auth.throttled", scope=scope, method=method, source=self.source, detail=message,
+                           failures=self._failures)
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.send_auth_banner(f"guarita: {message}\r\n")
+            self.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, f"guarita: {message}")
 
     # -- certificates from guarita's user CA -------------------------------------------------
 
@@ -124,7 +182,10 @@ class FrontDoorServer(asyncssh.SSHServer):
         return True
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
-        return False  # bare keys prove nothing about an OIDC identity
+        # Bare keys prove nothing about an OIDC identity. Each offer counts as an attempt, as
+        # in OpenSSH (a client with many keys in its agent should use -o IdentitiesOnly=yes).
+        self._count_failure("publickey")
+        return False
 
     def validate_ca_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         return key.public_data == self.gw.user_ca.key.public_data
@@ -140,7 +201,8 @@ class FrontDoorServer(asyncssh.SSHServer):
                 self.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "certificate refused")
                 return
             self.gw.audit.emit("auth.success", method="certificate", source=self.source,
-                               subject=self.identity.subject, issuer=self.identity.issuer)
+                               subject=self.identity.subject, issuer=self.identity.issuer,
+                               **chain_fields(self.identity))
 
     # -- what an authenticated agent may open ---------------------------------------------
 
@@ -345,8 +407,11 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
 
     async def _start_target_session(self, info: SessionInfo) -> None:
         assert self.chan is not None and self.target_conn is not None
-        env = {k: v for k, v in (self.chan.get_environment() or {}).items()
-               if env_allowed(k, self.gw.config.env_allowlist)}
+        asked = self.chan.get_environment() or {}
+        env = {k: v for k, v in asked.items() if env_allowed(k, self.gw.config.env_allowlist)}
+        if dropped := sorted(_env_name(k) for k in asked if k not in env):  # names only, never values
+            self.gw.audit.emit("env.refused", session=self._session_id, source=self.server.source,
+                               subject=info.identity.subject, names=dropped, reason="not in ssh.env_allowlist")
         if self.session is None:  # else the approval gate opened it
             self.session = Session(self.gw, info)
         kwargs: dict[str, Any] = {"env": env, "encoding": None}
@@ -566,10 +631,15 @@ class TargetChannel(asyncssh.SSHClientSession):  # type: ignore[type-arg]
         self.agent.target_closed(self.status, self.signal, exc is not None)
 
 
+def _env_name(name: str | bytes) -> str:
+    return name.decode("utf-8", "replace") if isinstance(name, bytes) else name
+
+
 async def start_ssh(gateway: Gateway) -> asyncssh.SSHAcceptor:
     host, port = gateway.config.ssh_listen
+    throttle = AuthThrottle()  # one per gateway: failures from one address add up across connections
     return await asyncssh.create_server(
-        lambda: FrontDoorServer(gateway), host, port,
+        lambda: FrontDoorServer(gateway, throttle), host, port,
         server_host_keys=[gateway.host_key],
         server_version="guarita",
         line_editor=False,

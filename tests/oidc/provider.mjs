@@ -11,6 +11,9 @@
 //   OIDC_TOKEN_TTL  access-token lifetime in seconds (default 600)
 //   OIDC_JWKS_FILE  optional JWKS with private keys; the first RS256-capable key signs
 //   OIDC_DEVICE_CLIENT_ID  public device-flow client (default "bastion-cli")
+//   OIDC_WEB_CLIENTS  optional JSON list of {client_id, redirect_uris}: public browser clients
+//                   (authorization code with PKCE, e.g. the guarita console); a user signs in at
+//                   the dev interactions form with any login (the token's sub) and any password
 //   OIDC_DEVICE_INTERVAL   optional polling interval (s) announced in device authorization responses
 //                   (oidc-provider announces none, so clients fall back to RFC 8628's 5 s)
 //
@@ -46,6 +49,7 @@ const deviceClientId = process.env.OIDC_DEVICE_CLIENT_ID || 'bastion-cli';
 const deviceInterval = Number(process.env.OIDC_DEVICE_INTERVAL || 0);
 const clients = JSON.parse(process.env.OIDC_CLIENTS || '[]');
 const users = JSON.parse(process.env.OIDC_USERS || '[]');
+const webClients = JSON.parse(process.env.OIDC_WEB_CLIENTS || '[]');
 // Resource indicators must be absolute URIs while the audience we want is a bare word, so
 // the default resource is a fixed URN mapped onto OIDC_AUDIENCE. Any other resource the
 // test asks for becomes the audience verbatim (handy for wrong-audience tests).
@@ -92,6 +96,13 @@ const provider = new Provider(issuer, {
       grant_types: ['client_credentials', TOKEN_EXCHANGE],
       response_types: [],
       redirect_uris: [],
+    })),
+    ...webClients.map((c) => ({
+      client_id: c.client_id,
+      token_endpoint_auth_method: 'none',  // a public client: PKCE (S256) is required
+      grant_types: ['authorization_code'],
+      response_types: ['code'],
+      redirect_uris: c.redirect_uris,
     })),
     {
       client_id: deviceClientId,
@@ -154,7 +165,10 @@ async function tokenExchange(ctx) {
   const now = Math.floor(Date.now() / 1000);
   const lifetime = ttlFor(client);
   const { jti: _j, iat: _i, exp: _e, nbf: _n, act: prior, client_id: _c, scope: _s, ...kept } = subject;
-  const act = { sub: actor.sub, iss: issuer, ...(actor.client_id ? { client_id: actor.client_id } : {}), ...(prior ? { act: prior } : {}) };
+  // actor_issuer (this test provider only) vouches for the actor under another issuer's name:
+  // what a gateway must refuse when that issuer is not one it trusts.
+  const actIss = params.actor_issuer || issuer;
+  const act = { sub: actor.sub, iss: actIss, ...(actor.client_id ? { client_id: actor.client_id } : {}), ...(prior ? { act: prior } : {}) };
   const payload = {
     ...kept, aud: params.audience || audience, iat: now, exp: now + Math.min(lifetime, subject.exp - now),
     jti: randomUUID(), client_id: client.clientId, act,
@@ -168,7 +182,7 @@ async function tokenExchange(ctx) {
   };
 }
 provider.registerGrantType(TOKEN_EXCHANGE, tokenExchange,
-  ['subject_token', 'subject_token_type', 'actor_token', 'actor_token_type', 'audience']);
+  ['subject_token', 'subject_token_type', 'actor_token', 'actor_token_type', 'audience', 'actor_issuer']);
 
 if (deviceInterval) {
   // Emitted before the response is written: the body can still carry an interval.

@@ -82,12 +82,15 @@ class OIDCProvider:
         device_client_id: str = "bastion-cli",
         start_timeout: float = 30.0,
         device_interval: int | None = None,
+        web_clients: list[dict[str, Any]] = (),
     ):
         self.clients = {c["client_id"]: c for c in clients}
         self.users = list(users)
         self.audience, self.token_ttl, self.jwks_file = audience, token_ttl, jwks_file
         self.port, self.device_client_id, self.start_timeout = port, device_client_id, start_timeout
         self.device_interval = device_interval
+        # Public browser clients (authorization code + PKCE): {client_id, redirect_uris}.
+        self.web_clients = list(web_clients)
         self.issuer: str | None = None
         self._proc: subprocess.Popen | None = None
         self._stderr = None
@@ -108,6 +111,7 @@ class OIDCProvider:
             OIDC_AUDIENCE=self.audience,
             OIDC_TOKEN_TTL=str(self.token_ttl),
             OIDC_DEVICE_CLIENT_ID=self.device_client_id,
+            OIDC_WEB_CLIENTS=json.dumps(self.web_clients),
         )
         env.pop("OIDC_JWKS_FILE", None)
         env.pop("OIDC_DEVICE_INTERVAL", None)
@@ -246,7 +250,7 @@ class OIDCProvider:
             {"token": token, "token_type_hint": token_type_hint, "client_id": self.device_client_id},
         )
 
-    def exchange(self, client_id: str, subject_token: str, actor_token: str) -> str:
+    def exchange(self, client_id: str, subject_token: str, actor_token: str, actor_issuer: str | None = None) -> str:
         """RFC 8693 token exchange by ``client_id``: a token for the subject of
         ``subject_token`` whose ``act`` claim names the actor of ``actor_token`` (and nests
         the subject token's own ``act``, so exchanging again makes a longer chain)."""
@@ -254,6 +258,8 @@ class OIDCProvider:
         data = {"grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
                 "subject_token": subject_token, "subject_token_type": access,
                 "actor_token": actor_token, "actor_token_type": access}
+        if actor_issuer:  # the test provider then vouches for the actor under that issuer's name
+            data["actor_issuer"] = actor_issuer
         secret = self.clients[client_id]["client_secret"]
         _, body = _request(self.discovery()["token_endpoint"], data, auth=(client_id, secret))
         return json.loads(body)["access_token"]

@@ -1,0 +1,174 @@
+"""A spool that fills up in the middle of a session, on a real small tmpfs (root only; skipped
+with the reason otherwise).
+
+* best_effort: recording stops while the spool refuses writes, resumes by itself once space
+  is back, the stretch in between is a ``gap`` marker in the recording and in the manifest,
+  ``replay verify`` names it, and the session is sealed at its end.
+* strict: the session is told to end; its recording is sealed (with the gap up to the end)
+  as soon as the spool takes writes again, without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from recorder import Recorder, RecordingKey
+from recorder.store import FileStore
+from replay.reader import iter_events, open_session
+
+META = {"identity": {"subject": "alice"}, "target": "demo", "login": "demo", "kind": "shell", "tty": True,
+        "command": None}
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str = "2m") -> Iterator[Path]:
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs spool needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(folder: Path, name: str = ".filler") -> Path:
+    """Fill the file system of ``folder`` to the last byte."""
+    filler = folder / name
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for size in (65536, 4096, 1):
+            with contextlib.suppress(OSError):
+                while os.write(fd, b"\0" * size):
+                    pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+async def until(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def keep_writing(session: object, done: Callable[[], object], timeout: float = 10) -> None:
+    """Incompressible output (the last page of a file may still have room) until ``done``."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise AssertionError("the full spool never refused a write")
+        session.output(b"during " + os.urandom(4096).hex().encode() + b"\r\n")  # type: ignore[attr-defined]
+        await asyncio.sleep(0.01)
+
+
+def _recorder(tmp_path: Path, spool: Path, policy: str) -> Recorder:
+    return Recorder(FileStore(tmp_path / "rec"), spool, RecordingKey.load_or_create(tmp_path / "key.pem"),
+                    segment_seconds=60, segment_bytes=64 * 1024, flush_interval=0.05, failure_policy=policy)
+
+
+def _lines(prefix: str, n: int) -> bytes:
+    return b"".join(f"{prefix}-{i:04d} {'x' * 60}\r\n".encode() for i in range(n))
+
+
+def test_best_effort_resumes_marks_the_gap_and_seals(tmp_path: Path) -> None:
+    with small_tmpfs(tmp_path / "spool") as spool:
+        async def run() -> str:
+            rec = _recorder(tmp_path, spool, "best_effort")
+            await rec.start()
+            failures: list[Exception] = []
+            session = rec.open_session(META, term=(80, 24))
+            session.on_failure = failures.append  # best_effort: the front door only logs
+            session.output(_lines("before", 50))
+            await session.sync()
+            filler = fill(spool)
+            # Output keeps coming while the spool is full: it cannot be recorded.
+            await keep_writing(session, lambda: session.failed is not None)
+            filler.unlink()
+            await until(lambda: session.failed is None, 10, "recording to resume")
+            session.output(_lines("after", 50))
+            session.exit(0)
+            await session.close()
+            assert session.sealed
+            assert await rec.wait_uploaded(10)
+            await rec.close()
+            return session.id
+
+        sid = asyncio.run(run())
+    store = FileStore(tmp_path / "rec")
+    summary = open_session(store, sid)
+    assert summary.complete
+    gaps = summary.end["gaps"]
+    assert len(gaps) == 1 and gaps[0]["lost_bytes"] > 0 and "No space left" in gaps[0]["reason"], gaps
+    events = list(iter_events(store, summary))
+    out = b"".join(e.stream_bytes() or b"" for e in events if e.stream == "o")
+    assert _lines("before", 50) in out and _lines("after", 50) in out
+    marks = [i for i, e in enumerate(events) if e.code == "m" and e.data.get("type") == "gap"]
+    assert len(marks) == 1
+    first_after = next(i for i, e in enumerate(events) if e.stream == "o" and b"after-0000" in (e.stream_bytes() or b""))
+    last_before = max(i for i, e in enumerate(events) if e.stream == "o" and b"before-" in (e.stream_bytes() or b""))
+    assert last_before < marks[0] < first_after
+    # replay verify names the gap, and the recording is whole and signed.
+    pub = tmp_path / "key.pub"
+    pub.write_text(RecordingKey.load_or_create(tmp_path / "key.pem").public_pem())
+    proc = subprocess.run([sys.executable, "-m", "replay.cli", "--recordings", store.url, "verify", sid,
+                           "--public-key", str(pub)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith(f"{sid}: OK") and "GAP" in proc.stdout and "not recorded" in proc.stdout
+
+
+def test_strict_ends_and_seals_once_space_is_back(tmp_path: Path) -> None:
+    with small_tmpfs(tmp_path / "spool") as spool:
+        async def run() -> tuple[str, list[Exception]]:
+            rec = _recorder(tmp_path, spool, "strict")
+            await rec.start()
+            failures: list[Exception] = []
+            session = rec.open_session(META, term=(80, 24))
+            session.on_failure = failures.append  # strict: the front door ends the session here
+            session.output(_lines("before", 50))
+            await session.sync()
+            filler = fill(spool)
+            await keep_writing(session, lambda: failures)
+            # Whatever the uploads freed meanwhile is taken too: not even the seal fits.
+            second = fill(spool, ".filler2")
+            session.exit(None, reason="recording failed")
+            await session.close()  # the spool still refuses: it cannot seal yet
+            assert not session.sealed
+            assert not list((tmp_path / "rec").glob("*/*/*/*/manifest.json"))
+            filler.unlink()
+            second.unlink()
+            await until(lambda: session.sealed, 15, "the seal once space is back (no restart)")
+            assert await rec.wait_uploaded(10)
+            await rec.close()
+            return session.id, failures
+
+        sid, failures = asyncio.run(run())
+    assert "No space left" in str(failures[0])
+    store = FileStore(tmp_path / "rec")
+    summary = open_session(store, sid)
+    assert summary.complete and summary.state == "complete"
+    events = list(iter_events(store, summary))
+    gap = [e.data for e in events if e.code == "m" and e.data.get("type") == "gap"]
+    assert len(gap) == 1 and gap[0]["lost_bytes"] > 0
+    out = b"".join(e.stream_bytes() or b"" for e in events if e.stream == "o")
+    assert out.startswith(_lines("before", 50))
+    # Nothing after the failure: the gap runs to the end of the recording.
+    at = next(i for i, e in enumerate(events) if e.code == "m" and e.data.get("type") == "gap")
+    assert not [e for e in events[at:] if e.stream in ("o", "e", "i")]
+    manifest = json.loads((next((tmp_path / "rec").glob("*/*/*/*/manifest.json"))).read_text())
+    assert manifest["end"]["gaps"][0]["to"] >= manifest["end"]["gaps"][0]["from"]
