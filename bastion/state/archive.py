@@ -13,6 +13,7 @@ on PostgreSQL), and the caller applies the regular expression to what comes back
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -88,6 +89,31 @@ class ArchiveIndex:
                                 (s.archive_commands, commands), (s.archive_masked, masked)):
                 for start in range(0, len(rows), BATCH_ROWS):
                     await conn.execute(insert(table), rows[start:start + BATCH_ROWS])
+
+    async def load_fresh(self, entries: Sequence[ArchiveEntry]) -> None:
+        """Add sessions known not to be indexed yet, as fast as the database takes them: COPY on
+        PostgreSQL (a bulk load: a large rebuild into an empty index, the scale bench),
+        plain inserts elsewhere. A session already indexed makes it fail; use put() then."""
+        if self.kind != "postgresql":
+            await self.put(entries)
+            return
+        now = time.time()
+        records = {
+            "archive_sessions": ([(e.id, e.started, e.state, json.dumps(e.manifest, ensure_ascii=False), now)
+                                  for e in entries], ["id", "started", "state", "manifest", "indexed"]),
+            "archive_names": ([(e.id, n) for e in entries for n in dict.fromkeys(e.names)], ["session_id", "name"]),
+            "archive_commands": ([(e.id, i, t, c) for e in entries for i, (t, c) in enumerate(e.commands)],
+                                 ["session_id", "seq", "t", "command"]),
+            "archive_masked": ([(e.id, i, m[5], m[0], m[1], m[2], m[3], m[4]) for e in entries
+                                for i, m in enumerate(e.masked)],
+                               ["session_id", "seq", "hmac", "t", "stream", "detector", "offset", "length"]),
+        }
+        async with self.engine.begin() as conn:
+            raw = (await conn.get_raw_connection()).driver_connection
+            assert raw is not None
+            for table, (rows, columns) in records.items():
+                if rows:
+                    await raw.copy_records_to_table(table, records=rows, columns=columns)
 
     async def count(self) -> int:
         async with self.engine.connect() as conn:
