@@ -16,6 +16,7 @@ import asyncssh
 from bastion import lifecycle
 from bastion.approvals.engine import ApprovalEngine
 from bastion.approvals.interactive import InteractiveGate
+from bastion.archive_indexer import ArchiveIndexer
 from bastion.audit import AuditLog
 from bastion.config import Config, IssuerConfig, TargetConfig
 from bastion.control import Control
@@ -91,6 +92,9 @@ class Gateway:
                                 or f"{socket.gethostname()}:{config.data_dir}")
         self.approvals = ApprovalEngine(self)
         self.interactive_gate = InteractiveGate  # built by sessions whose terminal commands rules concern
+        # The archive index: sessions, commands and masked hashes, filled as manifests are stored.
+        self.archive = ArchiveIndexer(self.state, self.store)
+        self.recorder.on_session_stored = self.archive.session_stored
         # Locks, session kills, per-identity limits and session limits (bastion/control).
         self.control = Control(self)
         self.demo: DemoTarget | None = None
@@ -156,6 +160,7 @@ class Gateway:
             await self.state.start()
         except StateError as exc:
             raise RuntimeError(str(exc)) from None
+        await self.archive.start()
         await self.approvals.start()
         await self.control.start()
         self._http_runner, self.http_port = await start_http(self, self._http_routes(control_routes))
@@ -214,6 +219,7 @@ class Gateway:
         await self.control.stop()
         await self.recorder.close()
         await self.live.settle()
+        await self.archive.stop()
         await self.state.close()
         await self.verifier.close()
         if self._http_runner is not None:
