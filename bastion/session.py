@@ -473,7 +473,7 @@ class Session:
         """A message from guarita to the agent (recorded as what they saw)."""
         if self.write_client is None:
             return
-        if self._gate is not None:  # on the terminal, below the line being held
+        if self._gate is not None and self.info.size:  # on the terminal, below the line being held
             data = ("\r\n" + text.replace("\n", "\r\n") + "\r\n").encode()
             self.to_client(data)
             return
@@ -509,10 +509,17 @@ class Session:
         if self.write_client is None or self.write_target is None:
             return None
         self._gate_checked = True
-        if self._approvals is None or not self.info.size or self.info.kind not in ("shell", "exec"):
+        if self._approvals is None or self.info.kind not in ("shell", "exec"):
             return None
         if not self._approvals.watches(self):
             return None
+        if not self.info.size:  # no terminal: guarita is the shell's line discipline
+            from bastion.approvals.linediscipline import LineGate, reads_commands
+
+            if not reads_commands(self.info.kind, self.info.command):
+                return None
+            self._gate = LineGate(self, self._approvals)  # type: ignore[assignment]
+            return self._gate
         from bastion.approvals.interactive import InteractiveGate
 
         self._gate = InteractiveGate(self, self._approvals, *self.info.size)
