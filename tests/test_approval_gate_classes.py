@@ -128,3 +128,27 @@ def test_history_expansion_and_nested_quoting(agw: GatewayProcess, oidc: OIDCPro
         _held(pty, agw, oidc)
     finally:
         pty.close()
+
+
+# -- class 6: file transfer by exec ----------------------------------------------------------
+
+
+def test_legacy_scp_is_refused_where_sftp_is_off(agw: GatewayProcess, oidc: OIDCProvider, targets: Targets,
+                                                 tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.test_ssh_e2e import sftp_command
+
+    cmd, env = sftp_command(agw, f"{targets.login}@web-key", tmp_path, oidc.token("agent-ci"))
+    options = cmd[1:cmd.index("-b")]  # the same OpenSSH options and askpass, for scp
+    source = tmp_path / "payload.txt"
+    source.write_text("payload\n")
+    remote = f"/tmp/guarita-scp-{uuid.uuid4().hex[:8]}"
+    mark = agw.audit_mark()
+    for direction in ([str(source), f"{targets.login}@web-key@127.0.0.1:{remote}"],
+                      [f"{targets.login}@web-key@127.0.0.1:/etc/hostname", str(tmp_path / "got")]):
+        r = subprocess.run(["scp", "-O", *options, *direction], capture_output=True, env=env, timeout=30,
+                           start_new_session=True)
+        assert r.returncode != 0 and b"file transfer by exec (scp) is not allowed" in r.stderr, r.stderr
+    assert not Path(remote).exists() and not (tmp_path / "got").exists()
+    agw.wait_audit("session.refused", mark, reason="subsystem_denied")
