@@ -16,6 +16,7 @@ import asyncssh
 from bastion import lifecycle
 from bastion.approvals.engine import ApprovalEngine
 from bastion.approvals.interactive import InteractiveGate
+from bastion.approvals.linediscipline import line_gate
 from bastion.archive_indexer import ArchiveIndexer
 from bastion.audit import AuditLog
 from bastion.config import Config, IssuerConfig, TargetConfig
@@ -92,6 +93,7 @@ class Gateway:
                                 or f"{socket.gethostname()}:{config.data_dir}")
         self.approvals = ApprovalEngine(self)
         self.interactive_gate = InteractiveGate  # built by sessions whose terminal commands rules concern
+        self.line_gate = line_gate  # ... and by sessions without a terminal (guarita is the line discipline)
         # The archive index: sessions, commands and masked hashes, filled as manifests are stored.
         self.archive = ArchiveIndexer(self.state, self.store)
         self.recorder.on_session_stored = self.archive.session_stored
