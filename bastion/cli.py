@@ -121,11 +121,6 @@ def serve(config_path: Path | None, dev: bool, data_dir: Path | None, recordings
         if demo_cluster is not None:
             demo_cluster.stop()
         raise click.UsageError(str(exc)) from None
-    busy = devmode.busy_port(config)
-    if busy:
-        if demo_cluster is not None:
-            demo_cluster.stop()
-        raise click.ClickException(busy)
     try:
         asyncio.run(_serve(Gateway, config, reload_source, json_log=chosen_format == "json"))
     finally:
@@ -166,6 +161,11 @@ async def _serve(gateway_cls: Any, config: Any, reload_source: tuple[Path, dict[
         instance_lock.acquire([config.data_dir, config.recording.spool_dir])
     except InstanceLocked as exc:
         click.echo(f"guarita: cannot start: {exc}", err=True)
+        sys.exit(1)
+    from bastion.devmode import busy_port
+
+    if busy := busy_port(config):  # named with the flag that moves it, before anything binds
+        click.echo(f"guarita: cannot start: {busy}", err=True)
         sys.exit(1)
     try:
         gw = gateway_cls(config)

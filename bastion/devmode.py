@@ -39,7 +39,7 @@ class DevIdentity:
 
 
 DEV_IDENTITIES = {i.name: i for i in (
-    DevIdentity("agent", ("agents",), "runs commands and shells (an AI agent, a CI job)"),
+    DevIdentity("agent", ("agents",), "runs commands and shells, like an AI agent or a CI job"),
     DevIdentity("approver", ("approvers",), "approves held commands"),
     DevIdentity("auditor", ("auditors",), "reads live sessions and locks"),
     DevIdentity("operator", ("operators",), "locks identities and kills sessions"),
