@@ -116,7 +116,8 @@ def _text(result: Any) -> str:
 
 
 def replay(gw: GatewayProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "replay.cli", *args, "--recordings", gw.recordings_dir.as_uri()],
+    # --data-dir: the recordings and the trusted recording key (verify is UNVERIFIED without one).
+    return subprocess.run([sys.executable, "-m", "replay.cli", *args, "--data-dir", str(gw.data_dir)],
                           capture_output=True, text=True, timeout=60)
 
 
