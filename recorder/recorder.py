@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from recorder import events as ev
+from recorder.index import SessionIndexNotes
 from recorder.segment import (
     COMPRESSION_LEVEL,
     SegmentRecord,
@@ -70,12 +71,11 @@ MERGE_SECONDS = 0.005
 # Upload retries back off from 0.2 s up to this: when the store comes back, uploads resume
 # within this many seconds without anyone doing anything.
 RETRY_MAX_DELAY = 15.0
+# Objects uploaded at once: PUTs are mostly waiting on the network and the store, so a
+# few in flight keep the upload lag at seconds where one at a time fell minutes behind.
+UPLOAD_CONCURRENCY = 8
 # Spooled objects the store refused because a different object already has their key.
 CONFLICTS_DIR = ".conflicts"
-
-
-class RecordingFailed(Exception):
-    """The spool cannot take this session's events (strict policy ends the session)."""
 
 
 def new_session_id(now: float | None = None) -> str:
@@ -93,7 +93,7 @@ class Recorder:
     def __init__(self, store: RecordingStore, spool_dir: Path, key: RecordingKey, *,
                  segment_seconds: float = 5.0, segment_bytes: int = 4 * 1024 * 1024,
                  flush_interval: float = 1.0, failure_policy: str = "strict",
-                 spool_budget: int | None = None) -> None:
+                 spool_budget: int | None = None, upload_concurrency: int = UPLOAD_CONCURRENCY) -> None:
         self.store = store
         self.spool_dir = spool_dir
         self.key = key
@@ -108,8 +108,8 @@ class Recorder:
         self.upload_errors = 0
         self.uploads_pending = 0
         self.upload_conflicts = 0
-        # When the upload in flight started (None when none is): health and metrics see a hung store.
-        self.upload_since: float | None = None
+        # When each upload in flight started: health and metrics see a hung store (upload_since).
+        self._in_flight: dict[object, float] = {}
         # Times a session's recording could not be written to the spool (each opens a gap).
         self.spool_failures = 0
         self.store_down_since: float | None = None
@@ -119,10 +119,25 @@ class Recorder:
         self._spool_used = 0
         self._spool_lock = threading.Lock()
         self._spool_resynced = 0.0
-        self._uploads: asyncio.Queue[tuple[Path, str]] = asyncio.Queue()
-        # When each queued upload was queued (uploads run in queue order): the upload lag.
-        self._queued_at: collections.deque[float] = collections.deque()
-        self._uploader: asyncio.Task[None] | None = None
+        # Uploads run ``upload_concurrency`` at a time (one PUT at a time left sealed segments
+        # waiting over a minute at 500 sessions). Queue entries: (sequence, spool path, key).
+        self.upload_concurrency = max(1, upload_concurrency)
+        self._uploads: asyncio.Queue[tuple[int, Path, str]] = asyncio.Queue()
+        self._upload_seq = 0
+        # When each waiting object was queued, by sequence (oldest first): the upload lag.
+        self._queued_at: dict[int, float] = {}
+        # Per session directory: its non-manifest objects not yet uploaded, and an event its
+        # manifest waits on until they are.
+        self._session_uploads: dict[Path, int] = {}
+        self._session_drained: dict[Path, asyncio.Event] = {}
+        self._uploaders: list[asyncio.Task[None]] = []
+        self._last_upload_ok = 0.0
+        # Called on the event loop with (session id, manifest bytes) once a session's manifest
+        # is in the store: the archive index is filled from here (bastion/archive_indexer.py).
+        self.on_session_stored: Callable[[str, bytes], None] | None = None
+        # Their own threads: the loop's default executor has cpu_count + 4 of them, shared.
+        self._upload_executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self.upload_concurrency, thread_name_prefix="recorder-upload")
         # Sessions' file work (encode, compress, hash, write, fsync): ops of one session run
         # in order, sessions in parallel.
         self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -135,7 +150,7 @@ class Recorder:
         recovered = await asyncio.to_thread(self._recover_all)
         self._spool_used = await asyncio.to_thread(self._walk_spool)
         self._spool_resynced = time.monotonic()
-        self._uploader = asyncio.create_task(self._upload_loop(), name="recording-uploader")
+        self._start_uploaders()
         return recovered
 
     def open_session(self, meta: dict[str, Any], term: tuple[int, int] | None = None,
@@ -157,10 +172,11 @@ class Recorder:
         deadline = time.monotonic() + timeout
         while self.uploads_pending and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if self._uploader:
-            self._uploader.cancel()
-            await asyncio.gather(self._uploader, return_exceptions=True)
+        for task in self._uploaders:
+            task.cancel()
+        await asyncio.gather(*self._uploaders, return_exceptions=True)
         self._executor.shutdown(wait=False)
+        self._upload_executor.shutdown(wait=False)
         if self.uploads_pending:
             log.warning("%d recording objects still in the spool %s; they are uploaded at the next start",
                         self.uploads_pending, self.spool_dir)
@@ -208,65 +224,118 @@ class Recorder:
 
     def oldest_pending_upload(self) -> float | None:
         """When (time.time()) the oldest object still waiting for upload was queued."""
-        return self._queued_at[0] if self._queued_at else None
+        for queued in self._queued_at.values():  # insertion order: the first is the oldest
+            return queued
+        return None
+
+    @property
+    def upload_since(self) -> float | None:
+        """When the oldest upload still in flight started (None when none is): a store that
+        hangs shows as an upload that never ends."""
+        return min(self._in_flight.values(), default=None)
 
     def queue_upload(self, path: Path, key: str) -> None:
         self.uploads_pending += 1
-        self._queued_at.append(time.time())
-        self._uploads.put_nowait((path, key))
+        self._upload_seq += 1
+        self._queued_at[self._upload_seq] = time.time()
+        if path.name != "manifest.json":
+            self._session_uploads[path.parent] = self._session_uploads.get(path.parent, 0) + 1
+        self._uploads.put_nowait((self._upload_seq, path, key))
+
+    def _start_uploaders(self) -> None:
+        self._uploaders = [asyncio.create_task(self._upload_loop(), name=f"recording-uploader-{i}")
+                           for i in range(self.upload_concurrency)]
 
     async def _upload_loop(self) -> None:
+        """One of ``upload_concurrency`` workers sharing the queue. Objects of one session may go
+        up in parallel, except its manifest: it waits until every object queued before it for
+        that session is in the store, so a reader never sees a manifest naming a segment that
+        is not there yet, and the spool directory is removed only once everything is up."""
         while True:
-            path, key = await self._uploads.get()
-            delay = 0.2
-            while True:
-                try:
-                    self.upload_since = time.time()  # a store that hangs shows as an upload that never ends
-                    try:
-                        await asyncio.to_thread(self._upload_one, path, key)
-                    finally:
-                        self.upload_since = None
-                except _Conflict as exc:
-                    # The store answered, but retrying cannot help: set the object aside so
-                    # that it does not hold up every later upload.
-                    self.upload_errors += 1
-                    self.upload_conflicts += 1
-                    try:
-                        kept = await asyncio.to_thread(self._set_aside, path)
-                    except OSError:
-                        kept = path
-                    log.error("recording object %s NOT uploaded: %s; the spool copy is kept in %s", key, exc, kept)
-                except FileNotFoundError:
-                    log.error("spooled recording object %s vanished before its upload to %s (is the spool %s "
-                              "shared with another gateway?)", path, key, self.spool_dir)
-                    break
-                except Exception as exc:  # noqa: BLE001 - whatever it is, the uploader must not die
-                    self.upload_errors += 1
-                    self.last_upload_error = str(exc) if isinstance(exc, StoreError | OSError) else repr(exc)
-                    if self.store_down_since is None:
-                        # One warning per outage; the retries log at debug level only.
-                        self.store_down_since = time.time()
-                        log.warning("cannot upload recordings to %s: %s; sessions go on, their recordings wait "
-                                    "in the spool %s and uploads are retried until the store answers",
-                                    self.store.url, self.last_upload_error, self.spool_dir,
-                                    exc_info=not isinstance(exc, StoreError | OSError))
-                    else:
-                        log.debug("upload of %s still failing (%s); next try in %.1fs", key,
-                                  self.last_upload_error, delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, RETRY_MAX_DELAY)
-                    continue
-                if self.store_down_since is not None:
-                    log.warning("recordings store %s answers again after %.1fs; uploading the %d objects "
-                                "waiting in the spool", self.store.url, time.time() - self.store_down_since,
-                                self.uploads_pending - 1)
-                    self.store_down_since = None
-                break
-            self.uploads_pending -= 1
-            if self._queued_at:
-                self._queued_at.popleft()
+            seq, path, key = await self._uploads.get()
+            try:
+                if path.name == "manifest.json":
+                    await self._session_uploaded(path.parent)
+                stored = await self._upload_with_retries(path, key)
+                if stored is not None and path.name == "manifest.json" and self.on_session_stored:
+                    self.on_session_stored(path.parent.name, stored)
+            finally:
+                self.uploads_pending -= 1
+                self._queued_at.pop(seq, None)
+                if path.name != "manifest.json":
+                    self._one_session_upload_done(path.parent)
 
-    def _upload_one(self, path: Path, key: str) -> None:
+    async def _session_uploaded(self, session_dir: Path) -> None:
+        while self._session_uploads.get(session_dir, 0) > 0:
+            event = self._session_drained.setdefault(session_dir, asyncio.Event())
+            await event.wait()
+
+    def _one_session_upload_done(self, session_dir: Path) -> None:
+        left = self._session_uploads.get(session_dir, 1) - 1
+        if left > 0:
+            self._session_uploads[session_dir] = left
+            return
+        self._session_uploads.pop(session_dir, None)
+        event = self._session_drained.pop(session_dir, None)
+        if event is not None:
+            event.set()
+
+    async def _upload_with_retries(self, path: Path, key: str) -> bytes | None:
+        """Upload until the store takes the object; returns its bytes (None when it could not
+        be: a conflict, or the spool copy vanished)."""
+        delay = 0.2
+        while True:
+            started = time.monotonic()
+            attempt = object()
+            self._in_flight[attempt] = time.time()
+            try:
+                try:
+                    data = await asyncio.get_running_loop().run_in_executor(
+                        self._upload_executor, self._upload_one, path, key)
+                finally:
+                    del self._in_flight[attempt]
+            except _Conflict as exc:
+                # The store answered, but retrying cannot help: set the object aside so
+                # that it does not hold up every later upload.
+                self.upload_errors += 1
+                self.upload_conflicts += 1
+                try:
+                    kept = await asyncio.to_thread(self._set_aside, path)
+                except OSError:
+                    kept = path
+                log.error("recording object %s NOT uploaded: %s; the spool copy is kept in %s", key, exc, kept)
+                return None
+            except FileNotFoundError:
+                log.error("spooled recording object %s vanished before its upload to %s (is the spool %s "
+                          "shared with another gateway?)", path, key, self.spool_dir)
+                return None
+            except Exception as exc:  # noqa: BLE001 - whatever it is, the uploader must not die
+                self.upload_errors += 1
+                self.last_upload_error = str(exc) if isinstance(exc, StoreError | OSError) else repr(exc)
+                # An attempt that began before another one succeeded says nothing new: with
+                # several in flight, it must not open a second outage (and a second warning).
+                if self.store_down_since is None and started >= self._last_upload_ok:
+                    # One warning per outage; the retries log at debug level only.
+                    self.store_down_since = time.time()
+                    log.warning("cannot upload recordings to %s: %s; sessions go on, their recordings wait "
+                                "in the spool %s and uploads are retried until the store answers",
+                                self.store.url, self.last_upload_error, self.spool_dir,
+                                exc_info=not isinstance(exc, StoreError | OSError))
+                else:
+                    log.debug("upload of %s still failing (%s); next try in %.1fs", key,
+                              self.last_upload_error, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_DELAY)
+                continue
+            self._last_upload_ok = time.monotonic()
+            if self.store_down_since is not None:
+                log.warning("recordings store %s answers again after %.1fs; uploading the %d objects "
+                            "waiting in the spool", self.store.url, time.time() - self.store_down_since,
+                            self.uploads_pending - 1)
+                self.store_down_since = None
+            return data
+
+    def _upload_one(self, path: Path, key: str) -> bytes:
         data = path.read_bytes()
         try:
             self.store.put(key, data)
@@ -281,6 +350,7 @@ class Recorder:
         else:
             path.unlink()
             self._spool_add(-len(data))
+        return data
 
     def _set_aside(self, path: Path) -> Path:
         """Move a spooled object the store refused out of the session directory (a refused
@@ -351,6 +421,9 @@ class SessionRecording:
         self.closed = False
         self.counts: dict[str, int] = {"o": 0, "e": 0, "i": 0}
         self.markers: dict[str, int] = {}
+        # What the archive index needs of this session, collected as markers are recorded and
+        # written into the manifest (recorder/index.py): commands, and masking markers' values.
+        self._index = SessionIndexNotes()
         self._encoders = {c: ev.StreamEncoder(c) for c in ("o", "e", "i")}
         self._screen = ScreenTracker(*term) if term else None
         self._snap_t = 0.0
@@ -358,6 +431,8 @@ class SessionRecording:
         self._buf: list[bytes | tuple[float, str, bytes]] = []
         self._buf_len = 0
         self._buf_events = 0
+        # Frames written since the last fsync (the tick syncs only when there are some).
+        self._unsynced = False
         self._seg_raw = 0.0
         self._seg_t = 0.0
         # Encoded bytes per terminal byte of the last flush, set by the worker: segments are cut
@@ -435,12 +510,14 @@ class SessionRecording:
     def marker(self, kind: str, **fields: Any) -> None:
         self.markers[kind] = self.markers.get(kind, 0) + 1
         t = self.now()
+        self._index.marker(t, kind, fields)
         self._append(ev.encode(t, "m", {"type": kind, **fields}), t)
 
     def marker_json(self, kind: str, key: str, raw: bytes, **fields: Any) -> None:
         """:meth:`marker` with the field ``key`` given as JSON text (``raw``), last."""
         self.markers[kind] = self.markers.get(kind, 0) + 1
         t = self.now()
+        self._index.marker_json(t, kind, key, raw, fields)
         self._append(ev.encode_with_json(t, "m", {"type": kind, **fields}, key, raw), t)
 
     def exit(self, status: int | None, signal: str | None = None, reason: str | None = None) -> None:
@@ -556,11 +633,13 @@ class SessionRecording:
         return raw, raw.count(b"\n")  # one newline per event: JSON escapes those inside strings
 
     def _flush(self, sync: bool) -> None:
+        self._unsynced = not sync
         items, size = self._take()
         t_end = self._last_t
         self._submit(lambda: self._writer_append(items, t_end, sync), size)
 
     def _cut(self, final: bool = False, end: dict[str, Any] | None = None) -> None:
+        self._unsynced = True  # the next segment's header waits for the next flush
         items, size = self._take()
         t_end = self._last_t
         next_t = self._last_t
@@ -585,7 +664,9 @@ class SessionRecording:
                 continue
             if self._seg_raw and self.now() - self._seg_t >= self.recorder.segment_seconds:
                 self._cut()
-            else:
+            elif self._buf or self._unsynced:
+                # An idle session costs nothing here: no thread hop, no fsync of nothing
+                # (1,000 idle sessions were 1,000 fsyncs a second).
                 self._flush(sync=True)
 
     # -- the ordered file-work queue (runs in threads) -----------------------------------
@@ -680,7 +761,8 @@ class SessionRecording:
         self._queue_segment(record.index)
         if final:
             self._writer = None
-            self.recorder._spool_add(_write_manifest(self.dir, self.recorder.key, self.meta, end or {}, self._chain))
+            self.recorder._spool_add(_write_manifest(self.dir, self.recorder.key, self.meta, end or {}, self._chain,
+                                                     index=self._index.to_manifest()))
             self.recorder_loop_call(
                 lambda: self.recorder.queue_upload(self.dir / "manifest.json", self.prefix + "manifest.json"))
         else:
@@ -971,7 +1053,7 @@ def _resume_writer(writer: SegmentWriter, path: Path, index: int, kept: bytes, t
 
 
 def _write_manifest(session_dir: Path, key: RecordingKey, meta: dict[str, Any], end: dict[str, Any],
-                    chain: list[SegmentRecord]) -> int:
+                    chain: list[SegmentRecord], index: dict[str, Any] | None = None) -> int:
     import base64
 
     body = {
@@ -983,5 +1065,7 @@ def _write_manifest(session_dir: Path, key: RecordingKey, meta: dict[str, Any], 
         "public_key": base64.b64encode(key.public_raw).decode(),
         "signed_at": iso(time.time()),
     }
+    if index is not None:
+        body["index"] = index
     manifest = {**body, "signature": key.sign(body)}
     return _write_file(session_dir / "manifest.json", json.dumps(manifest, ensure_ascii=False, indent=1).encode())

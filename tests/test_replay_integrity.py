@@ -97,7 +97,8 @@ def test_replay_where_serve_dev_ran_finds_recordings_and_key(tmp_path: Path) -> 
     ssh_port, http_port = free_port(), free_port()
     log = open(tmp_path / "serve.log", "wb")
     gw = subprocess.Popen([*BASTION, "serve", "--dev", "--ssh-listen", f"127.0.0.1:{ssh_port}",
-                           "--http-listen", f"127.0.0.1:{http_port}"], cwd=tmp_path, stdin=subprocess.DEVNULL,
+                           "--http-listen", f"127.0.0.1:{http_port}",
+                           "--kube-listen", f"127.0.0.1:{free_port()}"], cwd=tmp_path, stdin=subprocess.DEVNULL,
                           stdout=log, stderr=log, start_new_session=True)
     try:
         wait_for(lambda: _healthy(http_port) or gw.poll() is not None, 30, "serve --dev")
