@@ -96,7 +96,11 @@ async def signed_out(request: web.Request) -> web.StreamResponse:
 
 
 async def _visible_requests(gw: Gateway, viewer: Viewer) -> list[dict[str, Any]]:
-    rows = await gw.state.list_requests(limit=200)
+    """Every pending request (however many were decided since), then the latest decided ones."""
+    pending = await gw.state.list_requests(status="pending", limit=1000)
+    recent = await gw.state.list_requests(limit=200)
+    seen = {r["id"] for r in pending}
+    rows = pending + [r for r in recent if r["id"] not in seen]
     return [r for r in rows if gw.approvals.may_view(r, viewer.identity)]
 
 
