@@ -20,7 +20,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.conftest import BASTION, GatewayProcess
+from tests.conftest import BASTION, GatewayProcess, free_port
 from tests.support import browser
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 class DevGateway(GatewayProcess):
     def _command(self) -> list[str]:
         return [*BASTION, "serve", "--dev", "--data-dir", str(self.data_dir),
-                "--ssh-listen", f"127.0.0.1:{self.ssh_port}", "--http-listen", f"127.0.0.1:{self.http_port}"]
+                "--ssh-listen", f"127.0.0.1:{self.ssh_port}", "--http-listen", f"127.0.0.1:{self.http_port}",
+                "--kube-listen", f"127.0.0.1:{free_port()}"]
 
 
 @pytest.fixture(scope="module")

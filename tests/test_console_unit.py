@@ -40,7 +40,7 @@ def test_config_file_names_the_console_problem(tmp_path: Path) -> None:
 
 
 def test_dev_has_a_console_without_configuration(tmp_path: Path) -> None:
-    from bastion.gateway import dev_config
+    from bastion.devmode import dev_config
 
     config = dev_config(tmp_path, http_port=18080)
     assert console_settings(config).client_id == DEV_CLIENT_ID  # type: ignore[union-attr]

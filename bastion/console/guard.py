@@ -16,7 +16,7 @@ from bastion.console.settings import console_settings
 from bastion.http.api import GATEWAY_KEY
 
 if TYPE_CHECKING:
-    from bastion.gateway import Gateway
+    from bastion.services import Services
 
 STATIC = Path(__file__).resolve().parent / "static"
 CONSOLE_KEY = web.AppKey("console", object)
@@ -27,14 +27,14 @@ STREAMS = ("/events", "/stream")
 class Console:
     """The services the pages use, made once per HTTP app."""
 
-    def __init__(self, gw: Gateway) -> None:
+    def __init__(self, gw: Services) -> None:
         self.gw = gw
         self.oidc = OidcClient(gw)
         self.feed = Feed(gw.state)
         self.recordings = Recordings(gw.store, (gw.recording_key.public_raw,))
 
 
-def gw_of(request: web.Request) -> Gateway:
+def gw_of(request: web.Request) -> Services:
     return request.app[GATEWAY_KEY]  # type: ignore[return-value]
 
 
@@ -73,7 +73,7 @@ def guarded(*roles: str) -> Callable[[Page], Callable[[web.Request], Awaitable[w
     return decorate
 
 
-def sign_in_again(gw: Gateway, request: web.Request, refused: bool) -> web.StreamResponse:
+def sign_in_again(gw: Services, request: web.Request, refused: bool) -> web.StreamResponse:
     if request.method != "GET" or request.path.endswith(STREAMS):
         response: web.StreamResponse = problem(401, "Signed out", "your console session has ended (or its cookie "
                                                "was not accepted): sign in again", back="/console/login")

@@ -40,7 +40,7 @@ from bastion.console.guard import (
 from bastion.console.render import age, csrf_field, e, page, problem, size, table
 
 if TYPE_CHECKING:
-    from bastion.gateway import Gateway
+    from bastion.services import Services
 
 # -- signing in and out ------------------------------------------------------------------------
 
@@ -95,7 +95,7 @@ async def signed_out(request: web.Request) -> web.StreamResponse:
 # -- approvals ---------------------------------------------------------------------------------
 
 
-async def _visible_requests(gw: Gateway, viewer: Viewer) -> list[dict[str, Any]]:
+async def _visible_requests(gw: Services, viewer: Viewer) -> list[dict[str, Any]]:
     """Every pending request (however many were decided since), then the latest decided ones."""
     pending = await gw.state.list_requests(status="pending", limit=1000)
     recent = await gw.state.list_requests(limit=200)
@@ -165,7 +165,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _follow(gw: Gateway, console: Console, found: Viewer, response: web.StreamResponse) -> None:
+async def _follow(gw: Services, console: Console, found: Viewer, response: web.StreamResponse) -> None:
     ends = found.identity.expires_at or (time.time() + 3600)
     pinged = time.monotonic()
     async with console.feed.listen() as queue:
@@ -256,7 +256,7 @@ async def lock_subject(request: web.Request, viewer: Viewer) -> web.StreamRespon
     raise web.HTTPSeeOther("/console/sessions")
 
 
-async def _may_watch(gw: Gateway, viewer: Viewer, sid: str) -> bool:
+async def _may_watch(gw: Services, viewer: Viewer, sid: str) -> bool:
     if viewer.has("operator", "auditor"):
         return True
     requests = await gw.state.list_requests(session_id=sid, limit=50)
@@ -303,7 +303,7 @@ async def stream(request: web.Request, viewer: Viewer) -> web.StreamResponse:
 INIT_LIMIT = 256 * 1024  # what a late watcher gets of the output so far (the screen needs far less)
 
 
-async def _follow_recording(gw: Gateway, store: Any, summary: Any, response: web.StreamResponse) -> None:
+async def _follow_recording(gw: Services, store: Any, summary: Any, response: web.StreamResponse) -> None:
     import codecs
 
     from recorder.segment import SegmentError, parse_segment
@@ -354,7 +354,7 @@ async def _sse(response: web.StreamResponse, data: Any) -> None:
     await response.write(f"data: {json.dumps(data)}\n\n".encode())
 
 
-def add_routes(app: web.Application, gw: Gateway) -> None:
+def add_routes(app: web.Application, gw: Services) -> None:
     app[CONSOLE_KEY] = Console(gw)
     r = app.router
     r.add_get("/console", home)
