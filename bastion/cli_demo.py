@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -40,7 +41,9 @@ def demo(data_dir: Path, quiet: bool) -> None:
         for n, step in enumerate(steps, 1):
             click.echo(f"[{n}/{len(steps)}] {step.what}")
             click.echo(f"  $ {step.line}")
+            started = time.monotonic()
             result = runner.run(step)
+            took = f" ({time.monotonic() - started:.1f} s)"
             if result.line != step.line:
                 click.echo(f"  (ran: {result.line})")
             if not quiet:
@@ -48,9 +51,9 @@ def demo(data_dir: Path, quiet: bool) -> None:
                     click.echo(f"    {line}")
             if result.ok:
                 worked += 1
-                click.echo("  ok")
+                click.echo(f"  ok{took}")
             else:
-                click.echo(f"  FAILED: {result.why}")
+                click.echo(f"  FAILED{took}: {result.why}")
     finally:
         runner.close()
     click.echo(f"{worked} of {len(steps)} steps worked")
