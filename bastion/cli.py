@@ -17,6 +17,7 @@ import click
 
 from bastion.cli_group import AliasGroup
 from bastion.config import ConfigError, is_loopback, load_config, parse_duration, parse_listen
+from recorder.secretfile import write_secret
 from recorder.store import StoreError
 
 DEFAULT_GATEWAY = "http://127.0.0.1:8080"
@@ -505,9 +506,7 @@ def ssh_cert(key_path: Path, token_file: Path | None, ttl: str, gateway: str | N
         key = asyncssh.read_private_key(str(key_path))
     else:
         key = asyncssh.generate_private_key("ssh-ed25519", comment="guarita")
-        key_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        key.write_private_key(str(key_path))
-        os.chmod(key_path, 0o600)
+        write_secret(key_path, key.export_private_key(), replace=True)  # 0600 from the first byte
         key.write_public_key(str(key_path) + ".pub")
     public = key.export_public_key().decode().strip()
     answer = _post(_gateway_url(gateway) + "/v1/ssh/cert", {"public_key": public, "ttl": parse_duration(ttl)}, value)

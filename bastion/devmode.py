@@ -87,7 +87,7 @@ def overlay(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
         below = out.get(key)
         if isinstance(value, dict) and isinstance(below, dict):
             out[key] = overlay(below, value)
-        elif isinstance(value, list) and isinstance(below, list) and _tables(value) and _tables(below):
+        elif isinstance(below, list) and _tables(value) and _tables(below):
             out[key] = [*value, *below]
         else:
             out[key] = value
