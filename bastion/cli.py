@@ -312,7 +312,7 @@ def read_token(token_file: Path | None = None) -> str | None:
 @click.argument("name", required=False)
 @click.option("--sub", help="Subject of the token (instead of a demo identity's NAME).")
 @click.option("--group", "groups", multiple=True, help="A group (repeatable).")
-@click.option("--email")
+@click.option("--email", help="The token's email claim.")
 @click.option("--ttl", default="1h", show_default=True, help="Lifetime, e.g. 10m, 1h.")
 @click.option("--claim", "claims", multiple=True, help="Extra claim NAME=VALUE (repeatable).")
 @click.option("--gateway", help=f"Gateway HTTP API (default $GUARITA_URL or {DEFAULT_GATEWAY}).")
