@@ -34,6 +34,7 @@ def demo(data_dir: Path, quiet: bool) -> None:
                                    "first (in another terminal), or give its --data-dir") from None
     except (OSError, ValueError, TypeError) as exc:
         raise click.ClickException(f"cannot read the tour in {data_dir}: {exc}") from None
+    _check_running(where)
     steps = devtour.steps(where)
     runner = devtour.Runner(os.environ)
     worked = 0
@@ -58,6 +59,17 @@ def demo(data_dir: Path, quiet: bool) -> None:
         runner.close()
     click.echo(f"{worked} of {len(steps)} steps worked")
     sys.exit(0 if worked == len(steps) else 1)
+
+
+def _check_running(where: devtour.Where) -> None:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{where.http_url}/healthz", timeout=10):
+            pass
+    except OSError as exc:  # URLError and HTTPError are OSErrors
+        raise click.ClickException(f"no gateway answers at {where.http_url} ({getattr(exc, 'reason', exc)}): is "
+                                   f"`bastion serve --dev` still running for {where.data_dir}?") from None
 
 
 def _tail(output: str) -> list[str]:
