@@ -96,7 +96,7 @@ def steps(w: Where) -> list[Step]:
              expect=r"customer \S", absent=re.escape(CPF)),
         Step("a held command (rm -rf waits for an approver)", f"{ssh} {at} 'rm -rf /tmp/guarita-tour'", Kind.HELD,
              expect=r"bastion approvals approve (\S+)", capture="REQUEST_ID", done=r"approved"),
-        Step("approve it (as the approver)",
+        Step("approve it from a second terminal (as the approver)",
              "GUARITA_TOKEN=$(bastion dev-token approver) bastion approvals approve REQUEST_ID --reason 'tour'",
              expect=r"approve recorded"),
     ]
