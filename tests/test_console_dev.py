@@ -74,7 +74,8 @@ def _dev_token(gw: GatewayProcess, **body: Any) -> str:
 
 @pytest.mark.skipif(browser.available() is not None, reason=str(browser.available()))
 def test_dev_sign_in_page_and_roles(dev: GatewayProcess) -> None:
-    wait_for(lambda: f"{dev.http_url}/console/" in dev.log_text(), 10, "the welcome text naming the console")
+    # The welcome text says where the console is (printed once every front door is up).
+    wait_for(lambda: f"{dev.http_url}/console/" in dev.log_text(), 30, "the console's address in the welcome text")
     with browser.Browser() as b:
         b.driver.get(dev.http_url + "/console/")
         b.wait(lambda: b.all("#as-alice"), what="the dev sign-in page")
