@@ -78,10 +78,6 @@ UPLOAD_CONCURRENCY = 8
 CONFLICTS_DIR = ".conflicts"
 
 
-class RecordingFailed(Exception):
-    """The spool cannot take this session's events (strict policy ends the session)."""
-
-
 def new_session_id(now: float | None = None) -> str:
     stamp = datetime.fromtimestamp(now or time.time(), UTC).strftime("%Y%m%d-%H%M%S")
     return f"{stamp}-{secrets.token_hex(4)}"
@@ -695,7 +691,9 @@ class SessionRecording:
             if not isinstance(exc, OSError | StoreError | ValueError):
                 log.exception("recording of session %s failed unexpectedly", self.id)
             if self._gap is None:
-                self._gap = {"from": round(self.now(), 3), "lost_bytes": 0, "reason": _why(exc)}
+                # From the last event the spool holds: everything after it is in the gap.
+                since = self._writer.t_end if self._writer is not None else self.now()
+                self._gap = {"from": round(since, 3), "lost_bytes": 0, "reason": _why(exc)}
                 self.recorder.spool_failures += 1
             self._gap["lost_bytes"] += size
             self.failed = self.failed or exc
@@ -835,6 +833,9 @@ class SessionRecording:
         spool refused."""
         if not self._final_sealed:
             if self._gap is not None or self._writer is None:
+                if self._gap is not None:  # queued while the spool refused: inside the gap
+                    self._gap["lost_bytes"] += sum(len(i[2]) if isinstance(i, tuple) else 0 for i in items)
+                    items = []
                 self._repair()
             assert self._writer is not None
             raw, n = self._encode(items) if items else (b"", 0)
