@@ -365,7 +365,7 @@ class Session:
         # What the agent types is recorded masked like output (its live view is its own).
         self._input = MaskedInput(self.recording, masking.masker(secret), self._note_masked)
         if self._echo is not None:
-            self._echo.rec = self._input  # type: ignore[assignment]
+            self._echo.rec = self._input
         if self._commands_masked.get(self.info.command or ""):
             self._note_masked(self._commands_masked[self.info.command or ""][1], "command")
 
@@ -479,7 +479,7 @@ class Session:
         approve, the request id and how long it may wait). Kubernetes passes the ``argv``."""
         if self._approvals is None:
             return GateResult(True, "allowed")
-        result = await self._approvals.check(self, command, "exec", argv=argv)
+        result: GateResult = await self._approvals.check(self, command, "exec", argv=argv)
         if result.outcome != "allowed":
             self.say(f"guarita: {result.reason}")
         return result
@@ -488,7 +488,7 @@ class Session:
         """Decide whether this identity may open an interactive shell here at all."""
         if self._approvals is None:
             return GateResult(True, "allowed")
-        result = await self._approvals.check(self, "interactive shell", "shell")
+        result: GateResult = await self._approvals.check(self, "interactive shell", "shell")
         if result.outcome != "allowed":
             self.say(f"guarita: {result.reason}")
         return result
