@@ -85,6 +85,14 @@ class SessionInfo:
     # session limits (max_duration, idle_timeout, on_expiry) are the session's.
     rule: AccessRule | None = field(default=None, compare=False, repr=False)
 
+    @property
+    def cluster(self) -> str | None:
+        """The session's scope: the Kubernetes cluster it reaches (its namespace is
+        ``extra["namespace"]``), or None for an SSH target. Rules about clusters and rules
+        about targets ask this, never the door's name."""
+        cluster = self.extra.get("cluster")
+        return str(cluster) if cluster else None
+
     def metadata(self) -> dict[str, Any]:
         meta: dict[str, Any] = {
             "front_door": self.front_door,
@@ -351,9 +359,8 @@ class Session:
         # Binary channels (sftp, port forwards) are never rewritten.
         if masking is None or secret is None or self.info.kind == "subsystem":
             return
-        kube = self.info.front_door == "kube" or bool(self.info.extra.get("cluster"))  # incl. MCP exec_in_pod
-        apply = masking.where(None if kube else self.info.target, self.info.target if kube else None,
-                              self.info.identity.groups)
+        cluster = self.info.cluster  # whichever door opened it (kube exec, the MCP door's exec_in_pod)
+        apply = masking.where(None if cluster else self.info.target, cluster, self.info.identity.groups)
         if apply == "none":
             return
         self._maskers = {stream: masking.masker(secret) for stream in ("o", "e")}
