@@ -16,9 +16,12 @@ import asyncssh
 from bastion import lifecycle
 from bastion.approvals.engine import ApprovalEngine
 from bastion.approvals.interactive import InteractiveGate
+from bastion.approvals.linediscipline import line_gate
+from bastion.archive_indexer import ArchiveIndexer
 from bastion.audit import AuditLog
-from bastion.config import Config, IssuerConfig, TargetConfig
+from bastion.config import Config, TargetConfig
 from bastion.control import Control
+from bastion.devmode import DEMO_TARGET, dev_config  # noqa: F401 - dev_config: callers import it here
 from bastion.health import Readiness
 from bastion.identity.devissuer import DevIssuer
 from bastion.identity.oidc import TokenVerifier
@@ -55,7 +58,6 @@ def _log_masking_engine(detectors: list[Any]) -> None:
                     "headers, Debian: gcc libssl-dev); masking runs in Python: same output, about 10x "
                     "slower on output dense with personal data")
 
-DEMO_TARGET = "demo"
 # How long the start-up check of the recordings store may take before it counts as an outage.
 STORE_CHECK_TIMEOUT = 10.0
 
@@ -91,6 +93,10 @@ class Gateway:
                                 or f"{socket.gethostname()}:{config.data_dir}")
         self.approvals = ApprovalEngine(self)
         self.interactive_gate = InteractiveGate  # built by sessions whose terminal commands rules concern
+        self.line_gate = line_gate  # ... and by sessions without a terminal (guarita is the line discipline)
+        # The archive index: sessions, commands and masked hashes, filled as manifests are stored.
+        self.archive = ArchiveIndexer(self.state, self.store)
+        self.recorder.on_session_stored = self.archive.session_stored
         # Locks, session kills, per-identity limits and session limits (bastion/control).
         self.control = Control(self)
         self.demo: DemoTarget | None = None
@@ -156,6 +162,7 @@ class Gateway:
             await self.state.start()
         except StateError as exc:
             raise RuntimeError(str(exc)) from None
+        await self.archive.start()
         await self.approvals.start()
         await self.control.start()
         self._http_runner, self.http_port = await start_http(self, self._http_routes(control_routes))
@@ -214,6 +221,7 @@ class Gateway:
         await self.control.stop()
         await self.recorder.close()
         await self.live.settle()
+        await self.archive.stop()
         await self.state.close()
         await self.verifier.close()
         if self._http_runner is not None:
@@ -241,33 +249,3 @@ def _local_user() -> str:
     import getpass
 
     return getpass.getuser()
-
-
-def dev_config(data_dir: Path, ssh_port: int = 2222, http_port: int = 8080, recordings: str | None = None,
-               audit_log: str | None = None) -> Config:
-    """The embedded default: local issuer, demo target, local recordings, everything on loopback."""
-    from bastion.config import AccessRule, RecordingConfig, RoleMembers, Roles
-    from bastion.masking.config import MaskingConfig
-
-    data_dir = data_dir.resolve()
-    issuer = IssuerConfig(issuer=f"http://127.0.0.1:{http_port}/dev", audience="guarita", leeway=5)
-    return Config(
-        data_dir=data_dir,
-        ssh_listen=("127.0.0.1", ssh_port),
-        http_listen=("127.0.0.1", http_port),
-        host_key=data_dir / "ssh_host_ed25519_key",
-        user_ca_key=data_dir / "user_ca_key",
-        target_ca_key=data_dir / "target_ca_key",
-        recording=RecordingConfig(url=recordings or (data_dir / "recordings").as_uri(),
-                                  spool_dir=data_dir / "spool", key_file=data_dir / "recording_key.pem"),
-        issuers=(issuer,),
-        targets=(),
-        access=(AccessRule(name="dev: everyone may use the demo target", subjects=("*",), targets=(DEMO_TARGET,)),),
-        audit_log=audit_log or str(data_dir / "audit.jsonl"),
-        dev=True,
-        demo_target=True,
-        # Shows what masking does: CPFs, e-mails, phones and cards printed by the demo target.
-        masking=MaskingConfig(secret_file=data_dir / "masking.key"),
-        # `bastion dev-token --group sre` mints an operator (locks, `bastion sessions kill`).
-        roles=Roles(operators=RoleMembers(groups=("sre",)), auditors=RoleMembers(groups=("sre", "audit"))),
-    )

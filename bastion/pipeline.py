@@ -65,6 +65,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
+from bastion.masking.recorded import shown_command
 from bastion.refusal import Refused
 from bastion.session import Session, SessionInfo, audit_fields
 
@@ -132,6 +133,9 @@ class PipelineServices(Protocol):
     @property
     def config(self) -> Any: ...  # bastion.config.Config
 
+    @property
+    def masking_secret(self) -> bytes | None: ...
+
 
 class GateRefused(Refused):
     """The approval gate refused the opening (denied, timed out, cancelled): the session
@@ -146,6 +150,10 @@ def refused(services: PipelineServices, exc: Refused, front_door: str, **fields:
     """Audit a refusal once (``session.refused``), whichever layer raised it; returns it."""
     if not getattr(exc, "audited", False):
         exc.audited = True  # type: ignore[attr-defined]
+        if fields.get("command"):  # kept masked like every other copy of a command line
+            fields["command"] = shown_command(services.config.masking, services.masking_secret, front_door,
+                                              fields.get("target") or "", fields.get("groups") or (),
+                                              fields["command"])
         services.audit.emit(REFUSED_EVENT, reason=exc.reason, detail=exc.message, front_door=front_door,
                             **{k: v for k, v in fields.items() if k not in ("reason", "detail", "front_door")})
     return exc

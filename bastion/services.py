@@ -50,6 +50,7 @@ class Services(Protocol):
     readiness: Any  # bastion.health.Readiness
     dev_issuer: Any  # bastion.identity.devissuer.DevIssuer | None
     interactive_gate: Any  # bastion.approvals.interactive.InteractiveGate (its class: a factory)
+    line_gate: Any  # bastion.approvals.linediscipline.line_gate (a factory; None when no commands)
     # Lifecycle (bastion/lifecycle.py): SIGTERM drains, SIGHUP reloads config_file.
     draining: bool
     stopping: asyncio.Event

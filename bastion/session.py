@@ -42,7 +42,7 @@ _PACE_MIN = 8192
 _TYPED_MAX = 4096
 _ESC_SEQ = re.compile(rb"\x1b(?:\[[0-?]*[ -/]*[@-~]|O.|.)?", re.DOTALL)
 _CONTROL_BYTES = bytes(range(0x20)) + b"\x7f"
-_UNMASKED_REGION = "digits on both sides of a cursor move or mode change: a value drawn out of order is not masked"
+_UNMASKED_REGION = "a cursor move or mode change between digits: a value drawn out of order there is not masked"
 
 
 class TerminalGate(Protocol):
@@ -510,7 +510,7 @@ class Session:
         """A message from guarita to the agent (recorded as what they saw)."""
         if self.write_client is None:
             return
-        if self._gate is not None:  # on the terminal, below the line being held
+        if self._gate is not None and self.info.size:  # on the terminal, below the line being held
             data = ("\r\n" + text.replace("\n", "\r\n") + "\r\n").encode()
             self.to_client(data)
             return
@@ -546,11 +546,14 @@ class Session:
         if self.write_client is None or self.write_target is None:
             return None
         self._gate_checked = True
-        if self._approvals is None or not self.info.size or self.info.kind not in ("shell", "exec"):
+        if self._approvals is None or self.info.kind not in ("shell", "exec"):
             return None
         if not self._approvals.watches(self):
             return None
-        # Built by the composition root (bastion/gateway.py): the gate's module depends on this one.
+        # Built by the composition root (bastion/gateway.py): the gates' modules depend on this one.
+        if not self.info.size:  # no terminal: guarita is the shell's line discipline
+            self._gate = self.gateway.line_gate(self, self._approvals)  # None: its input is no commands
+            return self._gate
         self._gate = self.gateway.interactive_gate(self, self._approvals, *self.info.size)
         return self._gate
 

@@ -15,11 +15,20 @@ hundreds, so the emulator must stay off the hot path:
 When output was dropped, the screen is rebuilt from the tail alone: exact for anything
 that scrolls or redraws within it (shells, logs, full-screen programs), approximate only
 for a screen region left untouched by the last ``tail_limit`` bytes.
+
+pyte is not robust against every sequence real programs send (``ESC [ ? 4 m`` from
+``vi -u NONE`` raises a TypeError inside it). An exception in the emulator never ends the
+session or its recording: the screen is reset, the output that raised is skipped, and the
+next snapshot carries ``"degraded": true`` (replay starts from a screen that may lack what
+that output drew; the recorded bytes themselves are complete).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import pyte
@@ -29,15 +38,40 @@ SNAPSHOT_EVERY = 1.0
 SNAPSHOT_BYTES = 4 * 1024 * 1024
 
 
+def _no_private(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def call(self: Any, *args: Any, private: bool = False, **kwargs: Any) -> Any:
+        return method(self, *args, **kwargs)
+    return call
+
+
+def _takes_private(method: Callable[..., Any]) -> bool:
+    params = inspect.signature(method).parameters.values()
+    return any(p.name == "private" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+class TolerantScreen(pyte.Screen):  # type: ignore[misc]
+    """A pyte screen whose CSI handlers all accept the ``private`` flag (``ESC [ ? … X``):
+    pyte passes it to every handler, and most of them raise a TypeError on it."""
+
+
+for _name in set(pyte.Stream.csi.values()):
+    _method = getattr(pyte.Screen, _name, None)
+    if _method is not None and not _takes_private(_method):
+        setattr(TolerantScreen, _name, _no_private(_method))
+
+
 class ScreenTracker:
     def __init__(self, cols: int, rows: int) -> None:
         self.cols, self.rows = max(cols, 1), max(rows, 1)
         self.tail_limit = max(8 * self.cols * self.rows, 16 * 1024)
-        self._screen = pyte.Screen(self.cols, self.rows)
+        self._screen = TolerantScreen(self.cols, self.rows)
         self._stream = pyte.ByteStream(self._screen)
         self._pending: deque[bytes] = deque()
         self._pending_len = 0
         self._dropped = False
+        # An emulator exception since the last snapshot (see the module's docstring).
+        self.degraded = False
 
     # -- event loop side: cheap ---------------------------------------------------------
 
@@ -63,18 +97,38 @@ class ScreenTracker:
     # -- worker thread side: the emulator -------------------------------------------------
 
     def apply(self, tail: bytes, dropped: bool) -> None:
-        if dropped:
-            self._screen.reset()
-        self._stream.feed(tail)
+        try:
+            if dropped:
+                self._screen.reset()
+            self._stream.feed(tail)
+        except Exception:  # a pyte bug must not end the recording: see the module's docstring
+            self._recover()
+
+    def _recover(self) -> None:
+        self.degraded = True
+        self._screen = TolerantScreen(self.cols, self.rows)
+        self._stream = pyte.ByteStream(self._screen)
 
     def resize(self, cols: int, rows: int) -> None:
         self.cols, self.rows = max(cols, 1), max(rows, 1)
         self.tail_limit = max(8 * self.cols * self.rows, 16 * 1024)
-        self._screen.resize(self.rows, self.cols)
+        try:
+            self._screen.resize(self.rows, self.cols)
+        except Exception:
+            self._recover()
 
     def snapshot(self) -> dict[str, Any]:
-        return {"cols": self.cols, "rows": self.rows, "cursor": [self._screen.cursor.x, self._screen.cursor.y],
-                "ansi": render(self._screen)}
+        try:
+            ansi = render(self._screen)
+        except Exception:
+            self._recover()
+            ansi = render(self._screen)
+        shot: dict[str, Any] = {"cols": self.cols, "rows": self.rows,
+                                "cursor": [self._screen.cursor.x, self._screen.cursor.y], "ansi": ansi}
+        if self.degraded:
+            shot["degraded"] = True
+            self.degraded = False
+        return shot
 
 
 def render(screen: pyte.Screen) -> str:

@@ -132,7 +132,7 @@ def _services(tmp: Path, spool: Path | None = None, policy: str = "strict", **ov
                             "spool_budget", None))
     services = SimpleNamespace(
         draining=False, audit=Audit(), recorder=recorder, control=Admitter(), approvals=None, rows=rows,
-        metrics=None, masking_secret=None, interactive_gate=None,
+        metrics=None, masking_secret=None, interactive_gate=None, line_gate=None,
         live=LiveSessions(lambda: rows),
         config=SimpleNamespace(masking=None, recording=SimpleNamespace(failure_policy=policy)))
     for key, value in over.items():

@@ -50,6 +50,8 @@ from typing import Any
 
 import pyte
 
+from recorder.snapshot import TolerantScreen
+
 _ALT = re.compile(r"\x1b\[\?(?:1049|1047|47)([hl])")
 _ESC_TAIL = re.compile(r"\x1b[\[\]?0-9;]*$")
 # An escape sequence after which the screen may depend on rows above the cursor (it moves
@@ -67,7 +69,7 @@ class CommandDetector:
         self.cols, self.rows = max(cols, 2), max(rows, 2)
         self._fixed_limit = tail_limit
         self.tail_limit = self._limit()
-        self.screen = pyte.Screen(self.cols, self.rows)
+        self.screen = TolerantScreen(self.cols, self.rows)
         self.stream = pyte.Stream(self.screen)
         self._blank = True  # reset and nothing fed since: no row below the cursor holds text
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
@@ -82,6 +84,8 @@ class CommandDetector:
         self.blind = False
         # The last command() found no prompt to anchor on: the line read may be partial.
         self.cut_off = False
+        # The emulator raised since the last Enter: the screen is not to be trusted.
+        self.degraded = False
         self.last_prompt = ""
         self.last_output = 0.0
         self.last_enter = 0.0
@@ -150,7 +154,12 @@ class CommandDetector:
         start = self._tail_start(text) if len(text) > self.cols * self.rows else 0
         if start:
             self._reset()
-        self.stream.feed(text[start:])
+        try:
+            self.stream.feed(text[start:])
+        except Exception:  # a pyte bug: the screen is lost, never the session
+            self.screen = TolerantScreen(self.cols, self.rows)
+            self.stream = pyte.Stream(self.screen)
+            self.degraded = True
         self._blank = False
 
     def _reset(self) -> None:
@@ -264,6 +273,7 @@ class CommandDetector:
     def enter(self) -> None:
         """An Enter went to the server: the next key starts a new command line."""
         self.boundary = None
+        self.degraded = False
         self.last_enter = time.monotonic()
 
     def cancel(self) -> None:

@@ -249,7 +249,7 @@ class ApprovalEngine:
                  f"{min_approvals} approval(s) from group(s) {', '.join(approvers)}; waiting up to "
                  f"{format_duration(timeout)}.",
                  f"guarita: an approver runs: bastion approvals approve {rid} --reason '...'"]
-        if kind == "interactive":
+        if kind == "interactive" and session.info.size:
             lines.append("guarita: Ctrl-C cancels the request.")
         session.say("\n".join(lines))
 

@@ -24,6 +24,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from bastion.approvals.detector import CommandDetector, LineEditor
+from bastion.approvals.keys import Key, first_stop, pending_prefix
+from bastion.approvals.unsure import expand_history, why_unsure
 
 if TYPE_CHECKING:
     from bastion.approvals.engine import ApprovalEngine
@@ -35,7 +37,6 @@ QUIET = 0.025
 # then checked too).
 MAX_SETTLE = 0.4
 CLEAR_LINE = b"\x05\x15"  # Ctrl-E Ctrl-U: end of line, kill to its start (readline, zle, most REPLs)
-_ENTER = re.compile(rb"[\r\n]")
 _PASTE_MARK = re.compile(rb"\x1b\[20([01])~")
 
 
@@ -78,6 +79,8 @@ class InteractiveGate:
         # Ends of input (EOF, stdin closed) that arrived while an Enter was held: they go
         # upstream after the held input, or the target would never get that Enter.
         self._after_drain: list[Callable[[], None]] = []
+        self._prefix = b""  # an unfinished prefix key (ESC, Ctrl-X) that ended the last input
+        self.history: list[str] = []  # lines that went to the shell (for history expansion)
 
     # -- from the front door, through the Session ---------------------------------------------
 
@@ -103,8 +106,6 @@ class InteractiveGate:
                 return b""
             self._queue += data
             return b""
-        if self.det.alt_screen:
-            return data  # a full-screen program: not parsed
         i = self._find_enter(data)
         if i < 0:
             self._keys(data)
@@ -132,21 +133,23 @@ class InteractiveGate:
     # -- internals ---------------------------------------------------------------------------
 
     def _find_enter(self, data: bytes | bytearray) -> int:
-        """Index of the first Enter outside a bracketed paste, or -1."""
-        if not self._in_paste and b"\x1b[20" not in data:
-            m = _ENTER.search(data)
-            return m.start() if m else -1
+        """Index of the first key outside a bracketed paste that is not pure editing (an
+        Enter, or a key that may run the line: bastion/approvals/keys.py), or -1."""
+        found = self._find_stop(data)
+        return found[0] if found else -1
+
+    def _find_stop(self, data: bytes | bytearray) -> tuple[int, int, Key] | None:
         in_paste = self._in_paste
         pos = 0
         while True:
             mark = _PASTE_MARK.search(data, pos)
             stop = mark.start() if mark else len(data)
             if not in_paste:
-                m = _ENTER.search(data, pos, stop)
-                if m:
-                    return m.start()
+                found = first_stop(data[pos:stop], self._prefix if pos == 0 else b"")
+                if found:
+                    return found[0] + pos, found[1] + pos, found[2]
             if mark is None:
-                return -1
+                return None
             in_paste = mark.group(1) == b"0"
             pos = mark.end()
 
@@ -157,6 +160,7 @@ class InteractiveGate:
             self._in_paste = mark.group(1) == b"0"
         self.det.keys(data)
         self.editor.keys(data)
+        self._prefix = b"" if self._in_paste else pending_prefix(data)
         self.last_key = time.monotonic()
         if send:
             self.session.send_upstream(data)
@@ -164,19 +168,32 @@ class InteractiveGate:
     async def _drain(self) -> None:
         try:
             while self._queue:
-                if self.det.alt_screen:
-                    rest = bytes(self._queue)
-                    self._queue.clear()
-                    self.session.send_upstream(rest)
-                    break
-                enter = bytes(self._queue[:1])
-                del self._queue[:1]
-                allowed, reason = await self._decide()
-                self.det.enter()
-                self.editor.clear()
+                found = self._find_stop(self._queue)
+                end, kind = (found[1], found[2]) if found else (1, Key.ENTER)
+                enter = bytes(self._queue[:end])
+                del self._queue[:end]
+                self._prefix = b""
+                if kind is Key.EDITOR and self.det.alt_screen:
+                    kind = Key.SUBMIT  # vim's ESC v: judged like any key that may run a line
+                if kind is Key.EDITOR:
+                    allowed, reason = False, ("editing the command line in an editor (Ctrl-X Ctrl-E, vi-mode v) "
+                                              "is refused where approval rules apply: guarita could not see "
+                                              "what it runs; type the command instead")
+                    self.session.marker("command", command=self.editor.line() or self.det.command(),
+                                        mode="interactive", outcome="refused", rule=None, request=None,
+                                        reason=reason)
+                else:
+                    # Enter and Ctrl-O run the line; other keys may (a key bound to accept-line).
+                    runs = kind is Key.ENTER or enter == b"\x0f"
+                    allowed, reason = await self._decide(record=runs)
+                    if runs or not allowed:
+                        self.det.enter()
+                        self.editor.clear()
                 if allowed:
                     self.session.send_upstream(enter)
                 else:
+                    self.det.enter()
+                    self.editor.clear()
                     await self._refuse(reason)  # what was queued then is new input
                 # The keys up to the next Enter go on; the queue starts with that Enter again.
                 i = self._find_enter(self._queue)
@@ -190,17 +207,21 @@ class InteractiveGate:
                 with contextlib.suppress(Exception):  # the session may be ending
                     action()
 
-    async def _decide(self) -> tuple[bool, str]:
+    async def _decide(self, record: bool = True) -> tuple[bool, str]:
         hidden, self._hidden = self._hidden, False
         typed = self.editor.line()
         if self.det.boundary is None and not typed:
             return True, ""  # an empty line
-        settled = await self._settle(typed)
+        if self.det.alt_screen:
+            # A full-screen program (or tmux, screen): the typed line is judged, never waved
+            # through; it is not a shell command line for the index unless held.
+            return await self._judge(typed, (), hidden=hidden, record=False)
+        await self._settle(typed)
         if self._interrupted:
             self._interrupted = False
             return False, "cancelled with Ctrl-C before the command was sent"
         if self.det.alt_screen:
-            return True, ""
+            return await self._judge(typed, (), hidden=hidden, record=False)
         screen = self.det.command()
         if not screen and not typed:
             return True, ""
@@ -218,17 +239,48 @@ class InteractiveGate:
                                 outcome="refused", rule=None,
                                 request=None, reason=reason)
             return False, reason
-        # The typed text is a second opinion only where the screen cannot be trusted; when the
-        # terminal did not echo (a password), it is checked but never recorded unless it matches.
-        untrusted = not settled or self.det.blind or not screen or self.det.cut_off
-        also = ((typed,) if typed and typed != screen and untrusted else ()) + fragment
+        # The typed text is always judged too (a background job may have drawn the screen's
+        # line); when the terminal did not echo (a password), it is checked but never
+        # recorded unless it matches.
+        also = ((typed,) if typed and typed != screen else ()) + fragment
+        logical = screen
         if self.det.joined(screen):  # the rest of a line continued with a backslash
-            also = (*also, self.det.joined(screen))
+            logical = self.det.joined(screen)
+            also = (*also, logical)
+        allowed, reason = await self._judge(logical, also, hidden=hidden, record=record, shown=screen)
+        if allowed:
+            self.det.continue_after(screen)
+            if record:
+                self.history.append(logical)
+        else:
+            self.det.continuation = ""
+        return allowed, reason
+
+    async def _judge(self, command: str, also: tuple[str, ...], *, hidden: bool, record: bool,
+                     shown: str | None = None) -> tuple[bool, str]:
+        """Decide one line (``command``, with other spellings ``also``): refused outright when
+        guarita cannot tell what it runs (bastion/approvals/unsure.py), else by the rules."""
+        if not command and not also:
+            return True, ""
+        for text in (command, *also):
+            expanded = expand_history(text, self.history)
+            reason: str | None = None
+            if expanded is None:
+                reason = ("the line uses history expansion that guarita cannot follow; "
+                          "type the command in full")
+            else:
+                if expanded != text:
+                    also = (*also, expanded)
+                reason = why_unsure(text)
+            if reason:
+                self.session.marker("command", command=command or text, mode="interactive", outcome="refused",
+                                    rule=None, request=None, reason=reason)
+                return False, reason
         self.waiting = True
         self._dropped = 0
         try:
-            result = await self.engine.check(self.session, screen, "interactive", also=also,
-                                             record=not (hidden and not screen))
+            result = await self.engine.check(self.session, command, "interactive", also=also,
+                                             record=record and not (hidden and not (shown or command)))
         finally:
             self.waiting = False
             if self._dropped:
@@ -237,9 +289,7 @@ class InteractiveGate:
         if result.allowed:
             if result.outcome == "approved":
                 self.session.say(f"guarita: {result.reason}")
-            self.det.continue_after(screen)
             return True, ""
-        self.det.continuation = ""
         return False, result.reason
 
     async def _settle(self, typed: str) -> bool:

@@ -165,10 +165,13 @@ class CommandForms:
     simple_commands: tuple[tuple[str, ...], ...]
 
     @classmethod
-    def of(cls, command: str, argv: list[str] | None = None) -> CommandForms:
+    def of(cls, command: str, argv: list[str] | None = None, depth: int = 0) -> CommandForms:
         texts = [command]
         if "\\\n" in command:  # a backslash-newline is no break to the shell
             command = command.replace("\\\n", "")
+            texts.append(command)
+        if "$'" in command:  # ANSI-C quoting: $'\x72m' is 'rm'
+            command = _ANSI_C.sub(lambda m: shlex.quote(_ansi_c(m.group(1))), command)
             texts.append(command)
         nfkc = unicodedata.normalize("NFKC", command)
         if nfkc != command:
@@ -181,7 +184,51 @@ class CommandForms:
         simple = _simple_commands(nfkc)
         if argv:
             simple.insert(0, tuple(argv))
+        for script in _nested_scripts(simple) if depth < 4 else ():
+            inner = cls.of(script, depth=depth + 1)  # sh -c '…', eval '…': judged as the shell will run it
+            texts += [t for t in inner.texts if t not in texts]
+            simple += inner.simple_commands
         return cls(tuple(texts), tuple(simple))
+
+
+_ANSI_C = re.compile(r"\$'((?:[^'\\]|\\.)*)'", re.S)
+_ANSI_C_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "a": "\a", "b": "\b", "f": "\f", "v": "\v", "e": "\x1b",
+                   "E": "\x1b", "\\": "\\", "'": "'", '"': '"', "?": "?"}
+_ANSI_C_CODE = re.compile(r"\\(x[0-9a-fA-F]{1,2}|u[0-9a-fA-F]{1,4}|U[0-9a-fA-F]{1,8}|[0-7]{1,3}|c.|.)", re.S)
+_SHELL_NAMES = {"sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "yash", "posh", "rbash", "busybox"}
+
+
+def _ansi_c(body: str) -> str:
+    """The text of a bash ``$'…'`` string."""
+    def one(m: re.Match[str]) -> str:
+        code = m.group(1)
+        if code[0] in "xuU":
+            try:
+                return chr(int(code[1:], 16))
+            except (ValueError, OverflowError):
+                return code
+        if code[0] in "01234567":
+            return chr(int(code, 8) & 0xFF)
+        if code[0] == "c" and len(code) == 2:
+            return chr(ord(code[1].upper()) ^ 0x40)
+        return _ANSI_C_ESCAPES.get(code, "\\" + code)
+    return _ANSI_C_CODE.sub(one, body)
+
+
+def _nested_scripts(simple: list[tuple[str, ...]]) -> list[str]:
+    """The scripts that simple commands hand to another shell: ``bash -c SCRIPT``,
+    ``sh -ec SCRIPT``, ``eval WORDS``."""
+    out: list[str] = []
+    for argv in simple:
+        name = argv[0].rsplit("/", 1)[-1]
+        if name == "eval" and len(argv) > 1:
+            out.append(" ".join(argv[1:]))
+        elif name in _SHELL_NAMES:
+            for i, arg in enumerate(argv[1:-1], 1):
+                if arg.startswith("-") and not arg.startswith("--") and "c" in arg:
+                    out.append(argv[i + 1])
+                    break
+    return [s for s in dict.fromkeys(out) if s.strip()]
 
 
 _OPERATORS = {";", "&&", "||", "|", "&", "|&", ";;", "(", ")", "{", "}", "\n"}

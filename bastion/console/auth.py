@@ -93,17 +93,19 @@ async def viewer_of(gw: Services, request: web.Request) -> Viewer | AuthError | 
     return Viewer(identity, roles_for(gw, identity), csrf_for(token))
 
 
-def same_origin(request: web.Request) -> bool:
+def same_origin(request: web.Request, public_url: str | None = None) -> bool:
+    """The Origin, when sent, is this gateway: as the request names it, or ``console.url``
+    (behind a proxy that rewrites Host)."""
     origin = request.headers.get("Origin")
     if origin is None:
         return True  # not sent (older browsers on same-origin POSTs): the CSRF token decides
-    parsed = urllib.parse.urlsplit(origin)
-    return parsed.netloc == request.host
+    netloc = urllib.parse.urlsplit(origin).netloc
+    return netloc == request.host or (public_url is not None and netloc == urllib.parse.urlsplit(public_url).netloc)
 
 
-def csrf_ok(viewer: Viewer, request: web.Request, form: Any) -> bool:
+def csrf_ok(viewer: Viewer, request: web.Request, form: Any, public_url: str | None = None) -> bool:
     sent = str(form.get("csrf") or request.headers.get("X-CSRF-Token") or "")
-    return same_origin(request) and hmac.compare_digest(sent.encode(), viewer.csrf.encode())
+    return same_origin(request, public_url) and hmac.compare_digest(sent.encode(), viewer.csrf.encode())
 
 
 # -- the OIDC client ---------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from bastion.console.auth import OidcClient, Viewer, clear_session, csrf_ok, vie
 from bastion.console.feed import Feed
 from bastion.console.recordings import Recordings
 from bastion.console.render import problem
+from bastion.console.settings import console_settings
 from bastion.http.api import GATEWAY_KEY
 
 if TYPE_CHECKING:
@@ -55,10 +56,11 @@ def guarded(*roles: str) -> Callable[[Page], Callable[[web.Request], Awaitable[w
                               action=f"console {request.method} {request.path}", needs=list(roles) or ["any"])
                 needs = " or ".join(roles) if roles else "approver, operator or auditor"
                 return problem(403, "Forbidden", f"{found.identity.display} may not open this page: it takes the "
-                               f"{needs} role (agents' identities have no console)", found if found.roles else None)
+                               f"{needs} role (agents' identities have no console)", found)
             if request.method == "POST":
                 form = await request.post()
-                if not csrf_ok(found, request, form):
+                settings = console_settings(gw.config)
+                if not csrf_ok(found, request, form, settings.url if settings else None):
                     gw.audit.emit("console.csrf_refused", subject=found.identity.subject, path=request.path,
                                   source=request.remote)
                     return problem(403, "Refused", "the form's CSRF token is missing or wrong (a page from another "

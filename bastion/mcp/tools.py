@@ -145,7 +145,7 @@ class Tools:
         limit = self.settings.approval_wait if wait is None else min(wait, self.settings.approval_wait)
         result = await self._await(ctx, call, task, limit)
         self.audit(call.tool, call.identity, call.outcome if call.done.is_set() else "pending", session=call.id,
-                   target=call.target_name, command=call.command, request=call.request_id, reason=call.reason,
+                   target=call.target_name, command=call.kept_command(), request=call.request_id, reason=call.reason,
                    **fields)
         return result
 

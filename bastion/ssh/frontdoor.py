@@ -26,6 +26,7 @@ from bastion.policy import authorize, reachable_targets
 from bastion.refusal import Refused
 from bastion.session import Session, SessionInfo
 from bastion.ssh.authlimit import MAX_AUTH_TRIES, AuthThrottle, claimed_subject
+from bastion.ssh.transfer import transfer_kind
 from bastion.ssh.upstream import PREFERRED_CIPHERS, TargetError, connect_target
 from recorder.recorder import new_session_id
 
@@ -382,6 +383,10 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         if self.kind == "subsystem" and not (decision.rule and decision.rule.sftp and self.subsystem == "sftp"):
             raise TargetError("subsystem_denied", f"subsystem {self.subsystem!r} (sftp/scp file transfer) is not "
                               f"allowed for you on {target.name!r} by guarita policy")
+        transfer = transfer_kind(self.command) if self.kind == "exec" else None
+        if transfer and not (decision.rule and decision.rule.sftp):
+            raise TargetError("subsystem_denied", f"file transfer by exec ({transfer}) is not allowed for you on "
+                              f"{target.name!r} by guarita policy (access sftp = false)")
         return target, login, decision.rule
 
     async def _start_target_session(self, admission: Admission) -> None:
