@@ -70,7 +70,7 @@ import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Generic, Literal, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from bastion.masking.recorded import shown_command
 from bastion.refusal import Refused
@@ -78,7 +78,6 @@ from bastion.session import Session, SessionInfo, audit_fields
 
 log = logging.getLogger("guarita.pipeline")
 
-Stream = Literal["o", "e"]
 T = TypeVar("T")
 
 REFUSED_EVENT = "session.refused"

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from bastion.approvals.result import GateResult
 from bastion.config import AccessRule, format_duration
@@ -45,6 +45,12 @@ _CONTROL_BYTES = bytes(range(0x20)) + b"\x7f"
 _UNMASKED_REGION = "a cursor move or mode change between digits: a value drawn out of order there is not masked"
 
 
+# The front doors, as sessions, audit events and metrics name them.
+DoorName = Literal["ssh", "kube", "mcp"]
+# A target's output streams: stdout and stderr (asciicast codes "o" and "e").
+Stream = Literal["o", "e"]
+
+
 class TerminalGate(Protocol):
     """The approvals' interactive gate (bastion.approvals.interactive.InteractiveGate), as a
     session drives it: typed input and the terminal's output go through it."""
@@ -68,7 +74,7 @@ class TerminalGate(Protocol):
 class SessionInfo:
     """What a front door knows about a session when it opens."""
 
-    front_door: str  # "ssh" or "kube"
+    front_door: DoorName
     identity: Identity
     source: str  # client address
     target: str  # SSH target, or kube cluster
@@ -312,7 +318,7 @@ class Session:
 
         self.recording.on_failure = failed
 
-    def from_target(self, data: bytes, stream: str = "o") -> bytes:
+    def from_target(self, data: bytes, stream: Stream = "o") -> bytes:
         """Output from the target; returns what the agent gets (masked where policy says)."""
         self.bytes_out += len(data)
         self.last_activity = time.monotonic()
