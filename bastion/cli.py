@@ -16,7 +16,8 @@ from typing import Any
 import click
 
 from bastion.cli_group import AliasGroup
-from bastion.config import ConfigError, load_config, parse_duration, parse_listen
+from bastion.config import ConfigError, is_loopback, load_config, parse_duration, parse_listen
+from recorder.secretfile import write_secret
 from recorder.store import StoreError
 
 DEFAULT_GATEWAY = "http://127.0.0.1:8080"
@@ -61,18 +62,28 @@ def serve(config_path: Path | None, dev: bool, data_dir: Path | None, recordings
           kube_listen: str | None = None, kube_clusters: tuple[str, ...] = (), state_url: str | None = None,
           log_format: str = "auto") -> None:
     """Run the gateway. SIGTERM drains it (gateway.drain_grace), SIGHUP reloads its rules."""
-    from bastion.gateway import Gateway, dev_config
+    from bastion import devmode
+    from bastion.gateway import Gateway
 
     chosen_format = _setup_logging(verbose, log_format)
     reload_source: tuple[Path, dict[str, Any], dict[str, Any]] | None = None
-    if bool(config_path) == dev:
-        raise click.UsageError("give either --config FILE or --dev")
+    if not (config_path or dev):
+        raise click.UsageError("give --config FILE, or --dev (with --config FILE: that file over the embedded default)")
+    demo_cluster = None
     try:
-        if dev:
+        if dev:  # bastion/devmode.py: the embedded default, --config FILE overlaid on it
             ssh = parse_listen(ssh_listen or "127.0.0.1:2222")
             http = parse_listen(http_listen or "127.0.0.1:8080")
-            config = dev_config(data_dir or Path("guarita-data"), ssh_port=ssh[1], http_port=http[1],
-                                recordings=recordings, audit_log=audit_log)
+            kube = parse_listen(kube_listen or "127.0.0.1:8443")
+            dev_dir = data_dir or Path("guarita-data")
+            for (host, _), flag in ((ssh, "--ssh-listen"), (http, "--http-listen"), (kube, "--kube-listen")):
+                if not is_loopback(host):
+                    raise click.BadParameter(f"{host} is not loopback: --dev mints tokens for anyone who asks; use "
+                                             "127.0.0.1 (or --config FILE without --dev)", param_hint=flag)
+            demo_cluster = devmode.DemoCluster()
+            config = devmode.dev_config(dev_dir, ssh_port=ssh[1], http_port=http[1], recordings=recordings,
+                                        audit_log=audit_log, kube_port=kube[1],
+                                        cluster_kubeconfig=demo_cluster.kubeconfig, overlay_file=config_path)
         else:
             assert config_path is not None
             overrides = {"data_dir": data_dir, "recordings": recordings, "state": state_url}
@@ -103,11 +114,19 @@ def serve(config_path: Path | None, dev: bool, data_dir: Path | None, recordings
         if problems := file_problems(config):
             raise ConfigError(problems)
     except ConfigError as exc:
+        if demo_cluster is not None:
+            demo_cluster.stop()
         _config_problems(exc)
         sys.exit(2)
     except ValueError as exc:
+        if demo_cluster is not None:
+            demo_cluster.stop()
         raise click.UsageError(str(exc)) from None
-    asyncio.run(_serve(Gateway, config, reload_source, json_log=chosen_format == "json"))
+    try:
+        asyncio.run(_serve(Gateway, config, reload_source, json_log=chosen_format == "json"))
+    finally:
+        if demo_cluster is not None:
+            demo_cluster.stop()
 
 
 def _dev_clusters(config: Any, specs: tuple[str, ...], dev: bool) -> Any:
@@ -144,6 +163,11 @@ async def _serve(gateway_cls: Any, config: Any, reload_source: tuple[Path, dict[
     except InstanceLocked as exc:
         click.echo(f"guarita: cannot start: {exc}", err=True)
         sys.exit(1)
+    from bastion.devmode import busy_port
+
+    if busy := busy_port(config):  # named with the flag that moves it, before anything binds
+        click.echo(f"guarita: cannot start: {busy}", err=True)
+        sys.exit(1)
     try:
         gw = gateway_cls(config)
         if reload_source is not None:  # what SIGHUP reads again (bastion/lifecycle.py)
@@ -177,23 +201,16 @@ def _print_welcome(gw: Any, json_log: bool = False) -> None:
         lines.append(f"Kubernetes: https://{kube_host}:{gw.kube_port}/clusters/NAME for "
                      f"{', '.join(cl.name for cl in c.clusters)}  (kubeconfig: bastion kubeconfig --cluster NAME"
                      f" --gateway {http})")
-    if c.dev:
-        gw_flag = "" if gw.http_port == 8080 else f" --gateway {http}"
-        ssh = f"ssh -p {port} -o StrictHostKeyChecking=accept-new"
-        lines += [
-            "",
-            "Development mode: a local token issuer and a demo target named 'demo' that runs a real shell.",
-            "In another terminal:",
-            f"  export GUARITA_TOKEN=$(bastion dev-token --sub alice --group sre{gw_flag})",
-            "  export SSH_ASKPASS=$(command -v bastion-askpass) SSH_ASKPASS_REQUIRE=force",
-            f"  {ssh} demo@{ssh_host} 'uname -a'          # run a command",
-            f"  {ssh} -t demo@{ssh_host}                   # open a shell",
-            "Or paste the token at the 'guarita OIDC token:' prompt, or get a certificate once and use plain ssh:",
-            f"  bastion ssh-cert{gw_flag} && {ssh} -i ~/.ssh/guarita_ed25519 demo@{ssh_host}",
-            "Then see what happened:",
-            f"  replay ls --data-dir {c.data_dir}",
-            f"  replay cat ID --data-dir {c.data_dir}",
-        ]
+    if c.dev:  # the tour (bastion/devtour.py): `bastion demo` runs these very lines
+        from bastion import devtour
+
+        where = devtour.Where(ssh_host=ssh_host, ssh_port=port, http_url=http, data_dir=str(c.data_dir),
+                              kube=bool(getattr(gw, "kube_port", 0)) and c.cluster("demo") is not None,
+                              console=_has_console())
+        where.save(c.data_dir)
+        lines += ["", "Development mode: a local token issuer, a demo SSH target 'demo' that runs a real shell, a demo "
+                  "cluster 'demo' whose pods are processes on this machine (not Kubernetes), masking, and an "
+                  "approval rule (rm -rf and DROP wait for an approver).", *devtour.banner(where)]
     if json_log:  # one JSON line each, like the rest of the log
         welcome = logging.getLogger("guarita")
         for line in lines:
@@ -201,6 +218,13 @@ def _print_welcome(gw: Any, json_log: bool = False) -> None:
                 welcome.info("%s", line.strip(), extra={"ssh_port": port, "http_port": gw.http_port})
         return
     click.echo("\n".join(lines), err=True)
+
+
+def _has_console() -> bool:
+    """The web console (bastion/console), when this install has it: the tour then names it."""
+    import importlib.util
+
+    return importlib.util.find_spec("bastion.console") is not None
 
 
 def _config_problems(exc: ConfigError) -> None:
@@ -285,15 +309,27 @@ def read_token(token_file: Path | None = None) -> str | None:
 
 
 @main.command("dev-token")
-@click.option("--sub", required=True, help="Subject of the token.")
+@click.argument("name", required=False)
+@click.option("--sub", help="Subject of the token (instead of a demo identity's NAME).")
 @click.option("--group", "groups", multiple=True, help="A group (repeatable).")
-@click.option("--email", help="E-mail claim of the token.")
+@click.option("--email")
 @click.option("--ttl", default="1h", show_default=True, help="Lifetime, e.g. 10m, 1h.")
 @click.option("--claim", "claims", multiple=True, help="Extra claim NAME=VALUE (repeatable).")
 @click.option("--gateway", help=f"Gateway HTTP API (default $GUARITA_URL or {DEFAULT_GATEWAY}).")
-def dev_token(sub: str, groups: tuple[str, ...], email: str | None, ttl: str, claims: tuple[str, ...],
-              gateway: str | None) -> None:
-    """Mint a token from the --dev gateway's local issuer and print it."""
+def dev_token(name: str | None, sub: str | None, groups: tuple[str, ...], email: str | None, ttl: str,
+              claims: tuple[str, ...], gateway: str | None) -> None:
+    """Mint a token from the --dev gateway's local issuer and print it: for a demo identity
+    by NAME (agent, approver, auditor, operator), or for any --sub and --group."""
+    from bastion.devmode import DEV_IDENTITIES
+
+    if bool(name) == bool(sub):
+        raise click.UsageError("give a demo identity's NAME (" + ", ".join(DEV_IDENTITIES) + ") or --sub SUBJECT")
+    if name:
+        identity = DEV_IDENTITIES.get(name)
+        if identity is None:
+            raise click.BadParameter(f"{name!r} is not a demo identity: " + "; ".join(
+                f"{i.name} ({i.does})" for i in DEV_IDENTITIES.values()) + "; or give --sub", param_hint="NAME")
+        sub, groups = identity.name, (*identity.groups, *groups)
     extra = dict(c.split("=", 1) for c in claims if "=" in c)
     try:
         seconds = parse_duration(ttl)
@@ -301,22 +337,6 @@ def dev_token(sub: str, groups: tuple[str, ...], email: str | None, ttl: str, cl
         raise click.BadParameter(str(exc), param_hint="--ttl") from None
     body = {"sub": sub, "groups": list(groups), "email": email, "ttl": seconds, "claims": extra}
     click.echo(_post(_gateway_url(gateway) + "/dev/token", body)["token"])
-
-
-@main.command("mcp")
-@click.option("--gateway", help=f"Gateway HTTP API (default $GUARITA_URL or {DEFAULT_GATEWAY}).")
-@click.option("--token-file", type=click.Path(path_type=Path), help="Read your token from this file.")
-def mcp_stdio(gateway: str | None, token_file: Path | None) -> None:
-    """Serve guarita's MCP tools on stdin/stdout, for MCP clients that launch a local server
-    (Claude Desktop, Cursor ...). Every call goes to the gateway's /mcp with your token,
-    obtained as `bastion token` does; see docs/mcp.md."""
-    import anyio
-
-    from bastion.mcp.stdio import serve_stdio
-
-    if not obtain_token(token_file):
-        raise click.ClickException(NO_TOKEN)
-    anyio.run(serve_stdio, _gateway_url(gateway), lambda: obtain_token(token_file))
 
 
 NO_TOKEN = ("no token: run `bastion login`, or set GUARITA_TOKEN, or GUARITA_TOKEN_FILE / --token-file, or "
@@ -383,7 +403,8 @@ def _warn_if_expired(value: str, token_file: Path | None) -> None:
 
 
 @main.command()
-@click.option("--cluster", required=True, help="Cluster name (as in the gateway's [[clusters]]).")
+@click.option("--cluster", help="Cluster name (as in the gateway's [[clusters]]).")
+@click.option("--dev", is_flag=True, help="The demo cluster of `bastion serve --dev` (same as --cluster demo).")
 @click.option("--server", help="Kubernetes front door, e.g. https://bastion:8443 (default: the --gateway host "
               "and the front door's port).")
 @click.option("--gateway", help=f"Gateway HTTP API, to fetch the CA from (default $GUARITA_URL or {DEFAULT_GATEWAY}).")
@@ -397,14 +418,24 @@ def _warn_if_expired(value: str, token_file: Path | None) -> None:
 @click.option("--exec-command", default="bastion", show_default=True,
               help="Command kubectl runs as credential plugin (words split like a shell).")
 @click.option("--no-switch", is_flag=True, help="Do not make it the current context.")
-def kubeconfig(cluster: str, server: str | None, gateway: str | None, ca_file: Path | None, output: Path | None,
+def kubeconfig(cluster: str | None, server: str | None, gateway: str | None, ca_file: Path | None, output: Path | None,
                context_name: str | None, namespace: str | None, token_file: str | None, exec_command: str,
-               no_switch: bool) -> None:
+               no_switch: bool, dev: bool = False) -> None:
     """Write a kubeconfig context that reaches CLUSTER through guarita."""
     import shlex
     from urllib.parse import urlsplit
 
     from bastion.kube.client import build_entries, default_kubeconfig_path, merge_kubeconfig
+
+    if dev:
+        from bastion.devmode import DEMO_CLUSTER
+
+        if cluster not in (None, DEMO_CLUSTER):
+            raise click.UsageError(f"--dev is the demo cluster {DEMO_CLUSTER!r}: drop --cluster {cluster}")
+        cluster = DEMO_CLUSTER
+    if not cluster:
+        raise click.UsageError("give --cluster NAME (a [[clusters]] name), or --dev for the demo cluster of "
+                               "`bastion serve --dev`")
 
     gateway_url = _gateway_url(gateway)
     kube_port = "8443"
@@ -475,9 +506,7 @@ def ssh_cert(key_path: Path, token_file: Path | None, ttl: str, gateway: str | N
         key = asyncssh.read_private_key(str(key_path))
     else:
         key = asyncssh.generate_private_key("ssh-ed25519", comment="guarita")
-        key_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        key.write_private_key(str(key_path))
-        os.chmod(key_path, 0o600)
+        write_secret(key_path, key.export_private_key(), replace=True)  # 0600 from the first byte
         key.write_public_key(str(key_path) + ".pub")
     public = key.export_public_key().decode().strip()
     answer = _post(_gateway_url(gateway) + "/v1/ssh/cert", {"public_key": public, "ttl": parse_duration(ttl)}, value)
@@ -703,6 +732,16 @@ def _register_identity_commands() -> None:
 
 
 _register_identity_commands()
+
+
+# demo: the tour of `bastion serve --dev`, run for you (bastion/cli_demo.py)
+def _register_demo_command() -> None:
+    from bastion import cli_demo
+
+    cli_demo.register(main)
+
+
+_register_demo_command()
 
 
 if __name__ == "__main__":

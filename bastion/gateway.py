@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,13 +15,18 @@ import asyncssh
 
 from bastion import lifecycle
 from bastion.approvals.engine import ApprovalEngine
+from bastion.approvals.interactive import InteractiveGate
+from bastion.approvals.linediscipline import line_gate
+from bastion.archive_indexer import ArchiveIndexer
 from bastion.audit import AuditLog
-from bastion.config import Config, IssuerConfig, TargetConfig
+from bastion.config import Config, TargetConfig
 from bastion.control import Control
+from bastion.devmode import DEMO_TARGET, dev_config  # noqa: F401 - dev_config: callers import it here
 from bastion.health import Readiness
 from bastion.identity.devissuer import DevIssuer
 from bastion.identity.oidc import TokenVerifier
 from bastion.identity.usercert import UserCA, load_or_create_key
+from bastion.live import LiveSessions
 from bastion.metrics import Metrics
 from bastion.state import StateError, open_state
 from recorder import Recorder, RecordingKey, open_store
@@ -52,7 +58,6 @@ def _log_masking_engine(detectors: list[Any]) -> None:
                     "headers, Debian: gcc libssl-dev); masking runs in Python: same output, about 10x "
                     "slower on output dense with personal data")
 
-DEMO_TARGET = "demo"
 # How long the start-up check of the recordings store may take before it counts as an outage.
 STORE_CHECK_TIMEOUT = 10.0
 
@@ -87,11 +92,16 @@ class Gateway:
         self.state = open_state(config.state, replica_name=config.state_replica
                                 or f"{socket.gethostname()}:{config.data_dir}")
         self.approvals = ApprovalEngine(self)
+        self.interactive_gate = InteractiveGate  # built by sessions whose terminal commands rules concern
+        self.line_gate = line_gate  # ... and by sessions without a terminal (guarita is the line discipline)
+        # The archive index: sessions, commands and masked hashes, filled as manifests are stored.
+        self.archive = ArchiveIndexer(self.state, self.store)
+        self.recorder.on_session_stored = self.archive.session_stored
         # Locks, session kills, per-identity limits and session limits (bastion/control).
         self.control = Control(self)
         self.demo: DemoTarget | None = None
-        # Live SSH session channels by session id (for shutdown, locks and `sessions ls`).
-        self.live_sessions: dict = {}
+        # The one registry of live sessions (shutdown, locks, kills, limits, `sessions ls`).
+        self.live = LiveSessions(lambda: self.state)
         self._servers: list[asyncio.AbstractServer | asyncssh.SSHAcceptor] = []
         self._http_runner: web.AppRunner | None = None
         self.stopping = asyncio.Event()
@@ -114,6 +124,7 @@ class Gateway:
 
     async def start(self) -> None:
         from bastion.http.api import start_http
+        from bastion.http.control_api import add_routes as control_routes
         from bastion.ssh.frontdoor import start_ssh
 
         try:
@@ -151,18 +162,42 @@ class Gateway:
             await self.state.start()
         except StateError as exc:
             raise RuntimeError(str(exc)) from None
+        await self.archive.start()
         await self.approvals.start()
         await self.control.start()
-        self._http_runner, self.http_port = await start_http(self)
+        self._http_runner, self.http_port = await start_http(self, self._http_routes(control_routes))
         await self.verifier.start()
         acceptor = await start_ssh(self)
         self._servers.append(acceptor)
         self.ssh_port = acceptor.sockets[0].getsockname()[1]
         if self.config.clusters:
+            from bastion.kube.exec import STREAMING
             from bastion.kube.frontdoor import start_kube
 
-            self.kube = await start_kube(self)
+            self.kube = await start_kube(self, STREAMING)
             self.kube_port = self.kube.port
+
+    def _http_routes(self, control_routes: Callable[[web.Application], None]
+                     ) -> list[Callable[[web.Application], None]]:
+        """The HTTP API's routes beyond its own: locks, live sessions and kills; the MCP front
+        door (bastion/mcp, when enabled); the web console under /console/ (and, in --dev, the
+        dev issuer's sign-in page)."""
+        from bastion.console.routes import add_routes as add_console_routes
+
+        routes = [control_routes]
+        if self.config.mcp.enabled:
+            from bastion.mcp.http import add_mcp_routes
+
+            def add_mcp(app: web.Application) -> None:
+                add_mcp_routes(app, self)
+
+            routes.append(add_mcp)
+        routes.append(lambda app: add_console_routes(app, self))
+        if self.dev_issuer is not None:
+            from bastion.console.devlogin import add_routes as add_dev_login_routes
+
+            routes.append(add_dev_login_routes)  # the dev issuer's sign-in page for the console
+        return routes
 
     async def _start_demo(self) -> None:
         from bastion.ssh.demotarget import DemoTarget
@@ -178,14 +213,15 @@ class Gateway:
     async def stop(self) -> None:
         for server in self._servers:
             server.close()
-        from bastion.ssh.frontdoor import close_all_sessions
-
-        await close_all_sessions(self, lifecycle.end_message(self))
+        self.live.terminate_all(lifecycle.end_message(self))
+        await self.live.wait_empty(5.0)
         if self.kube is not None:
             await self.kube.stop()  # after its sessions were ended, before the recorder closes
         await self.approvals.stop()  # pending requests of sessions still waiting: cancelled
         await self.control.stop()
         await self.recorder.close()
+        await self.live.settle()
+        await self.archive.stop()
         await self.state.close()
         await self.verifier.close()
         if self._http_runner is not None:
@@ -213,43 +249,3 @@ def _local_user() -> str:
     import getpass
 
     return getpass.getuser()
-
-
-def dev_config(data_dir: Path, ssh_port: int = 2222, http_port: int = 8080, recordings: str | None = None,
-               audit_log: str | None = None) -> Config:
-    """The embedded default: local issuer, demo target, local recordings, everything on loopback."""
-    from bastion.config import AccessRule, RecordingConfig, RoleMembers, Roles
-    from bastion.masking.config import MaskingConfig
-
-    data_dir = data_dir.resolve()
-    issuer = IssuerConfig(issuer=f"http://127.0.0.1:{http_port}/dev", audience="guarita", leeway=5)
-    return Config(
-        data_dir=data_dir,
-        ssh_listen=("127.0.0.1", ssh_port),
-        http_listen=("127.0.0.1", http_port),
-        host_key=data_dir / "ssh_host_ed25519_key",
-        user_ca_key=data_dir / "user_ca_key",
-        target_ca_key=data_dir / "target_ca_key",
-        recording=RecordingConfig(url=recordings or (data_dir / "recordings").as_uri(),
-                                  spool_dir=data_dir / "spool", key_file=data_dir / "recording_key.pem"),
-        issuers=(issuer,),
-        targets=(),
-        access=(AccessRule(name="dev: everyone may use the demo target", subjects=("*",), targets=(DEMO_TARGET,)),),
-        audit_log=audit_log or str(data_dir / "audit.jsonl"),
-        dev=True,
-        demo_target=True,
-        # Shows what masking does: CPFs, e-mails, phones and cards printed by the demo target.
-        masking=MaskingConfig(secret_file=data_dir / "masking.key"),
-        # `bastion dev-token --group sre` mints an operator (locks, `bastion sessions kill`).
-        roles=Roles(operators=RoleMembers(groups=("sre",)), auditors=RoleMembers(groups=("sre", "audit"))),
-    )
-
-
-def port_is_free(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True

@@ -24,7 +24,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from bastion.gateway import Gateway
+    from bastion.services import Services
 
 STORE_TTL = 5.0
 # A failing store is checked again sooner, so that readiness comes back quickly.
@@ -33,7 +33,7 @@ CHECK_TIMEOUT = 3.0
 
 
 class Readiness:
-    def __init__(self, gateway: Gateway, store_ttl: float = STORE_TTL, timeout: float = CHECK_TIMEOUT) -> None:
+    def __init__(self, gateway: Services, store_ttl: float = STORE_TTL, timeout: float = CHECK_TIMEOUT) -> None:
         self.gw = gateway
         self.store_ttl = store_ttl
         self.timeout = timeout
@@ -51,7 +51,7 @@ class Readiness:
             problems["oidc_keys"] = "the signing keys of an issuer are not cached yet (its discovery or JWKS " \
                                     "did not answer)"
         checks = {name: name not in problems for name in ("recordings", "state", "oidc_keys")}
-        draining = bool(getattr(self.gw, "draining", False))
+        draining = self.gw.draining
         if draining:
             problems["draining"] = "this gateway is shutting down (SIGTERM): it takes no new connections"
         ready = not problems

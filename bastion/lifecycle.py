@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from bastion.config import CONFIG_KEYS, ConfigError, load_config
 
 if TYPE_CHECKING:
-    from bastion.gateway import Gateway
+    from bastion.services import Services
 
 log = logging.getLogger("guarita.lifecycle")
 
@@ -57,17 +57,17 @@ def format_seconds(seconds: float) -> str:
 # -- SIGTERM ---------------------------------------------------------------------------------
 
 
-async def drain(gw: Gateway) -> None:
+async def drain(gw: Services) -> None:
     """Stop taking connections, give live sessions their grace period with a notice."""
     gw.draining = True
     grace = gw.config.drain_grace
-    live = list(gw.live_sessions.values())
+    live = list(gw.live)
     log.info("draining: no new connections; %d live session(s) get %s to finish (a second SIGTERM ends them now)",
              len(live), format_seconds(grace), extra={"sessions": len(live), "grace": grace})
     gw.audit.emit("gateway.draining", sessions=len(live), grace=grace)
     for server in gw._servers:
         server.close()
-    kube = getattr(gw, "kube", None)
+    kube = gw.kube
     runner = getattr(kube, "runner", None)
     if runner is not None:
         for site in list(runner.sites):
@@ -76,21 +76,21 @@ async def drain(gw: Gateway) -> None:
     if not live or grace <= 0:
         return
     message = f"this gateway is shutting down; your session ends in {format_seconds(grace)}"
-    for channel in live:
-        notify(channel, message)
+    for session in live:
+        notify(session, message)
     deadline = time.monotonic() + grace
-    while gw.live_sessions and not gw.hurry.is_set():
+    while gw.live and not gw.hurry.is_set():
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(gw.hurry.wait(), min(remaining, 0.1))
-    if gw.live_sessions:
+    if gw.live:
         why = "a second signal" if gw.hurry.is_set() else "grace period over"
-        log.info("drain: %s; ending %d session(s)", why, len(gw.live_sessions))
+        log.info("drain: %s; ending %d session(s)", why, len(gw.live))
 
 
-def end_message(gw: Gateway) -> str:
+def end_message(gw: Services) -> str:
     """What a session ended by the shutdown tells its user (and its recording)."""
     if gw.draining and gw.config.drain_grace > 0:
         return (f"this gateway shut down; the session was ended after its {format_seconds(gw.config.drain_grace)} "
@@ -98,21 +98,11 @@ def end_message(gw: Gateway) -> str:
     return "this gateway shut down; connect again to reach another replica"
 
 
-def notify(channel: Any, message: str) -> None:
+def notify(session: Any, message: str) -> None:
     """A notice to a live session's user on its terminal or stderr (never into a command's
     stdout), recorded as a ``notice`` marker."""
-    session = getattr(channel, "session", None)
     try:
-        if session is not None and hasattr(session, "notify"):
-            session.notify(message)  # marker + the front door's notify_user
-            return
-        if session is not None:
-            session.marker("notice", text=message)
-        notify_user = getattr(channel, "notify_user", None)
-        if notify_user is not None:
-            notify_user(message)
-        elif getattr(channel, "chan", None) is not None:  # SSH, without notify_user
-            channel.chan.write_stderr(f"\r\nguarita: {message}\r\n".encode())
+        session.notify(message)  # marker + the front door's notify_user
     except Exception as exc:  # noqa: BLE001 - one broken channel must not stop the drain
         log.debug("cannot notify a session: %s", exc)
 
@@ -145,16 +135,16 @@ def changed_keys(old_raw: dict[str, Any], new_raw: dict[str, Any]) -> list[str]:
     return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
 
 
-def reload(gw: Gateway) -> bool:
+def reload(gw: Services) -> bool:
     """Re-read the config file; apply what can change live. True when a new config was applied."""
-    path: Path | None = getattr(gw, "config_file", None)
-    metrics = getattr(gw, "metrics", None)
+    path: Path | None = gw.config_file
+    metrics = gw.metrics
     if path is None:
         log.warning("SIGHUP: this gateway runs without a config file (--dev): nothing to reload")
         return False
     try:
         raw = tomllib.loads(path.read_text())
-        new = load_config(path, overrides=getattr(gw, "config_overrides", None))
+        new = load_config(path, overrides=gw.config_overrides)
     except ConfigError as exc:
         log.error("SIGHUP: %s has problems; the running configuration stays: %s", path,
                   "; ".join(f"{k}: {m}" for k, m in exc.problems), extra={"problems": [f"{k}: {m}" for k, m in
@@ -168,18 +158,18 @@ def reload(gw: Gateway) -> bool:
         if metrics is not None:
             metrics.reloads.labels("invalid").inc()
         return False
-    changed = changed_keys(getattr(gw, "config_raw", {}) or {}, raw)
+    changed = changed_keys(gw.config_raw or {}, raw)
     restart = [k for k in changed if not _reloadable(k)]
     applied = [k for k in changed if _reloadable(k)]
     old = gw.config
     targets = new.targets
-    demo = old.target("demo") if getattr(gw, "demo", None) is not None else None
+    demo = old.target("demo") if gw.demo is not None else None
     if demo is not None and new.target(demo.name) is None:
         targets = (*targets, demo)
     values = {name: getattr(new, name) for name in RELOADED_FIELDS}
     values["targets"] = targets
     gw.config = replace(old, **values)
-    approvals = getattr(gw, "approvals", None)
+    approvals = gw.approvals
     if approvals is not None and new.approvals != old.approvals:
         _swap_approvals(approvals, new.approvals)
     if metrics is not None:
@@ -187,7 +177,7 @@ def reload(gw: Gateway) -> bool:
     # The raw file is kept without the keys that were not applied: they are reported again
     # at the next reload until the gateway restarts.
     kept = dict(raw)
-    old_raw = getattr(gw, "config_raw", {}) or {}
+    old_raw = gw.config_raw or {}
     for key in restart:
         section, _, name = key.partition(".")
         if name:

@@ -38,7 +38,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from bastion.gateway import Gateway
+    from bastion.services import Services
     from bastion.session import Session
 
 log = logging.getLogger("guarita.metrics")
@@ -63,7 +63,7 @@ def session_outcome(session: Session, status: int | None, signal: str | None) ->
 
 
 class Metrics:
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Services) -> None:
         self.gw = gateway
         disable_created_metrics()  # no *_created series: they double the output and nobody reads them
         self.registry = CollectorRegistry(auto_describe=True)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Protocol
 
 from bastion.config import AccessRule, Config, TargetConfig
 from bastion.identity import Identity
 from bastion.identity.delegation import DelegationScope
+from bastion.who import NamesWho, matches_identity
+
+__all__ = ["Decision", "NamesWho", "authorize", "matches_identity", "reachable_targets"]
 
 
 @dataclass(frozen=True)
@@ -25,35 +27,6 @@ class Decision:
 
 def _any_glob(value: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(value, p) for p in patterns)
-
-
-class NamesWho(Protocol):
-    """Any rule that names identities: access rules, approval rules."""
-
-    @property
-    def subjects(self) -> tuple[str, ...]: ...
-
-    @property
-    def groups(self) -> tuple[str, ...]: ...
-
-    @property
-    def claims(self) -> tuple[tuple[str, str], ...]: ...
-
-
-def matches_identity(rule: NamesWho, identity: Identity) -> bool:
-    """Any listed subject (or e-mail), any listed group, or all listed claims (globs); and the
-    rule's delegation scope, when it has one (bastion/identity/delegation.py)."""
-    delegation = getattr(rule, "delegation", None)
-    if delegation and not delegation.matches(identity):
-        return False
-    if rule.subjects and (_any_glob(identity.subject, rule.subjects)
-                          or (identity.email and _any_glob(identity.email, rule.subjects))):
-        return True
-    if rule.groups and any(_any_glob(g, rule.groups) for g in identity.groups):
-        return True
-    return bool(rule.claims) and all(
-        name in identity.claims and fnmatch.fnmatchcase(identity.claims[name], pattern)
-        for name, pattern in rule.claims)
 
 
 def authorize(config: Config, identity: Identity, target: TargetConfig, login: str) -> Decision:

@@ -17,9 +17,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from bastion.config import format_duration
+from bastion.approvals.result import GateResult
+from bastion.config import AccessRule, format_duration
 from bastion.identity import Identity
 from bastion.logs import current_session
 from bastion.masking.engine import marker_values
@@ -27,10 +28,8 @@ from bastion.masking.recorded import MaskedInput, mask_text, masking_apply
 from recorder import SessionRecording
 
 if TYPE_CHECKING:
-    from bastion.approvals.engine import GateResult
-    from bastion.approvals.interactive import InteractiveGate
-    from bastion.control import SessionLimits
-    from bastion.gateway import Gateway
+    from bastion.control.limits import SessionLimits
+    from bastion.services import Services
 
 # A session about to reach a hard limit (credential expiry, maximum duration) is warned
 # this long before (at most; a fifth of the session's whole allowance when shorter).
@@ -43,7 +42,26 @@ _PACE_MIN = 8192
 _TYPED_MAX = 4096
 _ESC_SEQ = re.compile(rb"\x1b(?:\[[0-?]*[ -/]*[@-~]|O.|.)?", re.DOTALL)
 _CONTROL_BYTES = bytes(range(0x20)) + b"\x7f"
-_UNMASKED_REGION = "digits on both sides of a cursor move or mode change: a value drawn out of order is not masked"
+_UNMASKED_REGION = "a cursor move or mode change between digits: a value drawn out of order there is not masked"
+
+
+class TerminalGate(Protocol):
+    """The approvals' interactive gate (bastion.approvals.interactive.InteractiveGate), as a
+    session drives it: typed input and the terminal's output go through it."""
+
+    waiting: bool
+
+    def output(self, data: bytes) -> None: ...
+
+    def resize(self, cols: int, rows: int) -> None: ...
+
+    def drop(self, data: bytes) -> None: ...
+
+    def input(self, data: bytes, hidden: bool = False) -> bytes: ...
+
+    def after_held_input(self, action: Callable[[], None]) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 @dataclass
@@ -63,6 +81,9 @@ class SessionInfo:
     extra: dict[str, Any] = field(default_factory=dict)
     # Chosen before the target is contacted, so the target's own log can name it.
     session_id: str | None = None
+    # The access rule that allowed the session (the front door's policy decision): its
+    # session limits (max_duration, idle_timeout, on_expiry) are the session's.
+    rule: AccessRule | None = field(default=None, compare=False, repr=False)
 
     def metadata(self) -> dict[str, Any]:
         meta: dict[str, Any] = {
@@ -180,7 +201,11 @@ def _echoed(typed: bytes, output: bytes) -> bool:
 
 
 class Session:
-    def __init__(self, gateway: Gateway, info: SessionInfo) -> None:
+    """One live session. Opened by bastion.pipeline (admission); ``client`` is the front
+    door's side of it (bastion.pipeline.ClientSide): how guarita writes to the agent,
+    releases late output, notifies and ends the session."""
+
+    def __init__(self, gateway: Services, info: SessionInfo, client: Any = None) -> None:
         self.gateway = gateway
         self.info = info
         self.started = time.time()
@@ -198,14 +223,17 @@ class Session:
         self.bytes_in = 0
         self.bytes_out = 0
         current_session.set(self.id)
-        self._metrics = getattr(gateway, "metrics", None)
+        if client is not None:  # before any event can fail: the strict policy ends it through client
+            self.end_if_unrecorded(client.terminate)
+        self._metrics = gateway.metrics
         if self._metrics is not None:
             self._metrics.session_started(self)
         self._echo = EchoTracker(self.recording) if info.size else None
         self.ended = False
         # Masking: the front door gives ``deliver_output`` so held-back output can be sent
         # after a few ms of silence.
-        self.deliver_output: Callable[[bytes, str], None] | None = None
+        self.deliver_output: Callable[[bytes, str], None] | None = (client.deliver_output if client is not None
+                                                                      else None)
         self.masked_counts: dict[str, int] = {}
         self._maskers: dict[str, Any] = {}
         self._mask_live = True
@@ -220,28 +248,34 @@ class Session:
         # Approvals. A front door gives the session a way to write to the agent (its terminal,
         # or stderr before the target is open) and, for interactive sessions, to the target
         # (held input is released later): then commands typed in a terminal are gated too.
-        self.write_client: Callable[[bytes], None] | None = None
+        self.write_client: Callable[[bytes], None] | None = client.write_client if client is not None else None
         self.write_target: Callable[[bytes], None] | None = None
         self.approval_cancel: asyncio.Event | None = None
         self.cancel_reason: str | None = None
-        self._gate: InteractiveGate | None = None
+        self._gate: TerminalGate | None = None
         self._gate_checked = False
-        self._approvals = getattr(gateway, "approvals", None)
+        self._approvals = gateway.approvals
         # Session limits and locks (bastion/control): the last input or output (idle timeout),
         # why the gateway ended the session (the recording's and audit log's end reason).
         self.last_activity = time.monotonic()
         self.stopping = False
         self.stop_reason: str | None = None
         self._watchdog: asyncio.Task[None] | None = None
-        self._control = getattr(gateway, "control", None)
+        self._control = gateway.control
         self.limits: SessionLimits | None = None
-        gateway.audit.emit("session.start", session=self.id, **_audit_fields(info, self.shown_command))
+        gateway.audit.emit("session.start", session=self.id, **audit_fields(info, self.shown_command))
+        self._live = gateway.live
+        self._live.opened(self, client, live_row(self))
         if self._approvals is not None:
             self._approvals.session_started(self)
         if self._control is not None:
             self._control.session_started(self)
             self.limits = self._control.limits_for(info)
             self._watchdog = asyncio.get_running_loop().create_task(self._watch_limits(self.limits))
+
+    def attach_target(self, write_target: Callable[[bytes], None]) -> None:
+        """The target is open: input the interactive approval gate held is released there."""
+        self.write_target = write_target
 
     def from_client(self, data: bytes) -> bytes:
         self.bytes_in += len(data)
@@ -313,7 +347,7 @@ class Session:
 
     def _start_masking(self) -> None:
         masking = self.gateway.config.masking
-        secret = getattr(self.gateway, "masking_secret", None)
+        secret = self.gateway.masking_secret
         # Binary channels (sftp, port forwards) are never rewritten.
         if masking is None or secret is None or self.info.kind == "subsystem":
             return
@@ -443,8 +477,6 @@ class Session:
         """Decide an exec command before the target session is opened: allowed at once, or
         refused, or held until approved (the agent is told on ``write_client`` who must
         approve, the request id and how long it may wait). Kubernetes passes the ``argv``."""
-        from bastion.approvals.engine import GateResult
-
         if self._approvals is None:
             return GateResult(True, "allowed")
         result = await self._approvals.check(self, command, "exec", argv=argv)
@@ -454,8 +486,6 @@ class Session:
 
     async def gate_shell(self) -> GateResult:
         """Decide whether this identity may open an interactive shell here at all."""
-        from bastion.approvals.engine import GateResult
-
         if self._approvals is None:
             return GateResult(True, "allowed")
         result = await self._approvals.check(self, "interactive shell", "shell")
@@ -503,7 +533,7 @@ class Session:
         else:
             action()
 
-    def _start_gate(self) -> InteractiveGate | None:
+    def _start_gate(self) -> TerminalGate | None:
         """The interactive gate, for a terminal session whose commands rules may concern,
         once the front door has given both write callbacks."""
         if self.write_client is None or self.write_target is None:
@@ -513,16 +543,11 @@ class Session:
             return None
         if not self._approvals.watches(self):
             return None
+        # Built by the composition root (bastion/gateway.py): the gates' modules depend on this one.
         if not self.info.size:  # no terminal: guarita is the shell's line discipline
-            from bastion.approvals.linediscipline import LineGate, reads_commands
-
-            if not reads_commands(self.info.kind, self.info.command):
-                return None
-            self._gate = LineGate(self, self._approvals)  # type: ignore[assignment]
+            self._gate = self.gateway.line_gate(self, self._approvals)  # None: its input is no commands
             return self._gate
-        from bastion.approvals.interactive import InteractiveGate
-
-        self._gate = InteractiveGate(self, self._approvals, *self.info.size)
+        self._gate = self.gateway.interactive_gate(self, self._approvals, *self.info.size)
         return self._gate
 
     def marker(self, kind: str, **fields: Any) -> None:
@@ -537,7 +562,7 @@ class Session:
         has not registered the session yet (the caller tries again shortly)."""
         if self.ended:
             return True
-        channel = self.gateway.live_sessions.get(self.id)
+        channel = self._live.client(self.id)
         if channel is None:
             return False
         if not self.stopping:
@@ -554,11 +579,10 @@ class Session:
     def notify(self, text: str) -> None:
         """A line from guarita to the user while the session goes on (recorded as a notice)."""
         self.marker("notice", text=text)
-        channel = self.gateway.live_sessions.get(self.id)
-        notify = getattr(channel, "notify_user", None)
-        if notify is not None:
+        channel = self._live.client(self.id)
+        if channel is not None:
             with contextlib.suppress(Exception):
-                notify(text)
+                channel.notify_user(text)
 
     async def _watch_limits(self, limits: SessionLimits) -> None:
         """Credential expiry (per ``on_expiry``), maximum duration and idle timeout."""
@@ -632,11 +656,15 @@ class Session:
         self.recording.exit(status, signal, reason)
         if self._metrics is not None:
             self._metrics.session_ended(self, status, signal)
-        await self.recording.close({"exit": {"status": status, "signal": signal}, "reason": reason,
-                                    **({"masking": dict(self.masked_counts)} if self._maskers else {})})
+        try:
+            await self.recording.close({"exit": {"status": status, "signal": signal}, "reason": reason,
+                                        **({"masking": dict(self.masked_counts)} if self._maskers else {})})
+        finally:
+            # Out of the registry once sealed: the shutdown waits for this before the recorder closes.
+            self._live.ended(self.id)
         self.gateway.audit.emit("session.end", session=self.id, exit_status=status, exit_signal=signal,
                                 reason=reason, duration=round(time.time() - self.started, 3),
-                                bytes=dict(self.recording.counts), **_audit_fields(self.info, self.shown_command))
+                                bytes=dict(self.recording.counts), **audit_fields(self.info, self.shown_command))
 
 
 def hard_limits(exp: float | None, limits: SessionLimits, started: float,
@@ -671,7 +699,17 @@ def _span(seconds: float) -> str:
     return format_duration(math.ceil(max(0.0, seconds)))
 
 
-def _audit_fields(info: SessionInfo, command: str | None) -> dict[str, Any]:
+def live_row(session: Session) -> dict[str, Any]:
+    """The session's row in the state database's live sessions (``bastion sessions ls``)."""
+    info = session.info
+    return {"id": session.id, "identity": info.identity.to_dict(), "subject": info.identity.subject,
+            "front_door": info.front_door, "target": info.target, "login": info.login, "kind": info.kind,
+            "command": session.shown_command, "source": info.source}
+
+
+def audit_fields(info: SessionInfo, command: str | None) -> dict[str, Any]:
+    """A session's fields in audit events; ``command`` as the gateway shows it (masked where
+    the session's masking applies)."""
     from bastion.identity.delegation import chain_fields
 
     return {"front_door": info.front_door, "subject": info.identity.subject, "issuer": info.identity.issuer,

@@ -46,9 +46,13 @@ def wait_banner(port: int, proc: subprocess.Popen, log: Path, timeout: float = 3
 
 class Bench:
     def __init__(self, cipher: str, keep: bool = False, bare_upstream_cipher: str | None = None,
-                 recording: str = "") -> None:
+                 recording: str = "", recording_url: str | None = None, extra_toml: str = "",
+                 gateway_env: dict[str, str] | None = None) -> None:
         self.cipher = cipher
         self.recording_toml = recording  # extra TOML lines for guarita's [recording] table
+        self.recording_url = recording_url  # default: a file:// folder in the work directory
+        self.extra_toml = extra_toml  # more tables for guarita's config (e.g. [limits])
+        self.gateway_env = gateway_env  # added to guarita's environment (e.g. S3 credentials)
         # The bare pipe's pipe->sshd leg: the client's cipher unless told otherwise ("" = asyncssh's default).
         self.bare_upstream_cipher = cipher if bare_upstream_cipher is None else bare_upstream_cipher
         self.keep = keep
@@ -123,8 +127,9 @@ http_listen = "127.0.0.1:{http_port}"
 audit_log = "{self.audit}"
 
 [recording]
-url = "{self.recordings.as_uri()}"
+url = "{self.recording_url or self.recordings.as_uri()}"
 {self.recording_toml}
+{self.extra_toml}
 
 [[oidc]]
 issuer = "{self.issuer_url}"
@@ -147,7 +152,8 @@ targets = ["{TARGET}"]
         exe = shutil.which("bastion") or sys.executable
         cmd = [exe] if exe.endswith("bastion") else [exe, "-m", "bastion.cli"]
         log = self.dir / "gateway.log"
-        self.gateway = self._spawn([*cmd, "serve", "--config", str(config)], log)
+        env = {**os.environ, **self.gateway_env} if self.gateway_env else None
+        self.gateway = self._spawn([*cmd, "serve", "--config", str(config)], log, env=env)
         wait_banner(self.gw_port, self.gateway, log)
 
     # -- clients --------------------------------------------------------------------------

@@ -10,8 +10,8 @@ See docs/recording-format.md for the byte-level description.
 """
 
 from recorder.events import Event
-from recorder.recorder import Recorder, RecordingFailed, SessionRecording
+from recorder.recorder import Recorder, SessionRecording
 from recorder.signing import RecordingKey
 from recorder.store import RecordingStore, open_store
 
-__all__ = ["Event", "Recorder", "RecordingFailed", "RecordingKey", "RecordingStore", "SessionRecording", "open_store"]
+__all__ = ["Event", "Recorder", "RecordingKey", "RecordingStore", "SessionRecording", "open_store"]

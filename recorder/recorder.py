@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from recorder import events as ev
+from recorder.index import SessionIndexNotes
 from recorder.segment import (
     COMPRESSION_LEVEL,
     SegmentRecord,
@@ -75,10 +76,6 @@ RETRY_MAX_DELAY = 15.0
 UPLOAD_CONCURRENCY = 8
 # Spooled objects the store refused because a different object already has their key.
 CONFLICTS_DIR = ".conflicts"
-
-
-class RecordingFailed(Exception):
-    """The spool cannot take this session's events (strict policy ends the session)."""
 
 
 def new_session_id(now: float | None = None) -> str:
@@ -135,6 +132,9 @@ class Recorder:
         self._session_drained: dict[Path, asyncio.Event] = {}
         self._uploaders: list[asyncio.Task[None]] = []
         self._last_upload_ok = 0.0
+        # Called on the event loop with (session id, manifest bytes) once a session's manifest
+        # is in the store: the archive index is filled from here (bastion/archive_indexer.py).
+        self.on_session_stored: Callable[[str, bytes], None] | None = None
         # Their own threads: the loop's default executor has cpu_count + 4 of them, shared.
         self._upload_executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.upload_concurrency, thread_name_prefix="recorder-upload")
@@ -256,7 +256,9 @@ class Recorder:
             try:
                 if path.name == "manifest.json":
                     await self._session_uploaded(path.parent)
-                await self._upload_with_retries(path, key)
+                stored = await self._upload_with_retries(path, key)
+                if stored is not None and path.name == "manifest.json" and self.on_session_stored:
+                    self.on_session_stored(path.parent.name, stored)
             finally:
                 self.uploads_pending -= 1
                 self._queued_at.pop(seq, None)
@@ -278,7 +280,9 @@ class Recorder:
         if event is not None:
             event.set()
 
-    async def _upload_with_retries(self, path: Path, key: str) -> None:
+    async def _upload_with_retries(self, path: Path, key: str) -> bytes | None:
+        """Upload until the store takes the object; returns its bytes (None when it could not
+        be: a conflict, or the spool copy vanished)."""
         delay = 0.2
         while True:
             started = time.monotonic()
@@ -286,7 +290,8 @@ class Recorder:
             self._in_flight[attempt] = time.time()
             try:
                 try:
-                    await asyncio.get_running_loop().run_in_executor(self._upload_executor, self._upload_one, path, key)
+                    data = await asyncio.get_running_loop().run_in_executor(
+                        self._upload_executor, self._upload_one, path, key)
                 finally:
                     del self._in_flight[attempt]
             except _Conflict as exc:
@@ -299,10 +304,11 @@ class Recorder:
                 except OSError:
                     kept = path
                 log.error("recording object %s NOT uploaded: %s; the spool copy is kept in %s", key, exc, kept)
+                return None
             except FileNotFoundError:
                 log.error("spooled recording object %s vanished before its upload to %s (is the spool %s "
                           "shared with another gateway?)", path, key, self.spool_dir)
-                return
+                return None
             except Exception as exc:  # noqa: BLE001 - whatever it is, the uploader must not die
                 self.upload_errors += 1
                 self.last_upload_error = str(exc) if isinstance(exc, StoreError | OSError) else repr(exc)
@@ -327,9 +333,9 @@ class Recorder:
                             "waiting in the spool", self.store.url, time.time() - self.store_down_since,
                             self.uploads_pending - 1)
                 self.store_down_since = None
-            return
+            return data
 
-    def _upload_one(self, path: Path, key: str) -> None:
+    def _upload_one(self, path: Path, key: str) -> bytes:
         data = path.read_bytes()
         try:
             self.store.put(key, data)
@@ -344,6 +350,7 @@ class Recorder:
         else:
             path.unlink()
             self._spool_add(-len(data))
+        return data
 
     def _set_aside(self, path: Path) -> Path:
         """Move a spooled object the store refused out of the session directory (a refused
@@ -414,6 +421,9 @@ class SessionRecording:
         self.closed = False
         self.counts: dict[str, int] = {"o": 0, "e": 0, "i": 0}
         self.markers: dict[str, int] = {}
+        # What the archive index needs of this session, collected as markers are recorded and
+        # written into the manifest (recorder/index.py): commands, and masking markers' values.
+        self._index = SessionIndexNotes()
         self._encoders = {c: ev.StreamEncoder(c) for c in ("o", "e", "i")}
         self._screen = ScreenTracker(*term) if term else None
         self._snap_t = 0.0
@@ -421,6 +431,8 @@ class SessionRecording:
         self._buf: list[bytes | tuple[float, str, bytes]] = []
         self._buf_len = 0
         self._buf_events = 0
+        # Frames written since the last fsync (the tick syncs only when there are some).
+        self._unsynced = False
         self._seg_raw = 0.0
         self._seg_t = 0.0
         # Encoded bytes per terminal byte of the last flush, set by the worker: segments are cut
@@ -498,12 +510,14 @@ class SessionRecording:
     def marker(self, kind: str, **fields: Any) -> None:
         self.markers[kind] = self.markers.get(kind, 0) + 1
         t = self.now()
+        self._index.marker(t, kind, fields)
         self._append(ev.encode(t, "m", {"type": kind, **fields}), t)
 
     def marker_json(self, kind: str, key: str, raw: bytes, **fields: Any) -> None:
         """:meth:`marker` with the field ``key`` given as JSON text (``raw``), last."""
         self.markers[kind] = self.markers.get(kind, 0) + 1
         t = self.now()
+        self._index.marker_json(t, kind, key, raw, fields)
         self._append(ev.encode_with_json(t, "m", {"type": kind, **fields}, key, raw), t)
 
     def exit(self, status: int | None, signal: str | None = None, reason: str | None = None) -> None:
@@ -619,11 +633,13 @@ class SessionRecording:
         return raw, raw.count(b"\n")  # one newline per event: JSON escapes those inside strings
 
     def _flush(self, sync: bool) -> None:
+        self._unsynced = not sync
         items, size = self._take()
         t_end = self._last_t
         self._submit(lambda: self._writer_append(items, t_end, sync), size)
 
     def _cut(self, final: bool = False, end: dict[str, Any] | None = None) -> None:
+        self._unsynced = True  # the next segment's header waits for the next flush
         items, size = self._take()
         t_end = self._last_t
         next_t = self._last_t
@@ -648,7 +664,9 @@ class SessionRecording:
                 continue
             if self._seg_raw and self.now() - self._seg_t >= self.recorder.segment_seconds:
                 self._cut()
-            else:
+            elif self._buf or self._unsynced:
+                # An idle session costs nothing here: no thread hop, no fsync of nothing
+                # (1,000 idle sessions were 1,000 fsyncs a second).
                 self._flush(sync=True)
 
     # -- the ordered file-work queue (runs in threads) -----------------------------------
@@ -673,7 +691,9 @@ class SessionRecording:
             if not isinstance(exc, OSError | StoreError | ValueError):
                 log.exception("recording of session %s failed unexpectedly", self.id)
             if self._gap is None:
-                self._gap = {"from": round(self.now(), 3), "lost_bytes": 0, "reason": _why(exc)}
+                # From the last event the spool holds: everything after it is in the gap.
+                since = self._writer.t_end if self._writer is not None else self.now()
+                self._gap = {"from": round(since, 3), "lost_bytes": 0, "reason": _why(exc)}
                 self.recorder.spool_failures += 1
             self._gap["lost_bytes"] += size
             self.failed = self.failed or exc
@@ -741,7 +761,8 @@ class SessionRecording:
         self._queue_segment(record.index)
         if final:
             self._writer = None
-            self.recorder._spool_add(_write_manifest(self.dir, self.recorder.key, self.meta, end or {}, self._chain))
+            self.recorder._spool_add(_write_manifest(self.dir, self.recorder.key, self.meta, end or {}, self._chain,
+                                                     index=self._index.to_manifest()))
             self.recorder_loop_call(
                 lambda: self.recorder.queue_upload(self.dir / "manifest.json", self.prefix + "manifest.json"))
         else:
@@ -812,6 +833,9 @@ class SessionRecording:
         spool refused."""
         if not self._final_sealed:
             if self._gap is not None or self._writer is None:
+                if self._gap is not None:  # queued while the spool refused: inside the gap
+                    self._gap["lost_bytes"] += sum(len(i[2]) if isinstance(i, tuple) else 0 for i in items)
+                    items = []
                 self._repair()
             assert self._writer is not None
             raw, n = self._encode(items) if items else (b"", 0)
@@ -1029,7 +1053,7 @@ def _resume_writer(writer: SegmentWriter, path: Path, index: int, kept: bytes, t
 
 
 def _write_manifest(session_dir: Path, key: RecordingKey, meta: dict[str, Any], end: dict[str, Any],
-                    chain: list[SegmentRecord]) -> int:
+                    chain: list[SegmentRecord], index: dict[str, Any] | None = None) -> int:
     import base64
 
     body = {
@@ -1041,5 +1065,7 @@ def _write_manifest(session_dir: Path, key: RecordingKey, meta: dict[str, Any], 
         "public_key": base64.b64encode(key.public_raw).decode(),
         "signed_at": iso(time.time()),
     }
+    if index is not None:
+        body["index"] = index
     manifest = {**body, "signature": key.sign(body)}
     return _write_file(session_dir / "manifest.json", json.dumps(manifest, ensure_ascii=False, indent=1).encode())

@@ -36,7 +36,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from recorder.store import NotFound, ObjectExists, ObjectInfo, StoreError
+from recorder.objects import NotFound, ObjectExists, ObjectInfo, StoreError
 
 LOCK_MODES = ("COMPLIANCE", "GOVERNANCE")
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}

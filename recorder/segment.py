@@ -70,6 +70,9 @@ class SegmentWriter:
     """Appends compressed frames to ``path`` (a spool file), hashing as it goes. Blocking I/O:
     run it off the event loop."""
 
+    # Written since the last fsync (a class default: a writer resumed after a crash syncs).
+    _dirty = True
+
     def __init__(self, path: Path, index: int, header: bytes, t_start: float, snapshot: bool = False) -> None:
         self.snapshot = snapshot
         self.path = path
@@ -79,6 +82,7 @@ class SegmentWriter:
         self.raw_size = 0
         self.size = 0
         self.events = 0
+        self._dirty = False  # written since the last fsync
         self._hash = hashlib.sha256()
         self._cctx = zstandard.ZstdCompressor(level=COMPRESSION_LEVEL)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -94,8 +98,10 @@ class SegmentWriter:
             self.raw_size += len(raw)
             self.events += events
             self.t_end = max(self.t_end, t_end)
-        if sync:
+            self._dirty = True
+        if sync and self._dirty:
             os.fsync(self._fd)
+            self._dirty = False
 
     def seal(self, sealed_path: Path) -> SegmentRecord:
         os.fsync(self._fd)

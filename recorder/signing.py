@@ -13,6 +13,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from recorder.secretfile import write_secret
+
 ENV_VAR = "GUARITA_RECORDING_KEY"  # PEM text, for deployments that inject secrets by environment
 
 
@@ -40,14 +42,10 @@ class RecordingKey:
         if path.exists():
             return cls(_load_pem(path.read_bytes(), str(path)))
         key = Ed25519PrivateKey.generate()
-        path.parent.mkdir(parents=True, exist_ok=True)
         data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                  serialization.NoEncryption())
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        if not write_secret(path, data):  # another process created it first: that key it is
+            return cls(_load_pem(path.read_bytes(), str(path)))
         return cls(key)
 
     def public_pem(self) -> str:

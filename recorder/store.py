@@ -10,50 +10,14 @@ import builtins
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
-from typing import Protocol
 from urllib.parse import unquote, urlparse
 
+# The store's errors and interface (re-exported: ``from recorder.store import NotFound`` works).
+from recorder.objects import NotFound, ObjectExists, ObjectInfo, RecordingStore, StoreError
 
-class StoreError(Exception):
-    """The store could not do what was asked; ``str()`` says why in one line."""
-
-
-class ObjectExists(StoreError):
-    pass
-
-
-class NotFound(StoreError):
-    pass
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    key: str
-    size: int
-    lock_mode: str | None = None
-    retain_until: datetime | None = None
-
-
-class RecordingStore(Protocol):
-    url: str
-    # False for the local folder: said plainly at start-up and by `replay verify`.
-    write_once: bool
-
-    def put(self, key: str, data: bytes) -> None:
-        """Create ``key``; raise ObjectExists if it is already there (never overwrite)."""
-
-    def get(self, key: str) -> bytes: ...
-
-    def head(self, key: str) -> ObjectInfo: ...
-
-    def list(self, prefix: str) -> Iterator[str]:
-        """Keys under ``prefix`` in lexical order."""
-
-    def check(self) -> builtins.list[str]:
-        """Problems that make this store unfit for recordings (empty when fine)."""
+__all__ = ["FileStore", "NotFound", "ObjectExists", "ObjectInfo", "RecordingStore", "StoreError", "is_session_id",
+           "open_store", "session_prefix"]
 
 
 _SESSION_ID = re.compile(r"^(\d{4})(\d{2})(\d{2})-\d{6}-[0-9a-f]{8}$")

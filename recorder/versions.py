@@ -10,9 +10,13 @@ verify`` names it as a failure. Stores without versions (the local folder) hide 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from recorder.store import NotFound, RecordingStore, StoreError
+
+log = logging.getLogger("guarita.replay")
+_warned: set[str] = set()
 
 
 def hidden_objects(store: RecordingStore, prefix: str) -> dict[str, str]:
@@ -38,9 +42,17 @@ def hidden_objects(store: RecordingStore, prefix: str) -> dict[str, str]:
                 key, when = version["Key"], version.get("LastModified")
                 if key not in versions or (when is not None and when > versions[key][0]):
                     versions[key] = (when, version["VersionId"])
-    except (ClientError, BotoCoreError) as exc:
-        raise StoreError(f"{store.url}{prefix}: cannot list object versions ({exc}); the gateway's readers need "
-                         "s3:ListBucketVersions to see deleted recordings") from None
+    except ClientError as exc:
+        if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 403 or \
+                exc.response.get("Error", {}).get("Code") == "AccessDenied":
+            if store.url not in _warned:  # readable without it, but blind to delete markers: said once
+                _warned.add(store.url)
+                log.warning("cannot list object versions in %s (access denied): sessions hidden by an S3 delete "
+                            "marker cannot be seen; grant s3:ListBucketVersions to check for them", store.url)
+            return {}
+        raise StoreError(f"{store.url}{prefix}: cannot list object versions ({exc})") from None
+    except BotoCoreError as exc:
+        raise StoreError(f"{store.url}{prefix}: cannot list object versions ({exc})") from None
     return {key[len(base):]: versions[key][1] for key in sorted(marked) if key in versions}
 
 

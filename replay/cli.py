@@ -16,6 +16,7 @@ import click
 from bastion.cli_group import AliasGroup
 from recorder.signing import load_public_key
 from recorder.store import RecordingStore, StoreError, open_store
+from replay.cli_index import state_option
 from replay.reader import ReplayError, SessionSummary, iter_events, list_sessions, open_session
 from replay.verify import verify_session
 
@@ -143,7 +144,11 @@ def _parse_since(value: str | None) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def _sessions(ctx: Context, f: Filters) -> list[SessionSummary]:
+def _sessions(ctx: Context, f: Filters, state_url: str | None = None) -> list[SessionSummary]:
+    if state_url:
+        from replay import cli_index
+
+        return cli_index.sessions(state_url, f)
     try:
         found = list(list_sessions(ctx.store(), f.since))
     except StoreError as exc:
@@ -217,10 +222,11 @@ def _filters(kw: dict[str, Any]) -> Filters:
 @main.command("ls")
 @filter_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@state_option
 @pass_store
-def ls(ctx: Context, as_json: bool, **kw: Any) -> None:
+def ls(ctx: Context, as_json: bool, state_url: str | None, **kw: Any) -> None:
     """List recorded sessions."""
-    sessions = _sessions(ctx, _filters(kw))
+    sessions = _sessions(ctx, _filters(kw), state_url)
     if as_json:
         for s in sessions:
             click.echo(json.dumps(s.to_dict(), ensure_ascii=False))
@@ -389,8 +395,10 @@ def export(ctx: Context, session: str, fmt: str, output: Path | None) -> None:
 @click.option("--commands-only", is_flag=True, help="Search commands only, not output.")
 @click.option("-i", "--ignore-case", is_flag=True, help="Match upper and lower case alike.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per hit.")
+@state_option
 @pass_store
-def search(ctx: Context, pattern: str, commands_only: bool, ignore_case: bool, as_json: bool, **kw: Any) -> None:
+def search(ctx: Context, pattern: str, commands_only: bool, ignore_case: bool, as_json: bool,
+           state_url: str | None, **kw: Any) -> None:
     """Find commands and output lines matching PATTERN (a regex) across sessions."""
     from replay.search import search_session
 
@@ -398,16 +406,36 @@ def search(ctx: Context, pattern: str, commands_only: bool, ignore_case: bool, a
         regex = re.compile(pattern, re.IGNORECASE if ignore_case else 0)
     except re.error as exc:
         raise click.BadParameter(f"not a valid regular expression: {exc}", param_hint="PATTERN") from None
-    _report(ctx, _filters(kw), lambda summary: search_session(ctx.store(), summary, regex, commands_only),
-            lambda hit: f"{hit.session}  {format_offset(hit.t):>9}  {hit.kind:<7}  {hit.text}", as_json, "(no matches)")
+    filters: Filters | _Found = _filters(kw)
+    if state_url and commands_only:
+        from replay import cli_index
+
+        filters = _Found(cli_index.command_hits(state_url, filters, regex))  # type: ignore[arg-type]
+    _report(ctx, filters, lambda summary: search_session(ctx.store(), summary, regex, commands_only),
+            lambda hit: f"{hit.session}  {format_offset(hit.t):>9}  {hit.kind:<7}  {hit.text}", as_json, "(no matches)",
+            state_url)
 
 
-def _report(ctx: Context, filters: Filters, find: Callable[[SessionSummary], Iterator[Any]],
-            line: Callable[[Any], str], as_json: bool, nothing: str) -> None:
+class _Found:
+    """Hits the archive index already found: _report prints them as they are."""
+
+    def __init__(self, hits: list[Any]) -> None:
+        self.hits = hits
+
+
+def _report(ctx: Context, filters: Filters | _Found, find: Callable[[SessionSummary], Iterator[Any]],
+            line: Callable[[Any], str], as_json: bool, nothing: str, state_url: str | None = None) -> None:
     """Hits across the sessions the filters select, a line (or JSON object) each; exit 1
     when there are none. A session that cannot be read is said so and skipped."""
     hits = 0
-    for summary in progress(_sessions(ctx, filters), "searching"):
+    if isinstance(filters, _Found):
+        for hit in filters.hits:
+            hits += 1
+            click.echo(json.dumps(hit.__dict__, ensure_ascii=False) if as_json else line(hit))
+        selected: list[SessionSummary] = []
+    else:
+        selected = _sessions(ctx, filters, state_url)
+    for summary in progress(selected, "searching"):
         try:
             for hit in find(summary):
                 hits += 1
@@ -423,8 +451,9 @@ def _report(ctx: Context, filters: Filters, find: Callable[[SessionSummary], Ite
 @click.argument("hmac")
 @filter_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per place.")
+@state_option
 @pass_store
-def masked(ctx: Context, hmac: str, as_json: bool, **kw: Any) -> None:
+def masked(ctx: Context, hmac: str, as_json: bool, state_url: str | None, **kw: Any) -> None:
     """Where the value with keyed hash HMAC was masked, across sessions.
 
     HMAC is what `bastion mask-hash DETECTOR VALUE` prints: the value itself is never
@@ -439,7 +468,12 @@ def masked(ctx: Context, hmac: str, as_json: bool, **kw: Any) -> None:
         raise click.BadParameter("a keyed hash is 64 hex digits: get it with `bastion mask-hash DETECTOR VALUE`",
                                  param_hint="HMAC")
     kw["masked"] = True  # only sessions that had masking can hold it
-    _report(ctx, _filters(kw), lambda summary: masked_in_session(ctx.store(), summary, hmac),
+    filters: Filters | _Found = _filters(kw)
+    if state_url:
+        from replay import cli_index
+
+        filters = _Found(cli_index.mask_hits(state_url, filters, hmac))
+    _report(ctx, filters, lambda summary: masked_in_session(ctx.store(), summary, hmac),
             lambda hit: (f"{hit.session}  {format_offset(hit.t):>9}  {hit.stream}  {hit.detector:<10}  "
                          f"bytes {hit.offset}-{hit.offset + hit.length}"), as_json, "(not masked in any session searched)")
 
@@ -605,6 +639,21 @@ def _print_commands(ctx: Context, summary: SessionSummary) -> None:
                 click.echo(f"{format_offset(event.t):>9}  {marker_label(event.data)}")
     except ReplayError as exc:
         _fail(str(exc))
+
+
+@main.command("index")
+@click.option("--rebuild", is_flag=True, required=True, help="Index every sealed session in the bucket.")
+@click.option("--state", "state_url", metavar="URL", required=True,
+              help="The state database holding the index: sqlite:///PATH or postgresql://...")
+@click.option("--since", help="Only sessions started in the last DURATION (2h, 3d) or since an ISO date.")
+@pass_store
+def index(ctx: Context, rebuild: bool, state_url: str, since: str | None) -> None:
+    """(Re)build the archive index from the recordings alone (read access to the bucket is
+    enough): sessions, their commands and the keyed hashes of masked values."""
+    from replay import cli_index
+
+    count = cli_index.rebuild(state_url, ctx.store(), _parse_since(since))
+    click.echo(f"indexed {count} sessions from {ctx.store().url} into {state_url}")
 
 
 if __name__ == "__main__":

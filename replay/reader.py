@@ -6,6 +6,9 @@ running or never sealed, ``start.json``) carries the session's metadata.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -184,15 +187,40 @@ def segment_keys(summary: SessionSummary) -> list[str]:
     return summary.segment_keys
 
 
-def iter_events(store: RecordingStore, summary: SessionSummary) -> Iterator[Event]:
-    """All events in order, holding one segment in memory at a time."""
-    for key in segment_keys(summary):
+def iter_events(store: RecordingStore, summary: SessionSummary, readers: int = 1) -> Iterator[Event]:
+    """All events in order, holding one segment in memory at a time (``readers`` > 1: that
+    many segments are fetched ahead in parallel threads, still yielded in order)."""
+    keys = segment_keys(summary)
+    if readers <= 1 or len(keys) <= 1:
+        for key in keys:
+            yield from _segment_events(key, _get_segment(store, key))
+        return
+    with concurrent.futures.ThreadPoolExecutor(readers, thread_name_prefix="replay-read") as pool:
+        ahead: collections.deque[tuple[str, concurrent.futures.Future[bytes]]] = collections.deque()
+        pending = iter(keys)
+        for key in itertools.islice(pending, readers):
+            ahead.append((key, pool.submit(_get_segment, store, key)))
         try:
-            data = store.get(key)
-        except NotFound:
-            raise ReplayError(f"segment {key} is missing from {store.url}") from None
-        try:
-            _, events = parse_segment(data, key)
-        except SegmentError as exc:
-            raise ReplayError(str(exc)) from None
-        yield from events
+            while ahead:
+                key, future = ahead.popleft()
+                data = future.result()
+                for nxt in itertools.islice(pending, 1):
+                    ahead.append((nxt, pool.submit(_get_segment, store, nxt)))
+                yield from _segment_events(key, data)
+        finally:
+            for _, future in ahead:
+                future.cancel()
+
+
+def _get_segment(store: RecordingStore, key: str) -> bytes:
+    try:
+        return store.get(key)
+    except NotFound:
+        raise ReplayError(f"segment {key} is missing from {store.url}") from None
+
+
+def _segment_events(key: str, data: bytes) -> list[Event]:
+    try:
+        return parse_segment(data, key)[1]
+    except SegmentError as exc:
+        raise ReplayError(str(exc)) from None

@@ -14,11 +14,14 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from recorder.index import masked_rows
 from recorder.store import RecordingStore
 from replay.asciicast import ANSI
 from replay.reader import SessionSummary, iter_events
 
 MAX_LINE = 64 * 1024  # a pathological line without newline is matched in pieces
+# Segments fetched ahead in parallel while one is searched (reads wait on the store).
+READERS = 8
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ def search_session(store: RecordingStore, summary: SessionSummary, pattern: re.P
         yield Hit(summary.id, 0.0, "command", command)
     line: list[str] = []
     line_t = 0.0
-    for event in iter_events(store, summary):
+    for event in iter_events(store, summary, readers=READERS):
         if event.code == "m" and isinstance(event.data, dict) and event.data.get("type") == "command":
             text = str(event.data.get("command", ""))
             if pattern.search(text):
@@ -79,10 +82,15 @@ class MaskHit:
 
 def masked_in_session(store: RecordingStore, summary: SessionSummary, hmac: str) -> Iterator[MaskHit]:
     """Every place in the session where the value with this keyed hash was masked."""
-    for event in iter_events(store, summary):
+    for hit, value_hmac in all_masked_in_session(store, summary):
+        if value_hmac == hmac:
+            yield hit
+
+
+def all_masked_in_session(store: RecordingStore, summary: SessionSummary) -> Iterator[tuple[MaskHit, str]]:
+    """Every masked value of the session with its keyed hash, in recording order."""
+    for event in iter_events(store, summary, readers=READERS):
         if event.code != "m" or not isinstance(event.data, dict) or event.data.get("type") != "masking":
             continue
-        for value in event.data.get("values") or []:
-            if isinstance(value, list) and len(value) == 4 and value[3] == hmac:
-                yield MaskHit(summary.id, event.t, str(event.data.get("stream", "o")), str(value[0]), int(value[1]),
-                              int(value[2]))
+        for row in masked_rows(event.t, str(event.data.get("stream", "o")), event.data.get("values")):
+            yield MaskHit(summary.id, row[0], row[1], row[2], row[3], row[4]), row[5]

@@ -170,5 +170,5 @@ def _check_retention(store: RecordingStore, prefix: str, count: int, lock_mode: 
 
 def _gap_text(gap: dict) -> str:
     """A stretch the recorder lost (recorder.recorder: best_effort with a full spool)."""
-    lost = f"{gap.get('lost_events', '?')} events, {gap.get('lost_bytes', '?')} bytes lost"
+    lost = f"{gap.get('lost_bytes', '?')} bytes of terminal data lost"
     return f"{float(gap.get('from', 0)):.1f}s-{float(gap.get('to', 0)):.1f}s not recorded ({lost}): {gap.get('reason')}"

@@ -185,6 +185,7 @@ def test_exec_approved_through_the_cli(agw: GatewayProcess, oidc: OIDCProvider, 
     assert "needs-approval" in slack["text"] and slack["blocks"]
     listed = cli(["approvals", "list"], oidc.token("agent-sre"), agw.http_url)
     assert rid in listed.stdout and "agent-ci" in listed.stdout, listed.stderr
+    assert listed.stdout.splitlines()[0].split() == ["ID", "STATUS", "REQUESTER", "TARGET", "APPROVERS", "COMMAND"]
 
     approve(agw, rid, oidc.token("agent-sre"), "ticket OPS-1")
     r = job.join()

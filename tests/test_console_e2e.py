@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import tarfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -222,6 +223,31 @@ def test_an_agent_identity_gets_403_on_every_page(cgw: GatewayProcess, chrome: b
     assert "no console" in chrome.text()
 
 
+def test_an_approver_sees_approvals_and_the_sessions_they_decide_on_only(cgw: GatewayProcess, idp: OIDCProvider,
+                                                                        targets: Targets) -> None:
+    approver = idp.token("agent-sre")  # group sre: an approver, neither operator nor auditor
+    command = "echo needs-approval-roles"
+    mark = cgw.audit_mark()
+    job = BackgroundSsh(ssh_args(cgw, targets, command), idp.token("agent-ci"))
+    rid = requested(cgw, mark, command)
+    sid = str(cgw.wait_audit("session.start", mark, command=command)["session"])
+    status, html, _ = http(cgw, "/console/approvals", approver)
+    assert status == 200 and rid in html and "button" in html.split(f'id="req-{rid}"')[1].split("</article>")[0]
+    assert http(cgw, f"/console/sessions/{sid}/watch", approver)[0] == 200  # a pending request of that session
+    for path in ("/console/sessions", "/console/recordings", "/console/evidence", f"/console/recordings/{sid}"):
+        assert http(cgw, path, approver)[0] == 403, path
+    status, _, headers = http(cgw, f"/console/approvals/{rid}/decide", approver,
+                              {"csrf": csrf_of(html), "decision": "approve", "reason": "fine", "back": "/console/approvals"})
+    assert status == 303 and headers["Location"] == "/console/approvals"
+    assert job.join().returncode == 0
+    assert http(cgw, f"/console/sessions/{sid}/watch", approver)[0] == 403  # decided: nothing left to watch for
+
+
+def test_without_a_console_table_sign_in_says_what_to_configure(gateway: GatewayProcess) -> None:
+    status, body, _ = http(gateway, "/console/login")
+    assert status == 503 and "[console]" in body and "client_id" in body
+
+
 def test_approve_a_real_ssh_request_in_the_browser(cgw: GatewayProcess, chrome: browser.Browser, idp: OIDCProvider,
                                                    targets: Targets, hooks: WebhookReceiver) -> None:
     sign_in(chrome, cgw, "ana")
@@ -236,12 +262,23 @@ def test_approve_a_real_ssh_request_in_the_browser(cgw: GatewayProcess, chrome: 
     mark = cgw.audit_mark()
     job = BackgroundSsh(ssh_args(cgw, targets, command), idp.token("agent-ci"))
     rid = requested(cgw, mark, command)
+    seen = time.monotonic()
     chrome.wait(lambda: chrome.all(f"#req-{rid} button.approve"), timeout=5, what="the request on the page")
+    print(f"\nconsole: request {rid} on the page {time.monotonic() - seen:.2f}s after its audit line")  # not asserted
     assert chrome.driver.execute_script("return window.notReloaded === true"), "the page was reloaded"
     card = chrome.wait(lambda: chrome.css(f"#req-{rid}").text, what="the card's text")
     for fact in (command, "agent-ci", f"{targets.login}@web-key", "destructive", "sre", "ago", "in "):
         assert fact in card, (fact, card)
     shoot(chrome, "console-approvals.png")
+    # An approver paged at night decides on a phone: the page fits a narrow screen.
+    chrome.driver.set_window_size(412, 915)
+    try:
+        chrome.wait(lambda: chrome.driver.execute_script(
+            "return document.documentElement.scrollWidth <= window.innerWidth + 1"), timeout=5,
+            what="the page to fit a phone's width")
+        shoot(chrome, "console-approvals-phone.png")
+    finally:
+        chrome.driver.set_window_size(1280, 900)
 
     # The webhook links straight to this request's page.
     _, body = hooks.wait(lambda path, b: b["event"] == "approval.requested" and b["request"]["id"] == rid)
@@ -337,6 +374,11 @@ def test_bad_cookies_and_missing_csrf(cgw: GatewayProcess, chrome: browser.Brows
                          {"Origin": "https://evil.example"})):
         status, body, _ = http(cgw, "/console/approvals/x/decide", token, form, extra)
         assert status == 403 and "CSRF" in body, body[:300]
+    # A callback the browser did not start, a replayed state, or the issuer's refusal: no session.
+    status, body, headers = http(cgw, "/console/callback?code=x&state=y")
+    assert status == 400 and "not started here" in body and "Set-Cookie" not in headers
+    status, body, _ = http(cgw, "/console/callback?error=access_denied&error_description=no")
+    assert status == 400 and "refused the sign-in: access_denied" in body
     # Sign out: the cookie goes, and the pages ask to sign in again.
     chrome.driver.get(cgw.http_url + "/console/approvals")
     chrome.css("header button.link").click()
@@ -365,7 +407,16 @@ def test_play_a_recording_seek_to_a_marker_search_and_download(cgw: GatewayProce
     markers[0].click()
     chrome.wait(lambda: "second-screen" in chrome.css(".ap-term-text").text, what="the screen at the exit marker")
     assert "first-screen" in chrome.css(".ap-term-text").text
+    # The player's own timeline carries the markers.
+    assert chrome.all(".ap-marker-container")
+    chrome.driver.execute_script("window.scrollTo(0, 0)")
     shoot(chrome, "console-recording.png")
+    # Another speed: the player starts again from where it was, at that speed.
+    before = chrome.driver.execute_script("return window.guaritaPlayer")
+    chrome.driver.execute_script("var s = document.getElementById('speed'); s.value = '4';"
+                                 "s.dispatchEvent(new Event('change'))")
+    chrome.wait(lambda: chrome.driver.execute_script("return window.guaritaPlayer") != before, what="a new player")
+    chrome.wait(lambda: "second-screen" in chrome.css(".ap-term-text").text, what="the screen after the change")
 
     # Search (the engine of `replay search`), then jump to the hit.
     chrome.driver.get(f"{cgw.http_url}/console/recordings?q=first-scr")
@@ -440,6 +491,11 @@ def test_watch_and_kill_a_live_session(cgw: GatewayProcess, chrome: browser.Brow
     chrome.wait(lambda: chrome.all(".ap-term-text") and "live-tick" in chrome.css(".ap-term-text").text,
                 timeout=20, what="the session's output, live")
 
+    # Its recording, not sealed yet, is "live", never "verified", and links to the live view.
+    chrome.driver.get(f"{cgw.http_url}/console/recordings/{sid}")
+    chrome.wait_text("Not sealed yet")
+    assert chrome.css("p.verify.live a").get_attribute("href").endswith(f"/console/sessions/{sid}/watch")
+
     chrome.driver.get(cgw.http_url + "/console/sessions")
     form = f"form.kill[action='/console/sessions/{sid}/kill']"
     chrome.wait(lambda: chrome.all(form), what="the kill form")
@@ -449,3 +505,30 @@ def test_watch_and_kill_a_live_session(cgw: GatewayProcess, chrome: browser.Brow
     assert result.returncode != 0
     assert b"runaway loop" in result.stdout + result.stderr
     chrome.wait(lambda: sid not in chrome.text(), timeout=10, what="the session to leave the list")
+
+
+def test_lock_the_subject_of_a_live_session(cgw: GatewayProcess, chrome: browser.Browser, idp: OIDCProvider,
+                                            targets: Targets) -> None:
+    mark = cgw.audit_mark()
+    command = "for i in $(seq 1 120); do echo lock-tick-$i; sleep 0.5; done"
+    job = BackgroundSsh(["-tt", *ssh_args(cgw, targets, command)], idp.token("agent-ci"), timeout=90)
+    sid = str(cgw.wait_audit("session.start", mark, command=command)["session"])
+    sign_in(chrome, cgw, "ana", "/console/sessions")
+    form = f"form.lock[action='/console/sessions/{sid}/lock']"
+    chrome.wait(lambda: chrome.all(form), timeout=10, what="the lock form")
+    chrome.act(f"{form} input[name=reason]", lambda el: el.send_keys("leaked token"))
+    chrome.act(f"{form} button", lambda el: el.click())
+    result = job.join(60)
+    assert result.returncode != 0 and b"leaked token" in result.stdout + result.stderr
+    # Locked: the next connection is refused. Lifted again through the API, with the same identity.
+    token = cookie_of(chrome)
+    req = urllib.request.Request(cgw.http_url + "/v1/locks", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        locks = [lk for lk in json.loads(resp.read())["locks"] if lk["value"] == "agent-ci"]
+    assert locks and locks[0]["reason"] == "leaked token"
+    refused = BackgroundSsh(ssh_args(cgw, targets, "echo nope"), idp.token("agent-ci")).join()
+    assert refused.returncode == 255 and b"nope" not in refused.stdout
+    for lock in locks:
+        req = urllib.request.Request(f"{cgw.http_url}/v1/locks/{lock['id']}", method="DELETE",
+                                     headers={"Authorization": f"Bearer {token}"})
+        urllib.request.urlopen(req, timeout=10).close()

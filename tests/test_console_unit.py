@@ -40,7 +40,7 @@ def test_config_file_names_the_console_problem(tmp_path: Path) -> None:
 
 
 def test_dev_has_a_console_without_configuration(tmp_path: Path) -> None:
-    from bastion.gateway import dev_config
+    from bastion.devmode import dev_config
 
     config = dev_config(tmp_path, http_port=18080)
     assert console_settings(config).client_id == DEV_CLIENT_ID  # type: ignore[union-attr]
@@ -62,3 +62,46 @@ def test_html_is_escaped_and_relative_times_do_not_change_the_digest() -> None:
     assert e('<script>"&') == "&lt;script&gt;&quot;&amp;"
     one = '<td><span class="rel" data-age="1">3s ago</span></td>'
     assert digest(one) == digest(one.replace("3s", "9s")) != digest(one.replace("<td>", "<td>x"))
+
+
+def test_the_delegation_chain_is_shown_as_the_identity_names_it() -> None:
+    from bastion.console.approvals_page import delegation
+
+    request = {"requester": {"subject": "alice", "act": [{"sub": "subagent"}, {"sub": "claude"}]}}
+    assert "via claude via subagent" in delegation(request)
+    assert delegation({"requester": {"subject": "alice"}}) == ""
+    assert "&lt;b&gt;" in delegation({"requester": {"act": [{"sub": "<b>"}]}})
+
+
+def test_the_vendored_player_is_the_pinned_one() -> None:
+    """static/ holds the pinned asciinema-player (and its licence); when the npm package is installed
+    (.ci/install-deps), the committed copy must be byte for byte the pinned build."""
+    import json
+
+    console = Path(__file__).resolve().parent.parent / "bastion" / "console"
+    pinned = json.loads((console / "vendor" / "package.json").read_text())["dependencies"]["asciinema-player"]
+    static = console / "static"
+    assert f"asciinema-player {pinned} (Apache-2.0)" in (static / "VERSIONS").read_text()
+    assert "Apache License" in (static / "asciinema-player.LICENSE").read_text()
+    assert "MIT" in (static / "solid-js.LICENSE").read_text() or "Permission is hereby granted" in (
+        static / "solid-js.LICENSE").read_text()
+    built = console / "vendor" / "node_modules" / "asciinema-player" / "dist" / "bundle"
+    if not built.is_dir():
+        pytest.skip("bastion/console/vendor/node_modules is not installed (.ci/install-deps installs it)")
+    for name in ("asciinema-player.min.js", "asciinema-player.css"):
+        assert (static / name).read_bytes() == (built / name).read_bytes(), f"run bastion/console/vendor/update.sh ({name})"
+
+
+def test_origin_is_this_gateway_or_its_public_url() -> None:
+    from aiohttp.test_utils import make_mocked_request
+
+    from bastion.console.auth import same_origin
+
+    def req(origin: str | None) -> object:
+        headers = {"Host": "10.0.0.5:8080", **({"Origin": origin} if origin else {})}
+        return make_mocked_request("POST", "/console/logout", headers=headers)
+
+    assert same_origin(req(None)) and same_origin(req("http://10.0.0.5:8080"))  # type: ignore[arg-type]
+    assert not same_origin(req("https://evil.example"))  # type: ignore[arg-type]
+    assert not same_origin(req("null"))  # type: ignore[arg-type]
+    assert same_origin(req("https://bastion.example.com"), "https://bastion.example.com")  # type: ignore[arg-type]

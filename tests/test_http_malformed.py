@@ -55,7 +55,8 @@ def dev_gateway(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([*BASTION, "serve", "--dev", "--data-dir", str(tmp_path / "d"), "--log-format", "json",
-                                 "--ssh-listen", f"127.0.0.1:{free_port()}", "--http-listen", f"127.0.0.1:{http}"],
+                                 "--ssh-listen", f"127.0.0.1:{free_port()}", "--http-listen", f"127.0.0.1:{http}",
+                                 "--kube-listen", f"127.0.0.1:{free_port()}"],
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
 
     def healthy() -> bool:

@@ -15,7 +15,8 @@ def _dev_serve(data_dir: Path, log: Path) -> tuple[subprocess.Popen[bytes], int]
     http = free_port()
     with open(log, "ab") as out:
         proc = subprocess.Popen([*BASTION, "serve", "--dev", "--data-dir", str(data_dir),
-                                 "--ssh-listen", f"127.0.0.1:{free_port()}", "--http-listen", f"127.0.0.1:{http}"],
+                                 "--ssh-listen", f"127.0.0.1:{free_port()}", "--http-listen", f"127.0.0.1:{http}",
+                                 "--kube-listen", f"127.0.0.1:{free_port()}"],
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
     return proc, http
 
@@ -53,7 +54,8 @@ def test_second_serve_on_the_same_data_dir_or_spool_refuses(tmp_path: Path) -> N
         # Same data dir.
         second = subprocess.run([*BASTION, "serve", "--dev", "--data-dir", str(data),
                                  "--ssh-listen", f"127.0.0.1:{free_port()}",
-                                 "--http-listen", f"127.0.0.1:{free_port()}"],
+                                 "--http-listen", f"127.0.0.1:{free_port()}",
+                                 "--kube-listen", f"127.0.0.1:{free_port()}"],
                                 capture_output=True, text=True, timeout=60)
         assert second.returncode == 1
         lines = [line for line in second.stderr.splitlines() if line.strip()]

@@ -541,3 +541,83 @@ def test_secret_is_created_once_with_mode_0600(tmp_path: Path) -> None:
     raw = tmp_path / "raw.key"
     raw.write_bytes(bytes(range(40)))
     assert load_or_create_secret(raw) == bytes(range(40))
+
+
+# -- fail closed (issue 22): escapes, encodings, out-of-order drawing, the live view ----------
+
+CPF_B = b"529.982.247-25"
+
+
+@pytest.mark.parametrize("esc", [b"\x1b7", b"\x1b8", b"\x1b\\", b"\x1b(B", b"\x1b=", b"\x1b>", b"\x1bM", b"\x1bE",
+                                 b"\x1b[0m", b"\x1b[K", b"\x1b[1C"])
+def test_an_escape_after_a_value_does_not_glue_it_to_what_follows(esc: bytes) -> None:
+    # (after a colour code, "-1" or ".5" reads on the screen as the value's continuation,
+    # a near miss as in plain text; after a two-byte escape the value has ended)
+    firm = esc[1:2] not in b"[("
+    for after in (b"abc", b"9", b"_x", *((b"-1", b".5") if firm else ())):
+        out, found = mask(b"id " + CPF_B + esc + after + b"\n")
+        assert CPF_B not in out and [m.detector for m in found] == ["cpf"], (esc, after)
+    out, _ = mask(b"x" + esc + CPF_B + b" y\n")  # and before it
+    assert CPF_B not in out
+
+
+def test_osc8_hyperlinks_show_no_value() -> None:
+    for end in (b"\x1b\\", b"\x07"):
+        data = b"\x1b]8;;https://crm.example/c?id=1" + end + CPF_B + b"\x1b]8;;" + end + b"\n"
+        assert CPF_B not in mask(data)[0]
+    out, _ = mask(b"\x1b]8;;mailto:ana@example.com\x1b\\write\x1b]8;;\x1b\\\n")  # inside the link too
+    assert b"ana@example.com" not in out
+
+
+def test_escapes_inside_values_still_join_them() -> None:
+    for esc in (b"\x1b[31m", b"\x1b(B", b"\x1b7", b"\x1b[m\x1b[K"):
+        out, found = mask(b"529.98" + esc + b"2.247-25 ok\n")
+        assert [m.detector for m in found] == ["cpf"] and out.startswith(b"***.**"), esc
+
+
+@pytest.mark.parametrize("encoded,detector", [
+    (b"ana.souza%40example.com", "email"), (b"ana.souza%40EXAMPLE.com", "email"), (b"%2B5511912345678", "phone_br"),
+    (b"+55%2011%2091234-5678", "phone_br"), (b"11.222.333%2F0001-81", "cnpj"), (b"11.222.333\\/0001-81", "cnpj"),
+    (b"529%2E982%2E247-25", "cpf"), (b"ana\\u0040example.com", "email"), (b"ana&#64;example.com", "email"),
+    (b"4111+1111+1111+1111", "card"), (b"4111%201111%201111%201111", "card"), (b"ana\\x40example.com", "email"),
+    (b"%2b14155552671", "phone_e164"),
+])
+def test_encoded_values_are_masked(encoded: bytes, detector: str) -> None:
+    for wrap in (b"q=%s&x=1\n", b'{"v":"%s"}\n', b"%s"):
+        out, found = mask(wrap % encoded)
+        assert encoded not in out and [m.detector for m in found] == [detector], (encoded, wrap)
+    # the keyed hash is the decoded value's: an auditor finds it with the plain value
+    plain = {b"%40": b"@", b"%2B": b"+", b"%2b": b"+", b"%20": b" ", b"%2F": b"/", b"\\/": b"/", b"%2E": b".",
+             b"\\u0040": b"@", b"&#64;": b"@", b"\\x40": b"@"}
+    decoded = encoded
+    for k, v in plain.items():
+        decoded = decoded.replace(k, v)
+    if detector == "card":
+        decoded = decoded.replace(b"+", b" ")
+    assert found[0].hmac == hmac_value(SECRET, detector, decoded.decode())
+
+
+def test_encoding_near_misses_are_unaltered() -> None:
+    for data in (b"GET /a?q=1%2B1&v=2.0%2F3 100% done\n", b'{"p":"a\\/b","n":"\\u0031"}\n', b"1+1=2 3+4\n",
+                 b"529%2E982%2E247-26 x%40y 4111+1111+1111+1112 &#64;&amp; %zz %\n"):
+        assert mask(data) == (data, [])
+
+
+def test_digits_split_by_a_cursor_move_are_counted_as_an_unmasked_region() -> None:
+    m = StreamMasker(DETECTORS, SECRET)
+    out, _ = m.feed(b"529.982\x1b[5G.247-25 and 12\x1b[2;1H34 but 12\x1b[31m34 a\x1b[Hb\n")
+    out += m.flush()[0]
+    assert m.take_unmasked() == 2 and m.take_unmasked() == 0  # the jumps; not the colour, not the letters
+    assert CPF_B not in out  # (drawn out of order it is not a value in the stream; only counted)
+
+
+def test_the_live_view_can_have_the_held_tail_early_and_the_recording_does_not_change() -> None:
+    m = StreamMasker(DETECTORS, SECRET)
+    out, _ = m.feed(b"$ ana")
+    assert out == b"$ " and m.unshown() == b"ana" and m.held_text() == b"ana"
+    assert m.release_held() == b"ana" and m.unshown() == b""
+    out, found = m.feed(b".souza@example.com\n")
+    assert out == b"***.*****@*******.***\n" and [f.detector for f in found] == ["email"]
+    assert m.live_out == b".*****@*******.***\n"  # less the three bytes the live view had
+    out, _ = m.feed(b"ok\n")
+    assert out == b"ok\n" and m.live_out is None

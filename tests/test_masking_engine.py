@@ -63,10 +63,18 @@ def _text(rng: random.Random, pieces: int) -> bytes:
             out.append(rng.choice(NOISE))
         out.append(rng.choice(NOISE))
     data = "".join(out).encode()
+    if rng.random() < 0.15:  # values' characters encoded (percent, JSON escapes...): views.py
+        data = re.sub(rb"[@/+ .-]", lambda m: rng.choice(ENCODED.get(m.group(), [m.group()])) if rng.random() < 0.5
+                      else m.group(), data)
     if rng.random() < 0.1:  # binary bytes before some values: those must be left alone
         k = rng.randrange(len(data) + 1)
         data = data[:k] + bytes([rng.choice([0, 1, 5, 0x10, 0x1f, 0xff, 0xc3])]) + data[k:]
     return data
+
+
+ENCODED = {b"@": [b"%40", b"\\u0040", b"&#64;", b"\\x40"], b"/": [b"%2F", b"\\/", b"%2f"],
+           b"+": [b"%2B", b"\\u002b"], b" ": [b"%20", b"+", b"\\u0020"], b".": [b"%2E", b"\\u002E"],
+           b"-": [b"%2D", b"%"]}
 
 
 def _config(rng: random.Random) -> list:
@@ -128,7 +136,9 @@ def test_the_engine_agrees_with_the_python_masker() -> None:
 
 
 ESCAPES = [b"\x1b[31m", b"\x1b[0m", b"\x1b[1C", b"\x1b[m\x1b[K", b"\x1b[01;31m\x1b[K", b"\x1b(B", b"\x1b[2J",
-           b"\x1b[?1049h", b"\x1b[?1049l", b"\x1b]0;title\x07", b"\x1b[0m" * 12, b"\x1b"]
+           b"\x1b[?1049h", b"\x1b[?1049l", b"\x1b]0;title\x07", b"\x1b[0m" * 12, b"\x1b",
+           b"\x1b7", b"\x1b8", b"\x1b\\", b"\x1bM", b"\x1bE", b"\x1b=", b"\x1b]8;;https://x.example/\x1b\\",
+           b"\x1b[?25;1049l"]
 
 
 def _coloured(rng: random.Random, data: bytes) -> bytes:

@@ -55,6 +55,8 @@ ATOMS = st.one_of(
         b"git@github.com:org/repo", b"user@", b"example.com", "ção".encode(), "😀".encode(),
         b"\xc3", b"\xa7", b"\xff", b"\x00", b"\x1b", b"\x1b[", b"\x1b[?1049h", b"\x1b[?1049l",
         b"\x1b]0;title\x07", b"\x1b[0m" * 10, b"MAT-123456", b"Nome: ", "José".encode(),
+        b"%40", b"%2F", b"%2B", b"%20", b"%", b"%4", b"\\/", b"\\u0040", b"\\u00", b"\\", b"&#64;", b"&#",
+        b"\x1b7", b"\x1b8", b"\x1b\\", b"\x1bM", b"\x1b]8;;http://x/\x1b\\", b"\x1b[?25;1049l",
     ]),
     st.sampled_from(ESCAPES),
     st.binary(max_size=6),

@@ -116,7 +116,8 @@ def _text(result: Any) -> str:
 
 
 def replay(gw: GatewayProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "replay.cli", *args, "--recordings", gw.recordings_dir.as_uri()],
+    """`replay` as an auditor runs it with the gateway's config (recordings and the trusted key)."""
+    return subprocess.run([sys.executable, "-m", "replay.cli", "--config", str(gw.config_path), *args],
                           capture_output=True, text=True, timeout=60)
 
 

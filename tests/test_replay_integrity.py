@@ -97,7 +97,8 @@ def test_replay_where_serve_dev_ran_finds_recordings_and_key(tmp_path: Path) -> 
     ssh_port, http_port = free_port(), free_port()
     log = open(tmp_path / "serve.log", "wb")
     gw = subprocess.Popen([*BASTION, "serve", "--dev", "--ssh-listen", f"127.0.0.1:{ssh_port}",
-                           "--http-listen", f"127.0.0.1:{http_port}"], cwd=tmp_path, stdin=subprocess.DEVNULL,
+                           "--http-listen", f"127.0.0.1:{http_port}",
+                           "--kube-listen", f"127.0.0.1:{free_port()}"], cwd=tmp_path, stdin=subprocess.DEVNULL,
                           stdout=log, stderr=log, start_new_session=True)
     try:
         wait_for(lambda: _healthy(http_port) or gw.poll() is not None, 30, "serve --dev")
@@ -208,3 +209,20 @@ def test_ls_approved_means_approved(args: list[str], tmp_path: Path) -> None:
     listed = replay("--recordings", (tmp_path / "rec").as_uri(), *args)
     assert listed.returncode == 0, listed.stderr
     assert approved in listed.stdout and denied not in listed.stdout, listed.stdout
+
+
+def test_play_in_a_terminal_shows_position_and_speed(tmp_path: Path) -> None:
+    """Under a real pseudo-terminal: the title shows position and speed; `+` doubles the speed
+    and the bottom bar says so."""
+    from recorder.store import FileStore
+    from tests.support.kube import PtyCommand
+
+    store = FileStore(tmp_path / "rec")
+    sid, _ = asyncio.run(record_session(store, tmp_path / "spool", new_key(tmp_path / "k.pem"), lines=20))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    with PtyCommand([*REPLAY, "--recordings", store.url, "play", sid, "--speed", "0.001"], env) as pty:
+        pty.expect(rb"\x1b\]2;replay " + sid.encode() + rb": playing 0:00 / 0:00  speed x0\.001\x07")
+        pty.send(b"+")
+        pty.expect(rb"speed x0\.002  space pause")
+        pty.send(b"q")
+        assert pty.wait(15) == 0

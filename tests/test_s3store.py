@@ -156,7 +156,7 @@ def test_gateway_refuses_to_start_on_bucket_without_object_lock(s3env: MotoServe
     proc = subprocess.run(
         [sys.executable, "-m", "bastion.cli", "serve", "--dev", "--data-dir", str(tmp_path / "data"),
          "--recordings", f"s3://{bucket}/rec", "--ssh-listen", f"{LOOPBACK}:{free_port()}",
-         "--http-listen", f"{LOOPBACK}:{free_port()}"],
+         "--http-listen", f"{LOOPBACK}:{free_port()}", "--kube-listen", f"{LOOPBACK}:{free_port()}"],
         cwd=REPO, env=os.environ.copy(), capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     lines = proc.stderr.splitlines()

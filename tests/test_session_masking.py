@@ -158,3 +158,22 @@ def test_small_chunks_are_not_paced(tmp_path: Path) -> None:
 
     first, second = asyncio.run(scenario())
     assert first == b"x=" and second == b"1234\n$ "
+
+
+def test_a_value_drawn_out_of_order_leaves_an_unmasked_region_marker(tmp_path: Path) -> None:
+    """A true limit, shown to auditors: digits on both sides of a cursor jump."""
+
+    async def scenario() -> list[dict]:
+        gw, session, _ = await _session(tmp_path)
+        seen: list[dict] = []
+        marker = session.recording.marker
+        session.recording.marker = lambda kind, **f: (seen.append({"type": kind, **f}), marker(kind, **f))[1]  # type: ignore[method-assign]
+        session.from_target(b"cpf 529.982\x1b[5G.247-25 ok\n")
+        session.from_target(b"plain 12 and 34\n")
+        await session.end(0)
+        await gw.recorder.close()
+        return seen
+
+    seen = asyncio.run(scenario())
+    regions = [m for m in seen if m["type"] == "masking" and "unmasked_region" in m]
+    assert [(m["stream"], m["count"]) for m in regions] == [("o", 1)]

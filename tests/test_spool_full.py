@@ -16,9 +16,12 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -77,9 +80,9 @@ async def keep_writing(session: object, done: Callable[[], object], timeout: flo
         await asyncio.sleep(0.01)
 
 
-def _recorder(tmp_path: Path, spool: Path, policy: str) -> Recorder:
+def _recorder(tmp_path: Path, spool: Path, policy: str, segment_bytes: int = 64 * 1024) -> Recorder:
     return Recorder(FileStore(tmp_path / "rec"), spool, RecordingKey.load_or_create(tmp_path / "key.pem"),
-                    segment_seconds=60, segment_bytes=64 * 1024, flush_interval=0.05, failure_policy=policy)
+                    segment_seconds=60, segment_bytes=segment_bytes, flush_interval=0.05, failure_policy=policy)
 
 
 def _lines(prefix: str, n: int) -> bytes:
@@ -135,16 +138,19 @@ def test_best_effort_resumes_marks_the_gap_and_seals(tmp_path: Path) -> None:
 def test_strict_ends_and_seals_once_space_is_back(tmp_path: Path) -> None:
     with small_tmpfs(tmp_path / "spool") as spool:
         async def run() -> tuple[str, list[Exception]]:
-            rec = _recorder(tmp_path, spool, "strict")
+            # One segment: no upload frees space behind the fillers' back (a cut is uploaded and deleted).
+            rec = _recorder(tmp_path, spool, "strict", segment_bytes=64 * 1024 * 1024)
             await rec.start()
             failures: list[Exception] = []
             session = rec.open_session(META, term=(80, 24))
             session.on_failure = failures.append  # strict: the front door ends the session here
             session.output(_lines("before", 50))
             await session.sync()
+            assert await rec.wait_uploaded(10)
             filler = fill(spool)
             await keep_writing(session, lambda: failures)
-            # Whatever the uploads freed meanwhile is taken too: not even the seal fits.
+            # Whatever the uploads free is taken too: not even the seal fits.
+            assert await rec.wait_uploaded(10)
             second = fill(spool, ".filler2")
             session.exit(None, reason="recording failed")
             await session.close()  # the spool still refuses: it cannot seal yet
@@ -172,3 +178,90 @@ def test_strict_ends_and_seals_once_space_is_back(tmp_path: Path) -> None:
     assert not [e for e in events[at:] if e.stream in ("o", "e", "i")]
     manifest = json.loads((next((tmp_path / "rec").glob("*/*/*/*/manifest.json"))).read_text())
     assert manifest["end"]["gaps"][0]["to"] >= manifest["end"]["gaps"][0]["from"]
+
+
+# -- through a real gateway, the real ssh client and a real sshd target --------------------------
+
+
+def _gateway_text(data: Path, spool: Path, policy: str, oidc: Any, targets: Any) -> str:
+    from tests.conftest import gateway_config, target_block
+    from tests.test_operations import access_block
+
+    t = targets
+    text = gateway_config(data, [(oidc.issuer, "5s")],
+                          target_block("web-key", t.web_key.port, [t.login], [t.web_key.host_key_line], "key",
+                                       t.gateway_key),
+                          access_block("sre", ["sre"], ["*"]))
+    return text.replace("[recording]\n", f'[recording]\nspool_dir = "{spool}"\nfailure_policy = "{policy}"\n'
+                                         'flush_interval = "100ms"\n', 1)
+
+
+@pytest.mark.parametrize("policy", ["best_effort", "strict"])
+def test_gateway_session_with_a_full_spool(policy: str, tmp_path: Path, oidc: Any, targets: Any,
+                                           start_gateway: Callable[..., Any]) -> None:
+    from tests.support.openssh import run_ssh
+
+    go = Path(tempfile.mkdtemp(prefix="guarita-go-", dir="/tmp"))
+    os.chmod(go, 0o777)
+    with small_tmpfs(tmp_path / "spool", "4m") as spool:
+        data = tmp_path / "gw"
+        gw = start_gateway(_gateway_text(data, spool, policy, oidc, targets), data_dir=data)
+        mark = gw.audit_mark()
+        # Output until the test says go: incompressible, so that the full spool is felt at once.
+        script = (f"while [ ! -e {go}/go ]; do head -c 3000 /dev/urandom | base64 -w0; echo; sleep 0.05; done; "
+                  "echo after-the-gap")
+        result: dict[str, Any] = {}
+
+        def run() -> None:
+            result["r"] = run_ssh(["-p", str(gw.ssh_port), f"{targets.login}@web-key@127.0.0.1", script],
+                                  token=oidc.token("agent-sre"), timeout=120)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        try:
+            sid = wait_for_audit(gw, mark, "session.start")
+            wait_until(lambda: any(spool.glob(f"{sid}/seg-*")), 20, "the session's first segment")
+            filler = fill(spool)
+            wait_until(lambda: "cannot reach the spool" in gw.log_text(), 20, "the spool failure in the log")
+            filler.unlink()
+            if policy == "best_effort":
+                wait_until(lambda: "resumes: the spool takes writes again" in gw.log_text(), 20, "the resume")
+        finally:
+            (go / "go").touch()
+            thread.join(120)
+        r = result["r"]
+        if policy == "best_effort":
+            assert r.returncode == 0 and r.stdout.endswith(b"after-the-gap\n"), r.stderr[-500:]
+        else:
+            assert r.returncode != 0 and b"the recording of this session failed" in r.stderr, r.stderr[-500:]
+        # Sealed and uploaded without a restart; the gap is in the recording and named by verify.
+        wait_until(lambda: sid in gw.recordings(), 30, "the sealed recording in the store")
+        pub = tmp_path / "key.pub"
+        pub.write_text(RecordingKey.load_or_create(data / "recording_key.pem").public_pem())
+        proc = subprocess.run([sys.executable, "-m", "replay.cli", "--data-dir", str(data), "verify", sid,
+                               "--public-key", str(pub)], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and "GAP" in proc.stdout, proc.stdout + proc.stderr
+        store = FileStore(data / "recordings")
+        events = list(iter_events(store, open_session(store, sid)))
+        assert [e for e in events if e.code == "m" and e.data.get("type") == "gap"]
+        out = b"".join(e.stream_bytes() or b"" for e in events if e.stream == "o")
+        assert (b"after-the-gap" in out) == (policy == "best_effort")
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def wait_for_audit(gw: Any, mark: int, event: str) -> str:
+    found: list[str] = []
+
+    def seen() -> bool:
+        found[:] = [e["session"] for e in gw.audit_events(mark) if e.get("event") == event]
+        return bool(found)
+
+    wait_until(seen, 30, event)
+    return found[0]

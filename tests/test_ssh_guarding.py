@@ -151,4 +151,9 @@ def test_refusals_are_audited(guarded: GatewayProcess, oidc: OIDCProvider, targe
             pass
     abandoned = guarded.wait_audit("auth.abandoned", mark)
     assert abandoned["source"].startswith("127.0.0.1:") and abandoned["reason"]
+    # A client that fails once and goes away in the middle of authentication.
+    mark = guarded.audit_mark()
+    assert asyncio.run(_bad_logins(guarded, [_forged(oidc, "agent-sre")])) == 1
+    gone = guarded.wait_audit("auth.abandoned", mark)
+    assert gone["failures"] == 1, gone
     assert "Traceback" not in guarded.log_text()

@@ -19,9 +19,9 @@ import fnmatch
 import logging
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from bastion.approvals.result import GateResult
 from bastion.approvals.rules import ApprovalPolicy, Context, Verdict
 from bastion.approvals.webhooks import Webhooks, public_request
 from bastion.config import format_duration
@@ -30,23 +30,15 @@ from bastion.identity.delegation import chain_fields
 from bastion.state import Conflict, NotFound, StateError
 
 if TYPE_CHECKING:
-    from bastion.gateway import Gateway
+    from bastion.services import Services
     from bastion.session import Session, SessionInfo
+
+__all__ = ["ApprovalEngine", "DecisionError", "GateResult"]
 
 log = logging.getLogger("guarita.approvals")
 
 SWEEP_INTERVAL = 5.0
 _STRICTNESS = {"allow": 0, "approve": 1, "deny": 2}
-
-
-@dataclass(frozen=True)
-class GateResult:
-    allowed: bool
-    # allowed | approved | denied | expired | cancelled | rate-limited | error
-    outcome: str
-    reason: str = ""
-    request_id: str | None = None
-    rule: str | None = None
 
 
 class DecisionError(Exception):
@@ -63,7 +55,7 @@ def _who(identity: dict[str, Any]) -> str:
 
 
 class ApprovalEngine:
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Services) -> None:
         self.gw = gateway
         self.policy: ApprovalPolicy = gateway.config.approvals
         from bastion.console.settings import request_link
@@ -99,9 +91,7 @@ class ApprovalEngine:
             await asyncio.sleep(SWEEP_INTERVAL)
             try:
                 await self._sweep()
-                await self.state.update_live_sessions(
-                    [(sid, s.recording.counts.get("i", 0), s.recording.counts.get("o", 0) + s.recording.counts.get("e", 0))
-                     for sid, s in self.sessions.items()])
+                await self.gw.live.update_counts()
             except Exception as exc:
                 log.warning("approvals: sweep failed: %s", exc)
 
@@ -123,7 +113,7 @@ class ApprovalEngine:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    # -- live sessions (the state's index of who is connected where) ----------------------------
+    # -- live sessions (their rows in the state database: bastion/live.py) ----------------------
 
     def session_started(self, session: Session) -> None:
         self.sessions[session.id] = session
@@ -131,15 +121,10 @@ class ApprovalEngine:
         if info.kind == "exec" and info.command is not None and not self.gates_opening(info):
             # Exec commands no rule holds: into the index (gated ones are indexed by the gate).
             self._record(session, 0.0, info.command, "exec", "allowed", None)
-        self.spawn(self.state.add_live_session({
-            "id": session.id, "identity": info.identity.to_dict(), "subject": info.identity.subject,
-            "front_door": info.front_door, "target": info.target, "login": info.login, "kind": info.kind,
-            "command": _shown(session, info.command), "source": info.source}), "recording the live session")
 
     def session_ended(self, session: Session) -> None:
         session.cancel_approval("the session ended")
-        if self.sessions.pop(session.id, None) is not None:
-            self.spawn(self.state.remove_live_session(session.id), "removing the live session")
+        self.sessions.pop(session.id, None)
 
     # -- verdicts ------------------------------------------------------------------------------
 

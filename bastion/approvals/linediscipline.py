@@ -142,6 +142,14 @@ class LineGate:
 _SHELLS = {"sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "yash", "posh", "busybox", "su", "rbash", "fish"}
 
 
+def line_gate(session: Session, approvals: ApprovalEngine) -> LineGate | None:
+    """The gate of a session without a terminal, or None when its input is no commands
+    (an exec of a program that does not read a script from stdin)."""
+    if not reads_commands(session.info.kind, session.info.command):
+        return None
+    return LineGate(session, approvals)
+
+
 def reads_commands(kind: str, command: str | None) -> bool:
     """Whether the agent's input of a session without a terminal is shell commands: a
     shell, or an exec of a shell that reads its script from stdin (no ``-c``)."""

@@ -21,13 +21,27 @@ import re
 import shlex
 import unicodedata
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from bastion.identity import Identity
 from bastion.identity.delegation import DELEGATION_KEYS, DelegationScope, parse_scope
+from bastion.who import matches_identity
 
-if TYPE_CHECKING:
-    from bastion.config import _Reader
+
+class _Reader(Protocol):
+    """What the rules' parser uses of the config's table reader (bastion.config._Reader)."""
+
+    problems: list[tuple[str, str]]
+
+    def get(self, table: dict[str, Any], key: str, path: str, kind: type | tuple[type, ...],
+            default: Any = None, required: bool = False) -> Any: ...
+
+    def strings(self, table: dict[str, Any], key: str, path: str,
+                default: tuple[str, ...] = ()) -> tuple[str, ...]: ...
+
+    def duration(self, table: dict[str, Any], key: str, path: str, default: float) -> float: ...
+
+    def unknown(self, table: dict[str, Any], known: set[str], path: str) -> None: ...
 
 ACTIONS = ("allow", "deny", "approve")
 DEFAULT_TIMEOUT = 600.0
@@ -273,17 +287,7 @@ def _any_glob(value: str | None, patterns: tuple[str, ...]) -> bool:
 
 
 def _who(rule: ApprovalRule, identity: Identity) -> bool:
-    from bastion.policy import matches_identity  # one definition of "who" for access and approvals
-
-    return matches_identity(rule, identity)
-
-
-def shell_join(argv: list[str]) -> str:
-    """A Kubernetes exec argv as one command line (what rules and people read)."""
-    return shlex.join(argv)
-
-
-# -- config ----------------------------------------------------------------------------------
+    return matches_identity(rule, identity)  # one definition of "who" for access and approvals
 
 
 def parse_policy(r: _Reader, raw: dict[str, Any]) -> ApprovalPolicy:

@@ -17,19 +17,13 @@ def _who(person: dict[str, Any]) -> str:
 
 
 def delegation(request: dict[str, Any]) -> str:
-    """The delegation chain when the request carries one (an ``act`` claim, RFC 8693, or a
-    ``delegation`` field): who acts for whom."""
-    chain = request.get("delegation")
-    if not chain:
-        claims = (request.get("requester") or {}).get("claims") or {}
-        chain = claims.get("act") or claims.get("delegation")
-    if not chain:
+    """The requester's delegation chain (RFC 8693 ``act``, current actor first), as Identity.display
+    writes it: the subject, then via each actor from the first to the current one."""
+    chain = (request.get("requester") or {}).get("act") or []
+    actors = [str(a.get("sub")) for a in chain if isinstance(a, dict) and a.get("sub")]
+    if not actors:
         return ""
-    if isinstance(chain, list):
-        chain = " → ".join(_who(c) if isinstance(c, dict) else str(c) for c in chain)
-    elif isinstance(chain, dict):
-        chain = _who(chain)
-    return f'<div class="delegation">on behalf of: {e(chain)}</div>'
+    return f'<div class="delegation">delegated: via {e(" via ".join(reversed(actors)))}</div>'
 
 
 def where(r: dict[str, Any]) -> str:
@@ -44,11 +38,13 @@ def decisions(r: dict[str, Any]) -> str:
     return f'<ul class="decisions">{"".join(items)}</ul>' if items else ""
 
 
-def card(raw: dict[str, Any], viewer: Viewer, engine: ApprovalEngine) -> str:
+def card(raw: dict[str, Any], viewer: Viewer, engine: ApprovalEngine, back: str = "/console/approvals") -> str:
+    """One request; ``back`` is the page a decision returns to."""
     r = public_request(raw)
     rid = r["id"]
     own = engine._is_requester(raw, viewer.identity)  # noqa: SLF001 - the engine's own test, not a copy
-    may_decide = r["status"] == "pending" and not own and engine._is_approver(raw, viewer.identity)  # noqa: SLF001
+    may_decide = (r["status"] == "pending" and not own and not viewer.identity.delegated
+                  and engine._is_approver(raw, viewer.identity))  # noqa: SLF001
     facts = [
         ("requester", e(_who(r["requester"])) + delegation(raw)),
         ("target", e(where(r)) + f' <small>({e(r["front_door"])}, {e(r["kind"])})</small>'),
@@ -65,6 +61,7 @@ def card(raw: dict[str, Any], viewer: Viewer, engine: ApprovalEngine) -> str:
     reason = f' <small>{e(r["status_reason"])}</small>' if r.get("status_reason") else ""
     if may_decide:
         action = (f'<form method="post" action="/console/approvals/{e(rid)}/decide" class="decide">{csrf_field(viewer)}'
+                  f'<input type="hidden" name="back" value="{e(back)}">'
                   f'<input name="reason" required placeholder="reason (kept for auditors)" aria-label="reason" '
                   f'id="reason-{e(rid)}">'
                   f'<button name="decision" value="approve" class="approve">Approve</button>'

@@ -33,7 +33,7 @@ from bastion.control import has_role
 from bastion.identity import AuthError, Identity
 
 if TYPE_CHECKING:
-    from bastion.gateway import Gateway
+    from bastion.services import Services
 
 Role = Literal["operator", "auditor", "approver"]
 MAX_COOKIE_TOKEN = 3800  # browsers keep at most ~4 KiB per cookie
@@ -61,25 +61,25 @@ def csrf_for(token: str) -> str:
     return hashlib.sha256(b"guarita-console-csrf\0" + token.encode()).hexdigest()[:40]
 
 
-def is_approver(gw: Gateway, identity: Identity) -> bool:
+def is_approver(gw: Services, identity: Identity) -> bool:
     """In an approver group of some rule (or of the defaults)."""
     policy = gw.config.approvals
     patterns = {p for rule in policy.rules for p in rule.approvers} | set(policy.defaults.approvers)
     return any(fnmatch.fnmatchcase(g, p) for g in identity.groups for p in patterns)
 
 
-def roles_for(gw: Gateway, identity: Identity) -> frozenset[str]:
+def roles_for(gw: Services, identity: Identity) -> frozenset[str]:
     found = {r for r in ("operator", "auditor") if has_role(gw.config.roles, identity, r)}
     if is_approver(gw, identity):
         found.add("approver")
     return frozenset(found)
 
 
-def _cookie_options(gw: Gateway, max_age: int) -> dict[str, Any]:
+def _cookie_options(gw: Services, max_age: int) -> dict[str, Any]:
     return {"httponly": True, "secure": not gw.config.dev, "samesite": "Lax", "path": "/", "max_age": max_age}
 
 
-async def viewer_of(gw: Gateway, request: web.Request) -> Viewer | AuthError | None:
+async def viewer_of(gw: Services, request: web.Request) -> Viewer | AuthError | None:
     """The signed-in viewer; None without a cookie; the AuthError when the cookie is refused."""
     token = request.cookies.get(cookie_names(gw.config.dev)[0])
     if not token:
@@ -93,17 +93,19 @@ async def viewer_of(gw: Gateway, request: web.Request) -> Viewer | AuthError | N
     return Viewer(identity, roles_for(gw, identity), csrf_for(token))
 
 
-def same_origin(request: web.Request) -> bool:
+def same_origin(request: web.Request, public_url: str | None = None) -> bool:
+    """The Origin, when sent, is this gateway: as the request names it, or ``console.url``
+    (behind a proxy that rewrites Host)."""
     origin = request.headers.get("Origin")
     if origin is None:
         return True  # not sent (older browsers on same-origin POSTs): the CSRF token decides
-    parsed = urllib.parse.urlsplit(origin)
-    return parsed.netloc == request.host
+    netloc = urllib.parse.urlsplit(origin).netloc
+    return netloc == request.host or (public_url is not None and netloc == urllib.parse.urlsplit(public_url).netloc)
 
 
-def csrf_ok(viewer: Viewer, request: web.Request, form: Any) -> bool:
+def csrf_ok(viewer: Viewer, request: web.Request, form: Any, public_url: str | None = None) -> bool:
     sent = str(form.get("csrf") or request.headers.get("X-CSRF-Token") or "")
-    return same_origin(request) and hmac.compare_digest(sent.encode(), viewer.csrf.encode())
+    return same_origin(request, public_url) and hmac.compare_digest(sent.encode(), viewer.csrf.encode())
 
 
 # -- the OIDC client ---------------------------------------------------------------------------
@@ -116,7 +118,7 @@ class SignInError(Exception):
 class OidcClient:
     """Discovery, the authorization redirect and the code exchange for the console's client."""
 
-    def __init__(self, gw: Gateway) -> None:
+    def __init__(self, gw: Services) -> None:
         self.gw = gw
         self._discovery: dict[str, tuple[float, dict[str, Any]]] = {}
 
@@ -221,19 +223,19 @@ def safe_next(value: str | None) -> str:
     return "/console/"
 
 
-def session_cookie(gw: Gateway, response: web.StreamResponse, token: str, identity: Identity) -> None:
+def session_cookie(gw: Services, response: web.StreamResponse, token: str, identity: Identity) -> None:
     name, login = cookie_names(gw.config.dev)
     max_age = max(1, int(identity.expires_at - time.time())) if identity.expires_at else 3600
     response.set_cookie(name, token, **_cookie_options(gw, max_age))
     response.del_cookie(login, path="/")
 
 
-def clear_session(gw: Gateway, response: web.StreamResponse) -> None:
+def clear_session(gw: Services, response: web.StreamResponse) -> None:
     name, _ = cookie_names(gw.config.dev)
     response.set_cookie(name, "", **_cookie_options(gw, 0))
 
 
-def login_cookie(gw: Gateway, response: web.StreamResponse, value: str) -> None:
+def login_cookie(gw: Services, response: web.StreamResponse, value: str) -> None:
     response.set_cookie(cookie_names(gw.config.dev)[1], value, **_cookie_options(gw, LOGIN_TTL))
 
 

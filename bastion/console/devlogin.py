@@ -19,7 +19,7 @@ from bastion.console.settings import DEV_CLIENT_ID
 from bastion.http.api import GATEWAY_KEY
 
 if TYPE_CHECKING:
-    from bastion.gateway import Gateway
+    from bastion.services import Services
 
 # (subject, groups, what the identity can do in the --dev configuration)
 DEMO_IDENTITIES = (
@@ -30,7 +30,7 @@ DEMO_IDENTITIES = (
 PARAMS = ("client_id", "redirect_uri", "state", "code_challenge", "code_challenge_method", "scope", "nonce")
 
 
-def _gw(request: web.Request) -> Gateway:
+def _gw(request: web.Request) -> Services:
     return request.app[GATEWAY_KEY]  # type: ignore[return-value]
 
 

@@ -12,10 +12,11 @@ from bastion.console.auth import OidcClient, Viewer, clear_session, csrf_ok, vie
 from bastion.console.feed import Feed
 from bastion.console.recordings import Recordings
 from bastion.console.render import problem
+from bastion.console.settings import console_settings
 from bastion.http.api import GATEWAY_KEY
 
 if TYPE_CHECKING:
-    from bastion.gateway import Gateway
+    from bastion.services import Services
 
 STATIC = Path(__file__).resolve().parent / "static"
 CONSOLE_KEY = web.AppKey("console", object)
@@ -26,14 +27,14 @@ STREAMS = ("/events", "/stream")
 class Console:
     """The services the pages use, made once per HTTP app."""
 
-    def __init__(self, gw: Gateway) -> None:
+    def __init__(self, gw: Services) -> None:
         self.gw = gw
         self.oidc = OidcClient(gw)
         self.feed = Feed(gw.state)
         self.recordings = Recordings(gw.store, (gw.recording_key.public_raw,))
 
 
-def gw_of(request: web.Request) -> Gateway:
+def gw_of(request: web.Request) -> Services:
     return request.app[GATEWAY_KEY]  # type: ignore[return-value]
 
 
@@ -55,10 +56,11 @@ def guarded(*roles: str) -> Callable[[Page], Callable[[web.Request], Awaitable[w
                               action=f"console {request.method} {request.path}", needs=list(roles) or ["any"])
                 needs = " or ".join(roles) if roles else "approver, operator or auditor"
                 return problem(403, "Forbidden", f"{found.identity.display} may not open this page: it takes the "
-                               f"{needs} role (agents' identities have no console)", found if found.roles else None)
+                               f"{needs} role (agents' identities have no console)", found)
             if request.method == "POST":
                 form = await request.post()
-                if not csrf_ok(found, request, form):
+                settings = console_settings(gw.config)
+                if not csrf_ok(found, request, form, settings.url if settings else None):
                     gw.audit.emit("console.csrf_refused", subject=found.identity.subject, path=request.path,
                                   source=request.remote)
                     return problem(403, "Refused", "the form's CSRF token is missing or wrong (a page from another "
@@ -71,7 +73,7 @@ def guarded(*roles: str) -> Callable[[Page], Callable[[web.Request], Awaitable[w
     return decorate
 
 
-def sign_in_again(gw: Gateway, request: web.Request, refused: bool) -> web.StreamResponse:
+def sign_in_again(gw: Services, request: web.Request, refused: bool) -> web.StreamResponse:
     if request.method != "GET" or request.path.endswith(STREAMS):
         response: web.StreamResponse = problem(401, "Signed out", "your console session has ended (or its cookie "
                                                "was not accepted): sign in again", back="/console/login")

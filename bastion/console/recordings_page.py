@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from typing import Any
@@ -81,7 +82,7 @@ async def recordings(request: web.Request, viewer: Viewer) -> web.StreamResponse
         verdict = _verdict_html(verdicts[i]) if i < len(verdicts) else '<span class="verify">not checked</span>'
         masked = " ".join(f"{k}:{v}" for k, v in sorted((s.end.get("masking") or {}).items()) if v) or "-"
         rows.append([f'<input type="checkbox" name="id" value="{e(s.id)}" aria-label="select {e(s.id)}">',
-                     f'<a href="/console/recordings/{e(s.id)}">{e(s.id[-12:])}</a>',
+                     f'<a href="/console/recordings/{e(s.id)}">{e(s.id)}</a>',
                      e(s.started_at.strftime("%Y-%m-%d %H:%M:%S")), e(s.identity.get("subject", "?")), e(_where(s)),
                      e(str(s.meta.get("kind", "?")) + ("/tty" if s.meta.get("tty") else "")),
                      e("-" if s.exit_status is None else s.exit_status), e(masked),
@@ -128,7 +129,8 @@ async def recording(request: web.Request, viewer: Viewer) -> web.StreamResponse:
     if verdict.state == "verified":
         banner = '<p class="verify verified" role="status">Verified: signature, hash chain and segments are intact.</p>'
     elif verdict.state == "live":
-        banner = '<p class="verify live" role="status">Not sealed yet: the session is still running.</p>'
+        banner = ('<p class="verify live" role="status">Not sealed yet: the session is still running. '
+                  f'<a href="/console/sessions/{e(s.id)}/watch">Watch it live</a>.</p>')
     else:
         banner = ('<div class="verify failed" role="alert"><b>FAILED verification.</b> This recording may have been '
                   'altered or is incomplete; what it shows cannot be trusted.<ul>'
@@ -149,7 +151,7 @@ async def recording(request: web.Request, viewer: Viewer) -> web.StreamResponse:
             f'<div id="player" class="player{"" if verdict.playable_as_fine else " unverified"}"></div>'
             f'<h2>Markers</h2><ol class="markers">{marks or "<li>none</li>"}</ol>'
             f'<script type="application/json" id="player-config">{json_html(config)}</script>')
-    return page(f"Recording {s.id[-12:]}", body, viewer, current="recordings", head=PLAYER_HEAD, scripts=PLAYER_SCRIPTS)
+    return page(f"Recording {s.id}", body, viewer, current="recordings", head=PLAYER_HEAD, scripts=PLAYER_SCRIPTS)
 
 
 @guarded("operator", "auditor")
@@ -210,11 +212,17 @@ async def evidence(request: web.Request, viewer: Viewer) -> web.StreamResponse:
     path = await store.run(store.evidence, sessions, selection)
     gw.audit.emit("console.evidence", subject=viewer.identity.subject, issuer=viewer.identity.issuer,
                   selection=selection, sessions=len(sessions))
-    response = web.FileResponse(path, headers={"Content-Disposition": f'attachment; filename="{path.name}"',
-                                               "Content-Type": "application/gzip", "Cache-Control": "no-store"})
+    response = web.StreamResponse(headers={"Content-Disposition": f'attachment; filename="{path.name}"',
+                                           "Content-Type": "application/gzip", "Cache-Control": "no-store"})
+    response.content_length = path.stat().st_size
     try:
-        await response.prepare(request)  # sends the whole file
+        await response.prepare(request)
+        with path.open("rb") as package:
+            while chunk := await asyncio.to_thread(package.read, 256 * 1024):
+                await response.write(chunk)
         await response.write_eof()
+    except ConnectionResetError:
+        pass  # the browser went away; the package is gone with the folder below
     finally:
         shutil.rmtree(path.parent, ignore_errors=True)
     return response

@@ -146,4 +146,6 @@ def table(headers: list[str], rows: list[list[str]], empty: str, css: str = "") 
         return f'<p class="empty">{e(empty)}</p>'
     head = "".join(f"<th>{e(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f'<table class="{css}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    # Wide tables scroll inside their box on a phone; the page itself keeps the screen's width.
+    return (f'<div class="scroll"><table class="{css}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody>'
+            '</table></div>')

@@ -40,13 +40,15 @@ from bastion.console.guard import (
 from bastion.console.render import age, csrf_field, e, page, problem, size, table
 
 if TYPE_CHECKING:
-    from bastion.gateway import Gateway
+    from bastion.services import Services
 
 # -- signing in and out ------------------------------------------------------------------------
 
 
-async def home(request: web.Request) -> web.StreamResponse:
-    raise web.HTTPSeeOther("/console/approvals")
+@guarded()
+async def home(request: web.Request, viewer: Viewer) -> web.StreamResponse:
+    """Approvers start at the approvals, operators and auditors at the live sessions."""
+    raise web.HTTPSeeOther("/console/approvals" if viewer.has("approver") else "/console/sessions")
 
 
 async def login(request: web.Request) -> web.StreamResponse:
@@ -93,7 +95,7 @@ async def signed_out(request: web.Request) -> web.StreamResponse:
 # -- approvals ---------------------------------------------------------------------------------
 
 
-async def _visible_requests(gw: Gateway, viewer: Viewer) -> list[dict[str, Any]]:
+async def _visible_requests(gw: Services, viewer: Viewer) -> list[dict[str, Any]]:
     rows = await gw.state.list_requests(limit=200)
     return [r for r in rows if gw.approvals.may_view(r, viewer.identity)]
 
@@ -119,7 +121,7 @@ async def approval(request: web.Request, viewer: Viewer) -> web.StreamResponse:
     if not gw.approvals.may_view(row, viewer.identity):
         return problem(403, "Forbidden", f"{viewer.identity.display} is neither the requester nor in an approver "
                        f"group of request {rid}", viewer, back="/console/approvals")
-    body = approvals_page.card(row, viewer, gw.approvals)
+    body = approvals_page.card(row, viewer, gw.approvals, back=f"/console/approvals/{rid}")
     if request.query.get("fragment"):
         return render.fragment(body)
     return page(f"Request {rid}", render.live(body) + '<p><a href="/console/approvals">all requests</a></p>',
@@ -140,7 +142,7 @@ async def decide(request: web.Request, viewer: Viewer) -> web.StreamResponse:
         await gw.approvals.decide(rid, viewer.identity, decision, str(form.get("reason") or ""))
     except DecisionError as exc:
         return problem(exc.status, "Not decided", str(exc), viewer, back=f"/console/approvals/{rid}")
-    raise web.HTTPSeeOther(f"/console/approvals/{rid}")
+    raise web.HTTPSeeOther(safe_next(str(form.get("back") or f"/console/approvals/{rid}")))
 
 
 async def events(request: web.Request) -> web.StreamResponse:
@@ -154,20 +156,29 @@ async def events(request: web.Request) -> web.StreamResponse:
                                            "X-Accel-Buffering": "no"})
     await response.prepare(request)
     await response.write(b"retry: 1000\nevent: hello\ndata: {}\n\n")
+    with contextlib.suppress(ConnectionResetError):  # the page went away
+        await _follow(gw, console, found, response)
+    return response
+
+
+async def _follow(gw: Services, console: Console, found: Viewer, response: web.StreamResponse) -> None:
     ends = found.identity.expires_at or (time.time() + 3600)
+    pinged = time.monotonic()
     async with console.feed.listen() as queue:
+        # Wakes at least once a second, so a stopping gateway is not held up by open pages.
         while not gw.stopping.is_set():
             left = ends - time.time()
             if left <= 0:
                 await response.write(b"event: expired\ndata: {}\n\n")
                 break
             try:
-                topic = await asyncio.wait_for(queue.get(), timeout=min(15.0, left))
+                topic = await asyncio.wait_for(queue.get(), timeout=min(1.0, left))
             except TimeoutError:
-                await response.write(b": keep-alive\n\n")
+                if time.monotonic() - pinged > 15:
+                    await response.write(b": keep-alive\n\n")
+                    pinged = time.monotonic()
                 continue
             await response.write(f"event: {topic}\ndata: {console.feed.versions[topic]}\n\n".encode())
-    return response
 
 
 # -- live sessions -----------------------------------------------------------------------------
@@ -241,7 +252,7 @@ async def lock_subject(request: web.Request, viewer: Viewer) -> web.StreamRespon
     raise web.HTTPSeeOther("/console/sessions")
 
 
-async def _may_watch(gw: Gateway, viewer: Viewer, sid: str) -> bool:
+async def _may_watch(gw: Services, viewer: Viewer, sid: str) -> bool:
     if viewer.has("operator", "auditor"):
         return True
     requests = await gw.state.list_requests(session_id=sid, limit=50)
@@ -268,60 +279,78 @@ async def watch(request: web.Request, viewer: Viewer) -> web.StreamResponse:
 async def stream(request: web.Request, viewer: Viewer) -> web.StreamResponse:
     """The session's output for asciinema-player's ``eventsource`` driver: a reset carrying
     what was printed so far, then each new event as its segment reaches the store."""
-    from recorder.segment import parse_segment
-    from recorder.store import NotFound, session_prefix
     from replay.reader import ReplayError
 
     gw, console = gw_of(request), console_of(request)
     sid = request.match_info["id"]
     if not await _may_watch(gw, viewer, sid):
         return web.Response(status=403, text="forbidden")
-    store = console.recordings.store
     try:
         summary = await console.recordings.run(console.recordings.open, sid)
     except ReplayError as exc:
         return web.Response(status=404, text=str(exc))
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"})
     await response.prepare(request)
+    with contextlib.suppress(ConnectionResetError):  # the page went away
+        await _follow_recording(gw, console.recordings.store, summary, response)
+    return response
+
+
+INIT_LIMIT = 256 * 1024  # what a late watcher gets of the output so far (the screen needs far less)
+
+
+async def _follow_recording(gw: Services, store: Any, summary: Any, response: web.StreamResponse) -> None:
+    import codecs
+
+    from recorder.segment import SegmentError, parse_segment
+    from recorder.store import NotFound, session_prefix
+
     prefix = session_prefix(summary.id)
     term = summary.meta.get("term") or {}
     cols, rows = int(term.get("cols") or 80), int(term.get("rows") or 24)
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")  # a character may span two events
     index, sent_reset, last_t = 0, False, 0.0
     init: list[str] = []
+    held = 0
     while not gw.stopping.is_set():
         key = f"{prefix}seg-{index:06d}.zst"
         try:
-            data = await console.recordings.run(store.get, key)
+            data = await asyncio.to_thread(store.get, key)
         except NotFound:
             if not sent_reset:
-                await _sse(response, {"cols": cols, "rows": rows, "time": last_t, "init": "".join(init)})
+                await _sse(response, {"cols": cols, "rows": rows, "time": last_t, "init": "".join(init)[-INIT_LIMIT:]})
                 sent_reset = True
             with contextlib.suppress(NotFound):
-                await console.recordings.run(store.get, prefix + "manifest.json")
+                await asyncio.to_thread(store.get, prefix + "manifest.json")
                 await _sse(response, {"state": "offline"})
-                break
+                return
             await asyncio.sleep(0.5)
             continue
-        _, seg_events = parse_segment(data, key)
+        try:
+            _, seg_events = parse_segment(data, key)
+        except SegmentError:
+            await _sse(response, {"state": "offline"})  # the recording page says what is wrong with it
+            return
         for event in seg_events:
             if event.stream not in ("o", "e"):
                 continue
-            text = (event.stream_bytes() or b"").decode("utf-8", "replace")
+            text = decoder.decode(event.stream_bytes() or b"")
             last_t = event.t
             if sent_reset:
                 await _sse(response, [event.t, "o", text])
             else:
                 init.append(text)
+                held += len(text)
+                if held > 4 * INIT_LIMIT:  # keep the tail only: memory stays flat for long sessions
+                    init, held = ["".join(init)[-INIT_LIMIT:]], INIT_LIMIT
         index += 1
-    return response
 
 
 async def _sse(response: web.StreamResponse, data: Any) -> None:
     await response.write(f"data: {json.dumps(data)}\n\n".encode())
 
 
-
-def add_routes(app: web.Application, gw: Gateway) -> None:
+def add_routes(app: web.Application, gw: Services) -> None:
     app[CONSOLE_KEY] = Console(gw)
     r = app.router
     r.add_get("/console", home)

@@ -6,10 +6,10 @@ the state store, woken by its ``locks`` topic, re-read at least every second) an
 the live sessions a lock or a kill matches, on whichever replica holds them.
 """
 
-from bastion.control.limits import SessionLimiter
+from bastion.control.limits import SessionLimiter, SessionLimits
 from bastion.control.locks import LOCK_KINDS, Lock, LockError, parse_lock_target
-from bastion.control.manager import Control, Refusal, SessionLimits
+from bastion.control.manager import Control
 from bastion.control.roles import has_role, roles_of
 
-__all__ = ["LOCK_KINDS", "Control", "Lock", "LockError", "Refusal", "SessionLimiter", "SessionLimits", "has_role",
+__all__ = ["LOCK_KINDS", "Control", "Lock", "LockError", "SessionLimiter", "SessionLimits", "has_role",
            "parse_lock_target", "roles_of"]

@@ -11,8 +11,20 @@ from __future__ import annotations
 
 import collections
 import time
+from dataclasses import dataclass
 
 PENDING_TTL = 300.0  # an admitted session that never started (a path that forgot to release)
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """The limits of one session, from the access rule that allowed it (``rule``)."""
+
+    on_expiry: str = "end"  # end | warn | allow
+    max_session: float = 8 * 3600.0  # cap for warn / allow, from the session's start
+    idle_timeout: float | None = None
+    max_duration: float | None = None
+    rule: str | None = None
 
 
 class SessionLimiter:

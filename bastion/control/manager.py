@@ -5,21 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fnmatch
 import logging
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from bastion.control.limits import SessionLimiter
+from bastion.control.limits import SessionLimiter, SessionLimits
 from bastion.control.locks import Lock, LockError, parse_lock_target
 from bastion.identity import Identity
+from bastion.refusal import Refused
 from bastion.state import NotFound
 from bastion.state.store import LOCKS_TOPIC
 
 if TYPE_CHECKING:
-    from bastion.config import AccessRule
-    from bastion.gateway import Gateway
+    from bastion.services import Services
     from bastion.session import Session, SessionInfo
 
 log = logging.getLogger("guarita.control")
@@ -27,32 +25,13 @@ log = logging.getLogger("guarita.control")
 KILL_TTL = 120.0  # a kill request stays in force this long (the session ends within a second)
 
 
-@dataclass(frozen=True)
-class Refusal:
-    """Why a new session may not open: ``reason`` for the audit log, ``code`` for HTTP."""
-
-    reason: str
-    message: str
-    code: int
-
-
-@dataclass(frozen=True)
-class SessionLimits:
-    on_expiry: str = "end"  # end | warn | allow
-    max_session: float = 8 * 3600.0  # cap for warn / allow, from the session's start
-    idle_timeout: float | None = None
-    max_duration: float | None = None
-    rule: str | None = None
-
-
 class Control:
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Services) -> None:
         self.gw = gateway
         self.limiter = SessionLimiter()
-        self.sessions: dict[str, Session] = {}
-        # Live Kubernetes connections that are not sessions (port-forward tunnels, watches,
-        # followed logs: bastion/kube/held.py): nothing is recorded, but locks and kills end them.
-        self.held: dict[str, Any] = {}
+        # Live sessions, and the Kubernetes connections that are not sessions but that locks and
+        # kills end too (port-forward tunnels, watches, followed logs: bastion/kube/held.py), are
+        # in the gateway's one registry (bastion/live.py).
         self.locks: list[Lock] = []  # in force (kills included), as last read
         self.loaded_at = 0.0
         self._task: asyncio.Task[None] | None = None
@@ -98,19 +77,19 @@ class Control:
         return next((lock for lock in self.locks
                      if lock.kind != "session" and lock.active(now) and lock.matches(identity, target)), None)
 
-    def admit(self, identity: Identity, target: str | None, key: str) -> Refusal | None:
+    def admit(self, identity: Identity, target: str | None, key: str) -> Refused | None:
         """May this identity open a session on ``target`` now? Takes a slot for session ``key``
         (released by the session's end, or by :meth:`release` if it never starts)."""
         lock = self.locked(identity, target)
         if lock is not None:
-            return Refusal("locked", lock.refusal(), 403)
+            return Refused("locked", lock.refusal(), 403)
         limits = self.gw.config.limits
         refused = self.limiter.admit(key, identity.subject, limits.max_sessions_per_subject,
                                      limits.sessions_per_minute)
         if refused is not None:
             self.gw.audit.emit("limit.refused", subject=identity.subject, issuer=identity.issuer, target=target,
                                detail=refused)
-            return Refusal("limit", refused, 429)
+            return Refused("limit", refused, 429)
         return None
 
     def release(self, key: str) -> None:
@@ -119,18 +98,10 @@ class Control:
     # -- live sessions (called by Session) --------------------------------------------------------
 
     def session_started(self, session: Session) -> None:
-        self.sessions[session.id] = session
         self.limiter.started(session.id, session.info.identity.subject)
 
     def session_ended(self, session: Session) -> None:
-        self.sessions.pop(session.id, None)
         self.limiter.ended(session.id)
-
-    def held_started(self, stream: Any) -> None:
-        self.held[stream.id] = stream
-
-    def held_ended(self, stream: Any) -> None:
-        self.held.pop(stream.id, None)
 
     def enforce(self) -> int:
         """End every local live session that a lock (or kill) in force matches; returns how many
@@ -140,7 +111,7 @@ class Control:
         if not active:
             return 0
         ended = 0
-        for session in [*self.sessions.values(), *self.held.values()]:
+        for session in self.gw.live.all():
             if session.ended or session.stopping:
                 continue
             info = session.info
@@ -154,28 +125,13 @@ class Control:
         return ended
 
     def limits_for(self, info: SessionInfo) -> SessionLimits:
-        rule = self._rule(info)
+        """The limits of the access rule that allowed the session (``info.rule``, decided by
+        the front door's policy): never a rule matched again here, which could differ."""
+        rule = info.rule
         if rule is None:
             return SessionLimits()
         return SessionLimits(on_expiry=rule.on_expiry, max_session=rule.max_session,
                              idle_timeout=rule.idle_timeout, max_duration=rule.max_duration, rule=rule.name)
-
-    def _rule(self, info: SessionInfo) -> AccessRule | None:
-        from bastion.policy import authorize, matches_identity
-
-        config = self.gw.config
-        if info.front_door != "kube" and not info.extra.get("cluster"):  # an SSH target (ssh or mcp door)
-            target = config.target(info.target)
-            if target is None or info.login is None:
-                return None
-            return authorize(config, info.identity, target, info.login).rule
-        namespace = info.extra.get("namespace")
-        for rule in config.access:
-            if (rule.clusters and matches_identity(rule, info.identity)
-                    and any(fnmatch.fnmatchcase(info.target, p) for p in rule.clusters)
-                    and (namespace is None or any(fnmatch.fnmatchcase(namespace, p) for p in rule.namespaces))):
-                return rule
-        return None
 
     # -- operators (HTTP API) -------------------------------------------------------------------
 
@@ -214,7 +170,7 @@ class Control:
         if not reason:
             raise LockError("give a reason: it is shown to the user and kept in the recording")
         row = await self.gw.state.get_live_session(session_id)
-        if row is None and session_id not in self.sessions:
+        if row is None and session_id not in self.gw.live.sessions:
             raise NotFound(f"no live session {session_id!r} (see `bastion sessions ls`)")
         created = await self.gw.state.create_lock("session", session_id, reason, by.to_dict(),
                                                   time.time() + KILL_TTL)

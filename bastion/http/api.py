@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import ssl
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -15,7 +16,7 @@ from bastion.config import is_loopback
 from bastion.identity import AuthError, Identity
 
 if TYPE_CHECKING:
-    from bastion.gateway import Gateway
+    from bastion.services import Services
 
 GATEWAY_KEY = web.AppKey("gateway", object)
 MAX_BODY = 64 * 1024
@@ -26,7 +27,7 @@ def _error(status: int, reason: str, message: str) -> web.Response:
 
 
 async def _identity(request: web.Request) -> Identity:
-    gw: Gateway = request.app[GATEWAY_KEY]  # type: ignore[assignment]
+    gw: Services = request.app[GATEWAY_KEY]  # type: ignore[assignment]
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -36,7 +37,7 @@ async def _identity(request: web.Request) -> Identity:
 
 def _authenticated(handler: Any) -> Any:
     async def wrapper(request: web.Request) -> web.StreamResponse:
-        gw: Gateway = request.app[GATEWAY_KEY]  # type: ignore[assignment]
+        gw: Services = request.app[GATEWAY_KEY]  # type: ignore[assignment]
         try:
             identity = await _identity(request)
         except AuthError as exc:
@@ -51,19 +52,19 @@ def _authenticated(handler: Any) -> Any:
 
 async def healthz(request: web.Request) -> web.Response:
     """Alive (stays 200 while draining, so the platform does not kill a draining gateway)."""
-    gw: Gateway = request.app[GATEWAY_KEY]  # type: ignore[assignment]
-    return web.json_response({"status": "ok", "draining": bool(getattr(gw, "draining", False))},
+    gw: Services = request.app[GATEWAY_KEY]  # type: ignore[assignment]
+    return web.json_response({"status": "ok", "draining": gw.draining},
                              headers={"Cache-Control": "no-store"})
 
 
 async def readyz(request: web.Request) -> web.Response:
     """Ready for new connections: store, state database, OIDC keys, not draining (bastion/health.py)."""
-    gw: Gateway = request.app[GATEWAY_KEY]  # type: ignore[assignment]
+    gw: Services = request.app[GATEWAY_KEY]  # type: ignore[assignment]
     ready, body = await gw.readiness.report()
     return web.json_response(body, status=200 if ready else 503, headers={"Cache-Control": "no-store"})
 
 
-def metrics_public(gw: Gateway) -> bool:
+def metrics_public(gw: Services) -> bool:
     """``gateway.metrics_public``; unset: public unless roles exist and the API is not on loopback."""
     config = gw.config
     if config.dev:
@@ -76,7 +77,7 @@ def metrics_public(gw: Gateway) -> bool:
     return is_loopback(config.http_listen[0]) or not has_roles
 
 
-def may_read_metrics(gw: Gateway, identity: Identity) -> bool:
+def may_read_metrics(gw: Services, identity: Identity) -> bool:
     """Operators and auditors ([roles]) read metrics when they are not public."""
     roles = getattr(gw.config, "roles", None)
     for name in ("operators", "auditors"):
@@ -93,7 +94,7 @@ def may_read_metrics(gw: Gateway, identity: Identity) -> bool:
 
 async def metrics(request: web.Request) -> web.StreamResponse:
     """Prometheus metrics (bastion/metrics.py)."""
-    gw: Gateway = request.app[GATEWAY_KEY]  # type: ignore[assignment]
+    gw: Services = request.app[GATEWAY_KEY]  # type: ignore[assignment]
     if not metrics_public(gw):
         try:
             identity = await _identity(request)
@@ -114,7 +115,7 @@ async def metrics(request: web.Request) -> web.StreamResponse:
 
 @_authenticated
 async def ssh_cert(request: web.Request, identity: Identity) -> web.Response:
-    gw: Gateway = request.app[GATEWAY_KEY]  # type: ignore[assignment]
+    gw: Services = request.app[GATEWAY_KEY]  # type: ignore[assignment]
     try:
         body = await request.json()
         public_key = str(body["public_key"])
@@ -136,7 +137,7 @@ async def ssh_cert(request: web.Request, identity: Identity) -> web.Response:
 async def whoami(request: web.Request, identity: Identity) -> web.Response:
     from bastion.control import roles_of
 
-    gw: Gateway = request.app[GATEWAY_KEY]  # type: ignore[assignment]
+    gw: Services = request.app[GATEWAY_KEY]  # type: ignore[assignment]
     return web.json_response(identity.to_dict() | {"method": identity.method,
                                                    "roles": roles_of(gw.config.roles, identity)})
 
@@ -144,8 +145,8 @@ async def whoami(request: web.Request, identity: Identity) -> web.Response:
 async def kube_ca(request: web.Request) -> web.Response:
     """The CA that signs the Kubernetes front door's certificate (public, like any CA
     certificate: `bastion kubeconfig` puts it in the kubeconfig it writes)."""
-    gw: Gateway = request.app[GATEWAY_KEY]  # type: ignore[assignment]
-    kube = getattr(gw, "kube", None)
+    gw: Services = request.app[GATEWAY_KEY]  # type: ignore[assignment]
+    kube = gw.kube
     if kube is None or not kube.ca_pem:
         return _error(404, "no_kube", "this gateway serves no Kubernetes clusters (configure [[clusters]])")
     return web.Response(body=kube.ca_pem, content_type="application/x-pem-file",
@@ -164,7 +165,7 @@ def _approval_json(row: dict[str, Any]) -> dict[str, Any]:
 @_authenticated
 async def approvals_list(request: web.Request, identity: Identity) -> web.Response:
     """Requests the caller may act on (in an approver group) or made; ``?status=pending``."""
-    gw: Gateway = request.app[GATEWAY_KEY]  # type: ignore[assignment]
+    gw: Services = request.app[GATEWAY_KEY]  # type: ignore[assignment]
     status = request.query.get("status") or None
     if status == "all":
         status = None
@@ -181,7 +182,7 @@ async def approvals_list(request: web.Request, identity: Identity) -> web.Respon
 
 @_authenticated
 async def approvals_show(request: web.Request, identity: Identity) -> web.Response:
-    gw: Gateway = request.app[GATEWAY_KEY]  # type: ignore[assignment]
+    gw: Services = request.app[GATEWAY_KEY]  # type: ignore[assignment]
     rid = request.match_info["id"]
     row = await gw.approvals.state.get_request(rid)
     if row is None:
@@ -195,7 +196,7 @@ async def approvals_show(request: web.Request, identity: Identity) -> web.Respon
 async def _decide(request: web.Request, identity: Identity, decision: str) -> web.Response:
     from bastion.approvals.engine import DecisionError
 
-    gw: Gateway = request.app[GATEWAY_KEY]  # type: ignore[assignment]
+    gw: Services = request.app[GATEWAY_KEY]  # type: ignore[assignment]
     rid = request.match_info["id"]
     try:
         body = await request.json() if request.can_read_body else {}
@@ -222,20 +223,20 @@ async def approvals_deny(request: web.Request, identity: Identity) -> web.Respon
 
 
 async def dev_discovery(request: web.Request) -> web.Response:
-    gw: Gateway = request.app[GATEWAY_KEY]  # type: ignore[assignment]
+    gw: Services = request.app[GATEWAY_KEY]  # type: ignore[assignment]
     assert gw.dev_issuer is not None
     return web.json_response(gw.dev_issuer.discovery())
 
 
 async def dev_jwks(request: web.Request) -> web.Response:
-    gw: Gateway = request.app[GATEWAY_KEY]  # type: ignore[assignment]
+    gw: Services = request.app[GATEWAY_KEY]  # type: ignore[assignment]
     assert gw.dev_issuer is not None
     return web.json_response(gw.dev_issuer.jwks())
 
 
 async def dev_token(request: web.Request) -> web.Response:
     """Mint a token from the dev issuer. Only in --dev, only from loopback."""
-    gw: Gateway = request.app[GATEWAY_KEY]  # type: ignore[assignment]
+    gw: Services = request.app[GATEWAY_KEY]  # type: ignore[assignment]
     assert gw.dev_issuer is not None
     if not (request.remote or "").startswith("127.") and request.remote != "::1":
         return _error(403, "forbidden", "dev tokens are minted only for loopback callers")
@@ -254,7 +255,7 @@ def _api_error(status: int, message: str) -> web.Response:
     return _error(status, reason, message)
 
 
-def build_app(gw: Gateway) -> web.Application:
+def build_app(gw: Services, more_routes: Sequence[Callable[[web.Application], None]] = ()) -> web.Application:
     from bastion.http.badrequest import route_errors
 
     app = web.Application(client_max_size=MAX_BODY, middlewares=[route_errors("api", _api_error, gw.audit.emit)])
@@ -269,30 +270,22 @@ def build_app(gw: Gateway) -> web.Application:
     app.router.add_post("/v1/approvals/{id}/approve", approvals_approve)
     app.router.add_post("/v1/approvals/{id}/deny", approvals_deny)
     app.router.add_get("/v1/kube/ca", kube_ca)
-    from bastion.http.control_api import add_routes as add_control_routes
-
-    add_control_routes(app)  # locks, live sessions, kills (issue 8)
-    if gw.config.mcp.enabled:  # the MCP front door (bastion/mcp, issue 18)
-        from bastion.mcp.http import add_mcp_routes
-
-        add_mcp_routes(app, gw)
-    from bastion.console.routes import add_routes as add_console_routes
-
-    add_console_routes(app, gw)  # the web console under /console/ (issue 19)
+    # Given by the composition root (bastion/gateway.py), whose modules build on this one: locks,
+    # live sessions and kills (bastion/http/control_api.py), the MCP door, the web console.
+    for add in more_routes:
+        add(app)
     if gw.dev_issuer is not None:
-        from bastion.console.devlogin import add_routes as add_dev_login_routes
-
         app.router.add_get("/dev/.well-known/openid-configuration", dev_discovery)
         app.router.add_get("/dev/jwks", dev_jwks)
         app.router.add_post("/dev/token", dev_token)
-        add_dev_login_routes(app)  # the dev issuer's sign-in page for the console
     return app
 
 
-async def start_http(gw: Gateway) -> tuple[web.AppRunner, int]:
+async def start_http(gw: Services, more_routes: Sequence[Callable[[web.Application], None]] = ()
+                     ) -> tuple[web.AppRunner, int]:
     from bastion.http.badrequest import install
 
-    runner = web.AppRunner(build_app(gw), access_log=None)
+    runner = web.AppRunner(build_app(gw, more_routes), access_log=None)
     await runner.setup()
     install(runner, "api", _api_error, gw.audit.emit)  # unparsable requests: JSON, audited
     host, port = gw.config.http_listen

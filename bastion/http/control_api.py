@@ -22,14 +22,14 @@ from bastion.identity import Identity
 from bastion.state import Conflict, NotFound, StateError
 
 if TYPE_CHECKING:
-    from bastion.gateway import Gateway
+    from bastion.services import Services
 
 
-def _gw(request: web.Request) -> Gateway:
+def _gw(request: web.Request) -> Services:
     return request.app[GATEWAY_KEY]  # type: ignore[return-value]
 
 
-def _forbidden(gw: Gateway, identity: Identity, action: str, roles: tuple[str, ...]) -> web.Response | None:
+def _forbidden(gw: Services, identity: Identity, action: str, roles: tuple[str, ...]) -> web.Response | None:
     if any(has_role(gw.config.roles, identity, role) for role in roles):
         return None
     gw.audit.emit("api.forbidden", subject=identity.subject, issuer=identity.issuer, action=action,

@@ -21,6 +21,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from jwt.algorithms import OKPAlgorithm, RSAAlgorithm
 
+from recorder.secretfile import write_secret
+
 # RFC 7638 §3.2: the thumbprint covers only the required members of each key type.
 _THUMBPRINT_MEMBERS = {"RSA": ("e", "kty", "n"), "OKP": ("crv", "kty", "x")}
 
@@ -111,20 +113,9 @@ def _load_or_create_key(path: Path) -> rsa.RSAPrivateKey | ed25519.Ed25519Privat
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Written 0600 from the start under a temporary name, then linked into place:
-        # the key is never readable by others, and of two processes racing to create
-        # it both end up using the same complete file.
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
+        # Of two processes racing to create it, both end up using the same complete file.
+        if not write_secret(path, pem):
             return _load_or_create_key(path)
-        finally:
-            tmp.unlink()
         return key
     loaded = serialization.load_pem_private_key(data, password=None)
     if not isinstance(loaded, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey):

@@ -10,13 +10,13 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import asyncssh
 
 from bastion.identity.model import AuthError, Identity
+from recorder.secretfile import write_secret
 
 KEY_ID_PREFIX = "guarita:"
 
@@ -26,10 +26,8 @@ def load_or_create_key(path: Path) -> asyncssh.SSHKey:
     if path.exists():
         return asyncssh.read_private_key(str(path))
     key = asyncssh.generate_private_key("ssh-ed25519", comment=f"guarita {path.name}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key.export_private_key())
+    if not write_secret(path, key.export_private_key()):  # another process created it first
+        return asyncssh.read_private_key(str(path))
     path.with_name(path.name + ".pub").write_bytes(key.export_public_key())
     return key
 

@@ -20,12 +20,13 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from recorder.secretfile import write_secret
 
 EXEC_API = "client.authentication.k8s.io/v1"
 REFRESH_MARGIN = 60.0  # seconds before expiry when a cached token is no longer handed out
@@ -64,16 +65,7 @@ def _read_cache(path: Path) -> dict[str, Any]:
 
 
 def _write_private(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    write_secret(path, text.encode(), replace=True)
 
 
 def _http_json(url: str, data: dict[str, str] | None = None, auth: tuple[str, str] | None = None) -> dict[str, Any]:

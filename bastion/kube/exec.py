@@ -29,7 +29,7 @@ import logging
 import operator
 import shlex
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -49,11 +49,13 @@ from bastion.kube.held import HeldStream
 from bastion.kube.status import parse_exit, status
 from bastion.kube.upstream import ClusterUpstream, handshake_body
 from bastion.kube.wsframe import send_binary
+from bastion.pipeline import EarlyInput, GateRefused, admit, refused
+from bastion.refusal import Refused as Refusal
 from bastion.session import Session, SessionInfo
 from recorder.recorder import new_session_id
 
 if TYPE_CHECKING:
-    from bastion.config import ClusterConfig
+    from bastion.config import AccessRule, ClusterConfig
     from bastion.kube.frontdoor import KubeFrontDoor
     from bastion.kube.policy import KubeRequest
 
@@ -189,7 +191,7 @@ async def connect_upstream(cluster: ClusterConfig, upstream: ClusterUpstream, re
                            identity: Identity, req: KubeRequest, query: list[tuple[str, str]] | str,
                            protocols: tuple[str, ...]) -> aiohttp.ClientWebSocketResponse:
     """The gateway's own WebSocket to the API server (credentials + impersonation)."""
-    creds = upstream.current()
+    creds = await upstream.credentials()
     headers = forward_headers(request.headers)
     for key, value in (*creds.auth_headers().items(), *impersonation(cluster, identity)):
         headers.add(key, value)
@@ -229,12 +231,13 @@ async def connect_upstream(cluster: ClusterConfig, upstream: ClusterUpstream, re
 
 
 async def handle_exec(door: KubeFrontDoor, request: web.Request, identity: Identity, req: KubeRequest,
-                      cluster: ClusterConfig, upstream: ClusterUpstream, source: str) -> web.StreamResponse:
+                      cluster: ClusterConfig, upstream: ClusterUpstream, source: str,
+                      rule: AccessRule | None = None) -> web.StreamResponse:
     kind = req.subresource or "exec"
     if _is_spdy(request) or (request.method == "POST" and not _is_websocket(request)):
-        door.gw.audit.emit("kube.refused", reason="spdy", subject=identity.subject, source=source,
-                           cluster=cluster.name, namespace=req.namespace, pod=req.name, kind=kind,
-                           user_agent=request.headers.get("User-Agent"))
+        refused(door.gw, Refusal("spdy", _spdy_message(kind), 400), "kube", subject=identity.subject,
+                source=source, target=cluster.name, cluster=cluster.name, namespace=req.namespace, pod=req.name,
+                kind=kind, user_agent=request.headers.get("User-Agent"))
         raise Refused(400, _spdy_message(kind))
     if not _is_websocket(request):
         raise Refused(400, f"guarita: {kind} needs a WebSocket upgrade ({', '.join(CLIENT_PROTOCOLS)})")
@@ -247,16 +250,18 @@ async def handle_exec(door: KubeFrontDoor, request: web.Request, identity: Ident
     if kind == "exec" and not params.command:
         raise Refused(400, "guarita: exec needs a command (query parameter 'command')")
     impersonation(cluster, identity)  # refuse before the upgrade if the identity cannot be impersonated
-    stream = KubeStream(door, request, identity, req, cluster, upstream, source, kind, params, protocol)
+    stream = KubeStream(door, request, identity, req, cluster, upstream, source, kind, params, protocol, rule)
     return await stream.run()
 
 
 class KubeStream:
-    """One exec or attach: the client's WebSocket, the upstream's, and the Session between."""
+    """One exec or attach: the client's WebSocket, the upstream's, and the Session between.
+    Also the session's ClientSide (bastion/pipeline.py): write_client, deliver_output,
+    notify_user, terminate."""
 
     def __init__(self, door: KubeFrontDoor, request: web.Request, identity: Identity, req: KubeRequest,
                  cluster: ClusterConfig, upstream: ClusterUpstream, source: str, kind: str,
-                 params: StreamParams, protocol: str) -> None:
+                 params: StreamParams, protocol: str, rule: AccessRule | None = None) -> None:
         self.door = door
         self.gw = door.gw
         self.request = request
@@ -267,6 +272,7 @@ class KubeStream:
         self.source = source
         self.kind = kind
         self.params = params
+        self.rule = rule
         self.codec = Codec(protocol)
         self.up_codec = Codec(V5)
         self.client: web.WebSocketResponse | None = None
@@ -274,7 +280,9 @@ class KubeStream:
         self.session: Session | None = None
         self.exit_code: int | None = None
         self.final: dict[str, Any] | None = None
-        self._pending: list[tuple[int, bytes]] = []
+        # Client frames read before the upstream is open (the first resize, input during an
+        # approval wait: Ctrl-C on a terminal cancels the wait), replayed once it is.
+        self._early: EarlyInput[tuple[int, bytes]] = EarlyInput(MAX_MESSAGE, ctrl_c_cancels=params.tty)
         self._closing = False
         self._end_reason: str | None = None
         self._send_lock = asyncio.Lock()
@@ -291,22 +299,16 @@ class KubeStream:
         self.client = ws
         try:
             size = await self._first_size() if self.params.tty else None
-            # Locks and per-identity limits (bastion/control): refused with a Status after the
-            # upgrade, so kubectl shows the reason instead of retrying with SPDY.
-            sid = new_session_id()
-            control = getattr(self.gw, "control", None)
-            refusal = control.admit(self.identity, self.cluster.name, sid) if control is not None else None
-            if refusal is not None:
-                self.gw.audit.emit("kube.refused", reason=refusal.reason, detail=refusal.message,
-                                   subject=self.identity.subject, source=self.source, cluster=self.cluster.name,
-                                   namespace=self.req.namespace, pod=self.req.name, kind=self.kind)
-                await self._client_status(status(refusal.code, f"guarita: {refusal.message}",
-                                                 "Forbidden" if refusal.code == 403 else "TooManyRequests"))
+            # Admission (bastion/pipeline.py: draining, the recording spool, locks and limits):
+            # refused with a Status after the upgrade, so kubectl shows the reason instead of
+            # retrying with SPDY.
+            try:
+                admission = await admit(self.gw, self._info(size), self, self._early)
+            except Refusal as exc:
+                await self._client_status(status(exc.status, f"guarita: {exc.message}", _status_reason(exc.status)))
                 return ws
-            self.session = Session(self.gw, replace(self._info(size), session_id=sid))
-            self.session.end_if_unrecorded(self.terminate)
-            self.gw.live_sessions[self.session.id] = self
-            await self._run_session()
+            self.session = admission.open()
+            await self._run_session(admission)
         except asyncio.CancelledError:  # the client went away (aiohttp cancels the handler)
             self._end_reason = self._end_reason or "client disconnected"
             raise
@@ -323,7 +325,6 @@ class KubeStream:
                 with contextlib.suppress(Exception):
                     await self.up.close()
             if self.session is not None:
-                self.gw.live_sessions.pop(self.session.id, None)
                 # Shielded: a cancelled handler (client gone) must still seal the recording.
                 end = asyncio.ensure_future(self.session.end(self.exit_code, reason=self._end_reason))
                 self.door.tasks.add(end)
@@ -337,6 +338,7 @@ class KubeStream:
         return SessionInfo(
             front_door="kube", identity=self.identity, source=self.source, target=self.cluster.name,
             kind=self.kind, command=shlex.join(p.command) if p.command else None, size=size,
+            session_id=new_session_id(), rule=self.rule,
             extra={"cluster": self.cluster.name, "namespace": self.req.namespace, "pod": self.req.name,
                    "container": p.container, "argv": list(p.command), "stdin": p.stdin,
                    "kube_user": self.cluster.user_prefix + self.identity.subject,
@@ -357,16 +359,16 @@ class KubeStream:
                 if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
                     break
                 continue
-            self._pending.append(frame)
+            self._early.add(frame, None)
             if frame[0] == RESIZE and (size := _parse_size(frame[1])):
                 return size
         return 80, 24
 
-    async def _run_session(self) -> None:
+    async def _run_session(self, admission: Any) -> None:
         assert self.session is not None and self.client is not None
         # APPROVAL GATE: the single awaited call where the command is submitted to the
         # approval rules, after the WebSocket upgrade and before the upstream exec opens.
-        denial = await self.approval_gate()
+        denial = await self.approval_gate(admission)
         if denial is not None:
             self._end_reason = denial
             await self._client_status(status(403, denial, "Forbidden"))
@@ -384,15 +386,11 @@ class KubeStream:
             await self._client_status(body)
             return
         self.up_codec = Codec(self.up.protocol or V4)
-        self.session.deliver_output = self._deliver
         self.session.marker("upstream", protocol=self.up_codec.protocol)
-        if hasattr(self.session, "write_target"):
-            # The approvals' interactive gate writes to the terminal and releases held input.
-            self.session.write_client = lambda data: self._write_soon(self.client, self.codec, STDOUT, data)
-            self.session.write_target = lambda data: self._write_soon(self.up, self.up_codec, STDIN, data)
-        for channel, data in self._pending:
+        # The approvals' interactive gate releases held input to the target.
+        self.session.attach_target(lambda data: self._write_soon(self.up, self.up_codec, STDIN, data))
+        for channel, data in self._early.take():
             await self._from_client(channel, data)
-        self._pending.clear()
         to_up = asyncio.create_task(self._client_to_upstream())
         to_client = asyncio.create_task(self._upstream_to_client())
         try:
@@ -410,7 +408,7 @@ class KubeStream:
                 task.cancel()
             await asyncio.gather(to_up, to_client, return_exceptions=True)
 
-    async def approval_gate(self) -> str | None:
+    async def approval_gate(self, admission: Any) -> str | None:
         """APPROVAL GATE. ``None`` lets the command run; a string refuses it with that message.
 
         ``exec`` is matched on the exact argv (``self.params.command``), ``attach`` as the
@@ -420,26 +418,18 @@ class KubeStream:
         (Ctrl-C on a terminal, or the client going away, cancels the request); the refusal
         returned here reaches kubectl as a Failure Status on the error channel.
         """
-        assert self.session is not None
-        approvals = getattr(self.gw, "approvals", None)
-        if approvals is None or not hasattr(self.session, "gate_exec"):
+        argv = list(self.params.command)
+        if not admission.gates_opening(argv):
             return None
-        gates_opening = getattr(approvals, "gates_opening", None)
-        if gates_opening is not None and not gates_opening(self.session.info, argv=list(self.params.command)):
-            return None
-        self.session.write_client = lambda data: self._write_soon(self.client, self.codec, STDOUT, data)
         watcher = asyncio.create_task(self._hold_client_frames())
         try:
-            if self.kind == "exec":
-                result = await self.session.gate_exec(self.session.info.command or "", argv=list(self.params.command))
-            else:
-                result = await self.session.gate_shell()
+            await admission.decide_opening(argv)
+        except GateRefused as exc:
+            return exc.message
         finally:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
-        if result.allowed:
-            return None
-        return str(result.reason or f"guarita: the command was {result.outcome}")
+        return None
 
     async def _hold_client_frames(self) -> None:
         """While an approval waits: keep the client's frames, watch for Ctrl-C and hang-ups."""
@@ -448,13 +438,14 @@ class KubeStream:
             frame = self.codec.decode(msg)
             if frame is None:
                 continue
-            if frame[0] == STDIN and self.params.tty and b"\x03" in frame[1]:
-                self.session.cancel_approval("cancelled with Ctrl-C")
-                continue
-            self._pending.append(frame)
+            self._early.add(frame, frame[1] if frame[0] == STDIN else None)
         self.session.cancel_approval("client disconnected")
 
-    def _deliver(self, data: bytes, stream: str) -> None:
+    def write_client(self, data: bytes) -> None:
+        """guarita's own words (approval waits, the interactive gate): on stdout."""
+        self._write_soon(self.client, self.codec, STDOUT, data)
+
+    def deliver_output(self, data: bytes, stream: str) -> None:
         """Output the pipeline released late (a masker's held-back tail), in order with the rest."""
         if self.client is not None and data:
             self._queue_output(STDOUT if stream == "o" else STDERR, data)
@@ -490,13 +481,6 @@ class KubeStream:
                     await _send(ws, frame)
 
         self.door.spawn(send())
-
-    async def notify(self, text: str) -> None:
-        """A message from the gateway to the user's stdout (recorded as a marker, not output)."""
-        assert self.client is not None and self.session is not None
-        self.session.marker("notice", text=text)
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await _send(self.client, self.codec.encode(STDOUT, text.encode()))
 
     # -- client -> upstream -----------------------------------------------------------------
 
@@ -621,6 +605,10 @@ class KubeStream:
                 await self.client.close()
 
 
+def _status_reason(code: int) -> str:
+    return {403: "Forbidden", 429: "TooManyRequests", 503: "ServiceUnavailable"}.get(code, "InternalError")
+
+
 def _parse_size(data: bytes) -> tuple[int, int] | None:
     try:
         body = json.loads(data)
@@ -638,7 +626,8 @@ def _parse_size(data: bytes) -> tuple[int, int] | None:
 
 
 async def handle_portforward(door: KubeFrontDoor, request: web.Request, identity: Identity, req: KubeRequest,
-                             cluster: ClusterConfig, upstream: ClusterUpstream, source: str) -> web.StreamResponse:
+                             cluster: ClusterConfig, upstream: ClusterUpstream, source: str,
+                             rule: AccessRule | None = None) -> web.StreamResponse:
     if not _is_websocket(request):
         raise Refused(400, _spdy_message("portforward"))
     offered = tuple(_offered(request))
@@ -649,7 +638,7 @@ async def handle_portforward(door: KubeFrontDoor, request: web.Request, identity
                                     offered)
     except UpstreamRefused as exc:
         raise Refused(exc.code, str(exc), (exc.body or {}).get("reason")) from None
-    relay = PortForwardRelay(door, request, identity, req, cluster, source, up)
+    relay = PortForwardRelay(door, request, identity, req, cluster, source, up, rule)
     return await relay.run()
 
 
@@ -660,7 +649,8 @@ class PortForwardRelay:
     credential expiry and ``max_duration`` close it, with the reason as the close reason."""
 
     def __init__(self, door: KubeFrontDoor, request: web.Request, identity: Identity, req: KubeRequest,
-                 cluster: ClusterConfig, source: str, up: aiohttp.ClientWebSocketResponse) -> None:
+                 cluster: ClusterConfig, source: str, up: aiohttp.ClientWebSocketResponse,
+                 rule: AccessRule | None = None) -> None:
         self.door, self.request, self.identity, self.req = door, request, identity, req
         self.cluster, self.source, self.up = cluster, source, up
         self.client: web.WebSocketResponse | None = None
@@ -668,7 +658,7 @@ class PortForwardRelay:
         self.bytes_out = 0
         self.reason = "closed"
         self.held = HeldStream(door.gw, "portforward", identity, source, cluster.name,
-                               {"namespace": req.namespace, "pod": req.name}, self._stopped)
+                               {"namespace": req.namespace, "pod": req.name}, self._stopped, rule)
         self._tasks: list[asyncio.Task[None]] = []
 
     def _stopped(self, message: str) -> None:
@@ -740,3 +730,7 @@ class PortForwardRelay:
         if self.client is not None:
             with contextlib.suppress(Exception):
                 await self.client.close()
+
+
+# What the Kubernetes front door hands its streaming subresources to (bastion/gateway.py).
+STREAMING = {"exec": handle_exec, "attach": handle_exec, "portforward": handle_portforward}

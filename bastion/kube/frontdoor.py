@@ -19,7 +19,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -27,7 +27,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from bastion.config import ClusterConfig
+from bastion.config import AccessRule, ClusterConfig
 from bastion.identity import AuthError, Identity
 from bastion.identity.delegation import chain_fields
 from bastion.kube.held import HeldStream
@@ -38,10 +38,13 @@ from bastion.kube.tls import ensure_server_cert, server_context, server_names
 from bastion.kube.upstream import ClusterUpstream, UpstreamConfigError
 
 if TYPE_CHECKING:
-    from bastion.gateway import Gateway
     from bastion.kube.policy import KubeRequest
+    from bastion.services import Services
 
 log = logging.getLogger("guarita.kube")
+
+# (door, request, identity, parsed request, cluster, upstream, source, the access rule that allowed it)
+StreamingHandler = Callable[..., Awaitable[web.StreamResponse]]
 
 BEARER_PROTOCOL = "base64url.bearer.authorization.k8s.io."
 # Request headers never forwarded: hop-by-hop ones, the caller's credentials, and every
@@ -125,8 +128,11 @@ def source_of(request: web.BaseRequest) -> str:
 
 
 class KubeFrontDoor:
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Services, streaming: Mapping[str, StreamingHandler] | None = None) -> None:
         self.gw = gateway
+        # exec, attach, portforward (bastion/kube/exec.py), given by the gateway: that module
+        # builds on this one.
+        self.streaming = dict(streaming or {})
         self.upstreams = {c.name: ClusterUpstream(c) for c in gateway.config.clusters}
         self.runner: web.AppRunner | None = None
         self.port = 0
@@ -187,7 +193,7 @@ class KubeFrontDoor:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
         source = source_of(request)
-        if getattr(self.gw, "draining", False):  # SIGTERM: no new requests (bastion/lifecycle.py)
+        if self.gw.draining:  # SIGTERM: no new requests (bastion/lifecycle.py)
             return status_response(503, "guarita: this gateway is shutting down; retry to reach another replica",
                                    "ServiceUnavailable")
         try:
@@ -237,29 +243,27 @@ class KubeFrontDoor:
                                reason=decision.reason, ports=request.query.getall("ports", None),
                                **chain_fields(identity))
             raise Refused(403, decision.reason)
-        control = getattr(self.gw, "control", None)
-        lock = control.locked(identity, cluster.name) if control is not None else None
+        lock = self.gw.control.locked(identity, cluster.name)
         if lock is not None:  # every request, not only sessions (bastion/control)
             self.gw.audit.emit("kube.refused", reason="locked", lock=lock.id, subject=identity.subject,
                                source=source, cluster=req.cluster, method=request.method, path=req.raw_path[:500])
             raise Refused(403, f"guarita: {lock.refusal()}")
         upstream = self.upstreams[cluster.name]
-        from bastion.kube import exec as kexec
-
-        if req.streaming in ("exec", "attach"):
-            return await kexec.handle_exec(self, request, identity, req, cluster, upstream, source)
-        if req.streaming == "portforward":
-            return await kexec.handle_portforward(self, request, identity, req, cluster, upstream, source)
+        if req.streaming is not None:
+            handler = self.streaming.get(req.streaming)
+            if handler is None:
+                raise Refused(400, f"guarita: {req.streaming} is not served by this gateway")
+            return await handler(self, request, identity, req, cluster, upstream, source, decision.rule)
         if "upgrade" in request.headers.get("Connection", "").lower() or request.headers.get("Upgrade"):
             raise Refused(400, "guarita: protocol upgrades (WebSocket, SPDY) are relayed only for exec, attach and "
                                "port-forward")
-        return await self.proxy(request, identity, req, cluster, upstream)
+        return await self.proxy(request, identity, req, cluster, upstream, decision.rule)
 
     # -- plain requests, watches and logs ------------------------------------------------
 
     async def proxy(self, request: web.Request, identity: Identity, req: KubeRequest, cluster: ClusterConfig,
-                    upstream: ClusterUpstream) -> web.StreamResponse:
-        creds = upstream.current()
+                    upstream: ClusterUpstream, rule: AccessRule | None = None) -> web.StreamResponse:
+        creds = await upstream.credentials()
         headers = forward_headers(request.headers)
         for key, value in (*creds.auth_headers().items(), *impersonation(cluster, identity)):
             headers.add(key, value)
@@ -308,7 +312,7 @@ class KubeFrontDoor:
                 body = _copy(resp, out)
             try:
                 if _long_lived(request):
-                    if await self._held(body, request, identity, req, cluster, resp, out):
+                    if await self._held(body, request, identity, req, cluster, resp, out, rule):
                         return out  # ended by the gateway (lock, kill, expiry)
                 else:
                     await body
@@ -326,7 +330,7 @@ class KubeFrontDoor:
 
     async def _held(self, body: Coroutine[Any, Any, None], request: web.Request, identity: Identity,
                     req: KubeRequest, cluster: ClusterConfig, resp: aiohttp.ClientResponse,
-                    out: web.StreamResponse) -> bool:
+                    out: web.StreamResponse, rule: AccessRule | None) -> bool:
         """A watch or followed log, held to its caller (bastion/kube/held.py); True if the
         gateway ended it: the client gets the reason as a last watch event or log line."""
         relay = asyncio.create_task(body)
@@ -336,7 +340,7 @@ class KubeFrontDoor:
 
         held = HeldStream(self.gw, "stream", identity, request.remote or "", cluster.name,
                           {"namespace": req.namespace, "resource": req.resource, "name": req.name,
-                           "subresource": req.subresource}, stop)
+                           "subresource": req.subresource}, stop, rule)
         try:
             with held:
                 await relay
@@ -394,8 +398,8 @@ def _auth_message(exc: AuthError) -> str:
     return "guarita: the bearer token was not accepted"
 
 
-async def start_kube(gateway: Gateway) -> KubeFrontDoor:
-    door = KubeFrontDoor(gateway)
+async def start_kube(gateway: Services, streaming: Mapping[str, StreamingHandler] | None = None) -> KubeFrontDoor:
+    door = KubeFrontDoor(gateway, streaming)
     try:
         await door.start()
     except BaseException:

@@ -19,40 +19,41 @@ from bastion.session import SessionInfo, hard_limits
 from recorder.recorder import new_session_id
 
 if TYPE_CHECKING:
-    from bastion.gateway import Gateway
+    from bastion.config import AccessRule
     from bastion.identity import Identity
+    from bastion.services import Services
 
 
 class HeldStream:
     """What bastion/control needs of a live connection: ``id``, ``info``, ``ended``,
-    ``stopping`` and ``stop()``. ``on_stop(message)`` closes the connection."""
+    ``stopping`` and ``stop()``. ``on_stop(message)`` closes the connection. ``rule`` is
+    the access rule that allowed the request: its limits are the stream's."""
 
-    def __init__(self, gw: Gateway, kind: str, identity: Identity, source: str, cluster: str,
-                 extra: dict[str, Any], on_stop: Callable[[str], None]) -> None:
+    def __init__(self, gw: Services, kind: str, identity: Identity, source: str, cluster: str,
+                 extra: dict[str, Any], on_stop: Callable[[str], None], rule: AccessRule | None) -> None:
         self.gw = gw
         self.kind = kind
         self.id = new_session_id()
         self.info = SessionInfo(front_door="kube", identity=identity, source=source, target=cluster, kind=kind,
-                                extra=extra)
+                                extra=extra, rule=rule)
         self.ended = False
         self.stopping = False
         self.reason: str | None = None
         self._on_stop = on_stop
-        self._control = getattr(gw, "control", None)
+        self._control = gw.control
+        self._live = gw.live
         self._watchdog: asyncio.Task[None] | None = None
 
     def __enter__(self) -> HeldStream:
-        if self._control is not None:
-            self._control.held_started(self)
-            self._watchdog = asyncio.create_task(self.watch_limits())
+        self._live.held_started(self)
+        self._watchdog = asyncio.create_task(self.watch_limits())
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.ended = True
         if self._watchdog is not None:
             self._watchdog.cancel()
-        if self._control is not None:
-            self._control.held_ended(self)
+        self._live.held_ended(self)
 
     def stop(self, kind: str, message: str, **fields: Any) -> bool:
         """End it from the gateway's side (lock, kill, expiry): audited, then closed."""
@@ -70,7 +71,6 @@ class HeldStream:
         return True
 
     async def watch_limits(self) -> None:
-        assert self._control is not None
         limits = self._control.limits_for(self.info)
         what = "port-forward" if self.kind == "portforward" else "stream"
         ends = hard_limits(self.info.identity.expires_at or None, limits, time.time(), what)

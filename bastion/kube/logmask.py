@@ -27,13 +27,13 @@ from bastion.masking.stream import Masked
 if TYPE_CHECKING:
     import aiohttp
 
-    from bastion.gateway import Gateway
     from bastion.kube.policy import KubeRequest
+    from bastion.services import Services
 
 VALUES_PER_EVENT = 500
 
 
-def log_masker(gw: Gateway, req: KubeRequest, cluster: str, identity: Identity) -> StreamMasker | None:
+def log_masker(gw: Services, req: KubeRequest, cluster: str, identity: Identity) -> StreamMasker | None:
     """A masker for this request if it reads pod logs where the live output is masked."""
     masking = gw.config.masking
     secret = getattr(gw, "masking_secret", None)
@@ -49,7 +49,7 @@ class MaskedLogRelay:
     once the log lines after it decide it, or at the end: never on a pause of the log (the
     masker decides on content, never on time; a log line ends in a newline anyway)."""
 
-    def __init__(self, gw: Gateway, masker: StreamMasker, fields: dict[str, Any]) -> None:
+    def __init__(self, gw: Services, masker: StreamMasker, fields: dict[str, Any]) -> None:
         self.gw = gw
         self.masker = masker
         self.fields = fields

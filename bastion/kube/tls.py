@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import socket
 import ssl
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -23,30 +21,21 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from recorder.secretfile import write_secret
+
 CA_DAYS = 3650
 SERVER_DAYS = 365
 RENEW_BEFORE = dt.timedelta(days=30)
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Write 0600 under a temporary name, then link into place (first writer wins)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    try:
-        os.link(tmp, path)
-    finally:
-        tmp.unlink()
+    """Create it 0600, first writer wins (recorder/secretfile.py)."""
+    if not write_secret(path, data):
+        raise FileExistsError(path)
 
 
 def _replace(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    write_secret(path, data, replace=True)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

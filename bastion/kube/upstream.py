@@ -9,7 +9,7 @@ request carries the gateway's credentials plus ``Impersonate-User`` / ``Imperson
 
 from __future__ import annotations
 
-import base64
+import asyncio
 import contextlib
 import logging
 import os
@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import yaml
 
 from bastion.config import ClusterConfig
+from bastion.kube.credentials import KubeconfigError
+from bastion.kube.credentials import load as load_kubeconfig
 
 log = logging.getLogger("guarita.kube")
 
@@ -68,13 +69,6 @@ class _Response(aiohttp.ClientResponse):
         return self
 
 
-def _b64(value: str, what: str) -> bytes:
-    try:
-        return base64.b64decode(value, validate=False)
-    except ValueError as exc:
-        raise UpstreamConfigError(f"{what} is not base64: {exc}") from None
-
-
 @contextlib.contextmanager
 def _as_files(cert: bytes | Path, key: bytes | Path) -> Iterator[tuple[str, str]]:
     """ssl wants file names: inline kubeconfig data goes to private temp files for a moment."""
@@ -113,15 +107,6 @@ def _ssl_context(ca: bytes | Path | None, cert: bytes | Path | None, key: bytes 
     return context
 
 
-def _named(items: Any, name: str, kind: str, source: Path) -> dict[str, Any]:
-    for item in items or []:
-        if isinstance(item, dict) and item.get("name") == name:
-            body = item.get(kind)
-            if isinstance(body, dict):
-                return body
-    raise UpstreamConfigError(f"{source}: no {kind} named {name!r}")
-
-
 class ClusterUpstream:
     """Credentials for one cluster, re-read when their files change."""
 
@@ -131,12 +116,14 @@ class ClusterUpstream:
         self._stamp: tuple[Any, ...] = ()
         self._watched: list[Path] = []
         self._checked = 0.0
+        self._expires: float | None = None  # exec plugin / OIDC credentials: load again after
+        self._loading = asyncio.Lock()
         self.session: aiohttp.ClientSession | None = None
 
     # -- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.current()  # fail at start-up, not at the first request, on an unreadable config
+        await self.credentials()  # fail at start-up, not at the first request, on an unreadable config
         timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=self.config.connect_timeout,
                                         sock_read=None)
         self.session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False, response_class=_Response,
@@ -150,25 +137,33 @@ class ClusterUpstream:
 
     # -- credentials --------------------------------------------------------------------
 
-    def current(self) -> Credentials:
+    async def credentials(self) -> Credentials:
+        """The credentials to use now: re-read when a file they come from changed, and loaded
+        again (an exec plugin run, an OIDC refresh) before they expire."""
         now = time.monotonic()
-        if self._creds is not None and now - self._checked < RECHECK_SECONDS:
+        expired = self._expires is not None and time.time() >= self._expires
+        if self._creds is not None and now - self._checked < RECHECK_SECONDS and not expired:
             return self._creds
-        self._checked = now
-        stamp = self._stat(self._watched) if self._watched else ()
-        if self._creds is None or stamp != self._stamp:
-            try:
-                creds, watched = self._load()
-            except UpstreamConfigError:
-                if self._creds is None:
-                    raise
-                log.exception("cluster %s: keeping the previous credentials", self.config.name)
+        async with self._loading:  # one plugin run for the requests that arrive meanwhile
+            if self._creds is not None and time.monotonic() - self._checked < RECHECK_SECONDS and not (
+                    self._expires is not None and time.time() >= self._expires):
                 return self._creds
-            self._creds, self._watched = creds, watched
-            self._stamp = self._stat(watched)
-            if stamp:
-                log.info("cluster %s: credentials re-read", self.config.name)
-        return self._creds
+            self._checked = time.monotonic()
+            stamp = self._stat(self._watched) if self._watched else ()
+            expired = self._expires is not None and time.time() >= self._expires
+            if self._creds is None or stamp != self._stamp or expired:
+                try:
+                    creds, watched, expires = await self._load()
+                except UpstreamConfigError:
+                    if self._creds is None:
+                        raise
+                    log.exception("cluster %s: keeping the previous credentials", self.config.name)
+                    return self._creds
+                self._creds, self._watched, self._expires = creds, watched, expires
+                self._stamp = self._stat(watched)
+                if stamp:
+                    log.info("cluster %s: credentials re-read", self.config.name)
+            return self._creds
 
     @staticmethod
     def _stat(paths: list[Path]) -> tuple[Any, ...]:
@@ -181,11 +176,16 @@ class ClusterUpstream:
                 out.append(None)
         return tuple(out)
 
-    def _load(self) -> tuple[Credentials, list[Path]]:
+    async def _load(self) -> tuple[Credentials, list[Path], float | None]:
         if self.config.in_cluster:
-            return self._load_in_cluster()
+            return (*self._load_in_cluster(), None)
         assert self.config.kubeconfig is not None
-        return self._load_kubeconfig(self.config.kubeconfig, self.config.context)
+        try:
+            loaded = await load_kubeconfig(self.config.kubeconfig, self.config.context)
+        except KubeconfigError as exc:
+            raise UpstreamConfigError(str(exc)) from None
+        return (Credentials(loaded.server, loaded.ssl, loaded.token, loaded.server_hostname), loaded.watched,
+                loaded.expires)
 
     def _load_in_cluster(self) -> tuple[Credentials, list[Path]]:
         sa = self.config.service_account_dir
@@ -204,70 +204,3 @@ class ClusterUpstream:
             raise UpstreamConfigError(f"cluster {self.config.name}: cannot load {ca_file}: {exc}") from None
         host = f"[{host}]" if ":" in host else host
         return Credentials(f"https://{host}:{port}", context, token), [token_file, ca_file]
-
-    def _load_kubeconfig(self, path: Path, context_name: str | None) -> tuple[Credentials, list[Path]]:
-        try:
-            doc = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise UpstreamConfigError(f"cannot read kubeconfig {path}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise UpstreamConfigError(f"kubeconfig {path} is not valid YAML: {exc}") from None
-        if not isinstance(doc, dict):
-            raise UpstreamConfigError(f"kubeconfig {path} is not a kubeconfig (expected a mapping)")
-        name = context_name or doc.get("current-context")
-        if not name:
-            raise UpstreamConfigError(f"kubeconfig {path} has no current-context: set context = NAME for the cluster")
-        ctx = _named(doc.get("contexts"), name, "context", path)
-        cluster = _named(doc.get("clusters"), str(ctx.get("cluster")), "cluster", path)
-        user = _named(doc.get("users"), str(ctx.get("user")), "user", path) if ctx.get("user") else {}
-        base = path.parent
-        watched = [path]
-
-        def file(value: Any) -> Path:
-            p = Path(str(value)).expanduser()
-            p = p if p.is_absolute() else base / p
-            watched.append(p)
-            return p
-
-        server = str(cluster.get("server") or "").rstrip("/")
-        if not server.startswith("https://"):
-            raise UpstreamConfigError(f"kubeconfig {path}: cluster server must be an https:// URL, got {server!r}")
-        unsupported = [k for k in ("exec", "auth-provider", "username", "password") if user.get(k)]
-        if unsupported:
-            raise UpstreamConfigError(f"kubeconfig {path}: user {ctx.get('user')!r} uses {', '.join(unsupported)}; "
-                                      "the gateway's own credentials must be a token, tokenFile or client certificate")
-        ca: bytes | Path | None = None
-        if cluster.get("certificate-authority-data"):
-            ca = _b64(str(cluster["certificate-authority-data"]), "certificate-authority-data")
-        elif cluster.get("certificate-authority"):
-            ca = file(cluster["certificate-authority"])
-        cert: bytes | Path | None = None
-        key: bytes | Path | None = None
-        if user.get("client-certificate-data"):
-            cert = _b64(str(user["client-certificate-data"]), "client-certificate-data")
-        elif user.get("client-certificate"):
-            cert = file(user["client-certificate"])
-        if user.get("client-key-data"):
-            key = _b64(str(user["client-key-data"]), "client-key-data")
-        elif user.get("client-key"):
-            key = file(user["client-key"])
-        if (cert is None) != (key is None):
-            raise UpstreamConfigError(f"kubeconfig {path}: a client certificate needs its key (and the other way round)")
-        token = user.get("token")
-        if not token and user.get("tokenFile"):
-            token_path = file(user["tokenFile"])
-            try:
-                token = token_path.read_text().strip()
-            except OSError as exc:
-                raise UpstreamConfigError(f"kubeconfig {path}: cannot read tokenFile {token_path}: {exc.strerror}") from None
-        insecure = bool(cluster.get("insecure-skip-tls-verify"))
-        if insecure:
-            log.warning("cluster %s: insecure-skip-tls-verify is set: the API server's identity is NOT checked",
-                        self.config.name)
-        try:
-            context = _ssl_context(ca, cert, key, insecure)
-        except (OSError, ssl.SSLError, ValueError) as exc:
-            raise UpstreamConfigError(f"kubeconfig {path}: cannot load the CA or client certificate: {exc}") from None
-        server_name = cluster.get("tls-server-name")
-        return Credentials(server, context, str(token) if token else None,
-                           str(server_name) if server_name else None), watched

@@ -35,7 +35,6 @@ apply = "both"
 from __future__ import annotations
 
 import fnmatch
-import os
 import re
 import secrets
 from collections.abc import Sequence
@@ -54,6 +53,7 @@ from bastion.masking.detectors import (
     custom_detector,
 )
 from bastion.masking.stream import StreamMasker
+from recorder.secretfile import write_secret
 
 APPLY = ("live", "recording", "both", "none")
 SECRET_BYTES = 32
@@ -330,26 +330,8 @@ def load_or_create_secret(path: Path) -> bytes:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        line = (secrets.token_bytes(SECRET_BYTES).hex() + "\n").encode()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)  # atomic, and never replaces a key another process wrote
-        except FileExistsError:
-            pass
-        finally:
-            os.unlink(tmp)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        # Atomic, and never over a key another process wrote first (recorder/secretfile.py).
+        write_secret(path, (secrets.token_bytes(SECRET_BYTES).hex() + "\n").encode())
         data = path.read_bytes()
     return _decode_secret(data, path)
 

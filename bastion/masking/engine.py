@@ -21,6 +21,7 @@ does not cover (custom detectors); the masker then runs in Python, with the same
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import logging
 import os
@@ -37,7 +38,9 @@ from bastion.masking.detectors import _NUM_L, BUILTINS, Detector
 ABI = 2
 
 try:
-    from bastion.masking import _engine  # type: ignore[attr-defined]
+    # By its full name: the compiled leaf module, not the package (whose __init__ imports
+    # the masker that imports this module).
+    _engine: Any = importlib.import_module("bastion.masking._engine")
 except ImportError:  # pragma: no cover - built where a compiler and OpenSSL's headers are
     _engine = None
 if _engine is not None and getattr(_engine, "ABI", None) != ABI:  # pragma: no cover

@@ -418,9 +418,9 @@ class StreamMasker:
             views += [(w, True) for w in _views.decoded_views(seg.v, self._view_radius, not open_seg)]
         if not views:
             return found, decided
-        p_plain = -found[-1][1] if False else (found[-1][1] if found else 0)
-        cut = decided
         taken = list(found)
+        later: list[tuple[int, int]] = []  # view values that need bytes not decided yet
+        holds: list[int] = []  # where a view has undecided starts
         for view, decoded in views:
             text = view.text
             v_start = view.index_at(seg.start)
@@ -429,24 +429,29 @@ class StreamMasker:
                 if view.ends[-1] >= len(seg.v) or view.open_from < len(text):
                     v_lim = min(v_lim, self._limit(text, v_start))
                 if v_lim < len(text):
-                    cut = min(cut, max(view.starts[v_lim], p_plain))
+                    holds.append(view.starts[v_lim])
             else:
                 v_lim = len(text)
             vals, _ = self._find(text, v_start, v_lim, rep=False)
             for q, e, rank, digest, _rep in vals:
                 s, t = view.starts[q], view.ends[e - 1]
-                if decoded and not view.has_unit(q, e):
+                if decoded and not view.has_unit(q - 1, e + 1):  # else the plain reading's
                     continue
                 if any(s < oe and o < t for o, oe, *_ in taken):
                     continue
                 if t > decided:  # it needs bytes the plain reading has not decided: later
-                    cut = min(cut, s)
+                    later.append((s, t))
                     continue
                 det = self.detectors[rank]
                 taken.append((s, t, rank, digest, det.replacement.apply(seg.v[s:t])))
-        if len(taken) > len(found):
-            taken.sort()
-        return taken, min(decided, cut)
+        taken.sort()
+        # Undecided starts that no value taken covers hold the cut back; a value taken that
+        # reaches past the cut moves it to its end (nothing else can start inside it).
+        cut = min([decided, *holds, *(s for s, t in later if not any(s < oe and o < t for o, oe, *_ in taken))])
+        for o, oe, *_ in taken:
+            if o < cut < oe:
+                cut = oe
+        return [c for c in taken if c[0] < cut], cut
 
     def _find(self, v: bytes, start: int, limit: int, rep: bool = True) -> tuple[list[tuple[int, int, int, str, bytes]], int]:
         """The plain reading of ``v``: (start, end, rank, keyed hash, replacement) of each
@@ -545,7 +550,7 @@ class StreamMasker:
             if gap and not broken:
                 junctions.append((vlen, firm))
             firm = False
-            if pending and 0x30 <= buf[i] <= 0x39:
+            if pending and buf[i] in _VALUE_INSIDE and (0x30 <= buf[i] <= 0x39 or 0x30 <= last <= 0x39):
                 self._unmasked += 1
             runs.append((vlen, i, j - i))
             parts.append(buf[i:j])
@@ -586,8 +591,9 @@ class StreamMasker:
                 elif not broken and (gap > max_gap or _is_boundary(buf[j:end])):
                     close()
                     broken = True
-                    # Digits on both sides of it may be one value drawn across it.
-                    pending = 0x30 <= last <= 0x39
+                    # A digit on one side, a digit or a value's separator on the other:
+                    # one value may be drawn across it (counted as an unmasked region).
+                    pending = last in _VALUE_INSIDE
                 elif not firm and _is_firm(buf[j:end]):
                     firm = True
                 i = end
@@ -936,6 +942,7 @@ def _utf8_boundary(v: bytes, d: int, floor: int) -> int:
 
 
 _CONTROLS = bytes(range(0x20)) + b"\x7f"
+_VALUE_INSIDE = frozenset(b"0123456789.-/")
 
 
 def _without_shown(buf: bytes, edits: list[tuple[int, int, bytes]], cut: int, shown: int) -> bytes:

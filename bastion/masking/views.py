@@ -36,9 +36,7 @@ _UNIT = re.compile(
     rb"|&#([0-9]{2,3});|&#[xX]([0-9A-Fa-f]{2});|(?<=[0-9])\+(?=[0-9])"
 )
 # An escape cut by the end of the text (it may decode to part of a value once complete).
-_CUT_UNIT = re.compile(rb"(?:%[0-9A-Fa-f]?|\\(?:u[0-9A-Fa-f]{0,3}|x[0-9A-Fa-f]?)?|&#[xX]?[0-9A-Fa-f]{0,2}|\+)\Z")
-# Texts where a decoded view can differ from the plain one.
-_ANY_UNIT = re.compile(rb"[%\\&]|[0-9]\+")
+_CUT_UNIT = re.compile(rb"(?:%[0-9A-Fa-f]?|\\(?:u[0-9A-Fa-f]{0,3}|x[0-9A-Fa-f]?)?|&(?:#(?:[0-9]{0,3}|[xX][0-9A-Fa-f]{0,2}))?|\+)\Z")
 _WORD = frozenset(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_")
 SEPARATOR = b"\xff"
 # How many bytes one decoded character may take at most (\u0040).
@@ -58,7 +56,7 @@ class View:
     units: list[int] = dataclasses.field(default_factory=list)  # indices of decoded escapes
 
     def has_unit(self, q: int, e: int) -> bool:
-        """Whether text[q:e] holds a decoded escape (else the plain reading sees it too)."""
+        """Whether text[q:e] holds a decoded escape (else the plain reading sees the same)."""
         i = bisect.bisect_left(self.units, q)
         return i < len(self.units) and self.units[i] < e
 
@@ -75,7 +73,15 @@ class View:
 
 
 def has_units(v: bytes) -> bool:
-    return _ANY_UNIT.search(v) is not None
+    """Whether a decoded view of ``v`` can differ from it (memchr-fast: most text has none)."""
+    if b"%" in v or b"\\" in v or b"&" in v:
+        return True
+    i = v.find(b"+", 1)
+    while i > 0:
+        if 0x30 <= v[i - 1] <= 0x39:  # + after a digit: between digits once the next one comes
+            return True
+        i = v.find(b"+", i + 1)
+    return False
 
 
 def _decode(m: re.Match[bytes]) -> bytes | None:

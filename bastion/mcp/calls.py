@@ -21,13 +21,16 @@ from typing import TYPE_CHECKING, Any, Literal
 import asyncssh
 
 from bastion.identity import Identity
+from bastion.masking.recorded import shown_command
+from bastion.pipeline import admit, refused
 from bastion.policy import authorize, reachable_targets
+from bastion.refusal import Refused
 from bastion.session import Session, SessionInfo
 from bastion.ssh.upstream import TargetError, connect_target
 from recorder.recorder import new_session_id
 
 if TYPE_CHECKING:
-    from bastion.gateway import Gateway
+    from bastion.services import Services
 
 Phase = Literal["starting", "approval", "running", "done"]
 # What one call keeps of each stream in memory for paging (session_output); pages beyond it are
@@ -36,12 +39,8 @@ KEEP_BYTES = 1024 * 1024
 EXIT_REFUSED = 1
 
 
-class CallRefused(Exception):
-    """The call may not run: ``reason`` for the audit log, ``str()`` for the agent."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
+class CallRefused(Refused):
+    """The call may not run: ``reason`` for the audit log, ``message`` for the agent."""
 
 
 @dataclass
@@ -57,10 +56,11 @@ class Output:
 
 
 class Call:
-    """One ``run_command`` call; ``gateway.live_sessions`` holds it while it is live (locks,
-    kills, session limits and shutdown end it through :meth:`terminate`)."""
+    """One ``run_command`` call, and its session's ClientSide (bastion/pipeline.py): the live
+    registry holds it while it is live (locks, kills, session limits and shutdown end it
+    through :meth:`terminate`)."""
 
-    def __init__(self, gw: Gateway, identity: Identity, source: str, target: str, login: str | None,
+    def __init__(self, gw: Services, identity: Identity, source: str, target: str, login: str | None,
                  command: str, tool: str) -> None:
         self.gw = gw
         self.identity = identity
@@ -94,13 +94,12 @@ class Call:
     async def run(self) -> None:
         try:
             await self._run()
-        except CallRefused as exc:
-            self._refused(exc.reason, str(exc))
+        except Refused as exc:
+            self._refused(exc)
         except Exception as exc:  # never a traceback to the agent: a reason, and the session ends
             self.outcome, self.reason = "error", f"guarita could not run the call: {exc}"
         finally:
             self.phase = "done"
-            self.gw.live_sessions.pop(self.id, None)
             if self._connecting is not None and self._conn is None:
                 self._connecting.cancel()  # refused: a connection still being made is not wanted
                 if self._connecting.done() and not self._connecting.cancelled() \
@@ -117,22 +116,11 @@ class Call:
                 self.sealed.set()
 
     async def _run(self) -> None:
-        gw = self.gw
-        if getattr(gw, "draining", False):
-            raise CallRefused("draining", "this gateway is shutting down; call again to reach another replica")
-        where, info = self.prepare()
-        if gw.recorder.spool_full():
-            raise CallRefused("recording_spool_full", gw.recorder.spool_full_reason())
-        control = getattr(gw, "control", None)
-        refusal = control.admit(self.identity, where, self.id) if control is not None else None
-        if refusal is not None:
-            raise CallRefused(refusal.reason, refusal.message)
-        self.session = session = Session(gw, info)
-        session.write_client = self._told
-        session.end_if_unrecorded(self.terminate)
-        gw.live_sessions[self.id] = self
-        approvals = getattr(gw, "approvals", None)
-        if approvals is not None and approvals.gates_opening(info, argv=self.argv):
+        _, info = self.prepare()
+        # Admission (bastion/pipeline.py): draining, the recording spool, locks and limits.
+        admission = await admit(self.gw, info, self)
+        self.session = session = admission.open()
+        if admission.gates_opening(self.argv):
             self.preconnect()  # as the SSH door does: an approved command starts at once
             self.phase = "approval"
             result = await session.gate_exec(self.command, argv=self.argv)
@@ -144,7 +132,6 @@ class Call:
         if self._ended_by is not None:
             return
         self.phase = "running"
-        session.deliver_output = self._deliver
         await self.execute(session)
         session.flush_output()
         if self._ended_by is None and self.outcome == "running":
@@ -156,11 +143,11 @@ class Call:
 
     def prepare(self) -> tuple[str, SessionInfo]:
         """Resolve and authorize: (the name admission checks locks on, the session's info)."""
-        target, login = self._resolve()
+        target, login, rule = self._resolve()
         self.login = login
         return target.name, SessionInfo(front_door="mcp", identity=self.identity, source=self.source,
                                         target=target.name, login=login, kind="exec", command=self.command,
-                                        session_id=self.id, extra={"mcp_tool": self.tool})
+                                        session_id=self.id, extra={"mcp_tool": self.tool}, rule=rule)
 
     _connecting: asyncio.Future[asyncssh.SSHClientConnection] | None = None
 
@@ -190,7 +177,7 @@ class Call:
         except TargetError as exc:
             self.gw.audit.emit("session.refused", reason=exc.reason, detail=str(exc), source=self.source,
                                subject=self.identity.subject, target=target.name, login=self.login, kind="exec",
-                               command=self.command, front_door="mcp", session=self.id)
+                               command=self.kept_command(), front_door="mcp", session=self.id)
             self.outcome, self.reason = "error", str(exc)
             return
         if self._ended_by is not None:
@@ -199,7 +186,14 @@ class Call:
         self._chan.write_eof()  # a tool call has no stdin
         await self._closed.wait()
 
-    def _resolve(self) -> tuple[Any, str]:
+    def kept_command(self) -> str | None:
+        """The command as the gateway keeps it (audit log): masked like the session's copies."""
+        if self.session is not None:
+            return self.session.shown_command
+        return shown_command(self.gw.config.masking, self.gw.masking_secret, "mcp",
+                             self.target_name, self.identity.groups, self.command)
+
+    def _resolve(self) -> tuple[Any, str, Any]:
         target = self.gw.config.target(self.target_name)
         if target is None:
             known = reachable_targets(self.gw.config, self.identity)
@@ -212,16 +206,14 @@ class Call:
         decision = authorize(self.gw.config, self.identity, target, login)
         if not decision.allowed:
             raise CallRefused("access_denied", decision.reason)
-        return target, login
+        return target, login, decision.rule
 
-    def _refused(self, reason: str, message: str) -> None:
-        self.outcome, self.reason, self.exit_status = "refused", message, None
-        self.gw.audit.emit("session.refused", reason=reason, detail=message, source=self.source,
-                           subject=self.identity.subject, target=self.target_name, login=self.login, kind="exec",
-                           command=self.command, front_door="mcp")
-        control = getattr(self.gw, "control", None)
-        if control is not None and self.session is None:
-            control.release(self.id)
+    def _refused(self, exc: Refused) -> None:
+        self.outcome, self.reason, self.exit_status = "refused", exc.message, None
+        refused(self.gw, exc, "mcp", source=self.source, subject=self.identity.subject, target=self.target_name,
+                login=self.login, kind="exec", command=self.kept_command())
+        if self.session is None:
+            self.gw.control.release(self.id)
 
     # -- output ----------------------------------------------------------------------------------
 
@@ -230,9 +222,15 @@ class Call:
         stream = "e" if stderr else "o"
         self._deliver(self.session.from_target(data, stream), stream)
 
+    def deliver_output(self, data: bytes, stream: str) -> None:
+        self._deliver(data, stream)
+
     def _deliver(self, data: bytes, stream: str) -> None:
         if data:
             (self.stderr if stream == "e" else self.stdout).add(data)
+
+    def write_client(self, data: bytes) -> None:
+        self._told(data)
 
     def _told(self, data: bytes) -> None:
         text = data.decode("utf-8", "replace").strip()

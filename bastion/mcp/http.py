@@ -29,7 +29,7 @@ from bastion.identity.delegation import chain_fields
 from bastion.mcp.tools import build_server
 
 if TYPE_CHECKING:
-    from bastion.gateway import Gateway
+    from bastion.services import Services
 
 MCP_PATH = "/mcp"
 METADATA_PATH = "/.well-known/oauth-protected-resource"
@@ -37,7 +37,7 @@ _DISCONNECT_POLL = 0.25
 
 
 class McpHttpDoor:
-    def __init__(self, gw: Gateway) -> None:
+    def __init__(self, gw: Services) -> None:
         self.gw = gw
         self.server, self.tools = build_server(gw)
         # Stateless: no Mcp-Session-Id to track across replicas, each request authenticated on its
@@ -173,7 +173,7 @@ class McpHttpDoor:
         return response
 
 
-def add_mcp_routes(app: web.Application, gw: Gateway) -> McpHttpDoor:
+def add_mcp_routes(app: web.Application, gw: Services) -> McpHttpDoor:
     door = McpHttpDoor(gw)
     door.add_routes(app)
     return door

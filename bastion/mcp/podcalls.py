@@ -37,7 +37,7 @@ from bastion.mcp.calls import Call, CallRefused
 from bastion.session import Session, SessionInfo
 
 if TYPE_CHECKING:
-    from bastion.gateway import Gateway
+    from bastion.services import Services
 
 # DNS-1123 names (namespaces, pods, containers): nothing else may reach a URL path.
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
@@ -57,7 +57,7 @@ def _check_name(kind: str, value: str | None) -> None:
                           "'-' and '.')")
 
 
-def kube_request(gw: Gateway, identity: Identity, cluster: str, path: str) -> tuple[Any, Any, KubeRequest]:
+def kube_request(gw: Services, identity: Identity, cluster: str, path: str) -> tuple[Any, Any, KubeRequest]:
     """The cluster, its upstream and the parsed request, authorized for ``identity``."""
     kube = getattr(gw, "kube", None)
     config = gw.config.cluster(cluster)
@@ -75,7 +75,7 @@ def kube_request(gw: Gateway, identity: Identity, cluster: str, path: str) -> tu
 
 
 class PodCall(Call):
-    def __init__(self, gw: Gateway, identity: Identity, source: str, cluster: str, namespace: str, pod: str,
+    def __init__(self, gw: Services, identity: Identity, source: str, cluster: str, namespace: str, pod: str,
                  container: str | None, argv: list[str]) -> None:
         super().__init__(gw, identity, source, cluster, None, shlex.join(argv), "exec_in_pod")
         self.namespace, self.pod, self.container = namespace, pod, container
@@ -97,9 +97,11 @@ class PodCall(Call):
         extra = {"cluster": self.target_name, "namespace": self.namespace, "pod": self.pod,
                  "container": self.container, "argv": self.argv, "stdin": False, "mcp_tool": self.tool,
                  "kube_user": self._cluster.user_prefix + self.identity.subject}
+        # Limits come from the rule that allowed the request (the same decision kube_request made).
+        rule = authorize_kube(self.gw.config, self.identity, self._req).rule
         return self.target_name, SessionInfo(front_door="mcp", identity=self.identity, source=self.source,
                                              target=self.target_name, kind="exec", command=self.command,
-                                             session_id=self.id, extra=extra)
+                                             session_id=self.id, extra=extra, rule=rule)
 
     def preconnect(self) -> None:
         """Nothing: the exec WebSocket runs the command as it opens, so it waits for the decision
@@ -150,11 +152,11 @@ class PodCall(Call):
             asyncio.ensure_future(self._ws.close())
 
 
-async def list_pods(gw: Gateway, identity: Identity, cluster: str, namespace: str) -> list[dict[str, Any]]:
+async def list_pods(gw: Services, identity: Identity, cluster: str, namespace: str) -> list[dict[str, Any]]:
     """The pods of a namespace, asked of the API server as the caller (impersonated)."""
     _check_name("namespace", namespace)
     config, upstream, req = kube_request(gw, identity, cluster, f"/api/v1/namespaces/{namespace}/pods")
-    creds = upstream.current()
+    creds = await upstream.credentials()
     headers = CIMultiDict(creds.auth_headers())
     headers["Accept"] = "application/json"
     headers["Accept-Encoding"] = "identity"  # the upstream session does not decompress

@@ -28,7 +28,7 @@ from bastion.mcp.calls import Call, Calls, same_caller, wait_done
 from bastion.policy import authorize
 
 if TYPE_CHECKING:
-    from bastion.gateway import Gateway
+    from bastion.services import Services
 
 INSTRUCTIONS = """guarita is an access gateway: every tool call here is a recorded, audited session on real \
 infrastructure, under the operator's rules. Personal data in output may be masked (e.g. [CPF]). Start \
@@ -83,7 +83,7 @@ def _result(text: str, data: dict[str, Any], error: bool = False) -> CallToolRes
 class Tools:
     """The gateway's tools, bound to its services (gateway, recent calls, settings)."""
 
-    def __init__(self, gw: Gateway) -> None:
+    def __init__(self, gw: Services) -> None:
         self.gw = gw
         self.settings = gw.config.mcp
         self.calls = Calls()
@@ -145,7 +145,7 @@ class Tools:
         limit = self.settings.approval_wait if wait is None else min(wait, self.settings.approval_wait)
         result = await self._await(ctx, call, task, limit)
         self.audit(call.tool, call.identity, call.outcome if call.done.is_set() else "pending", session=call.id,
-                   target=call.target_name, command=call.command, request=call.request_id, reason=call.reason,
+                   target=call.target_name, command=call.kept_command(), request=call.request_id, reason=call.reason,
                    **fields)
         return result
 
@@ -351,7 +351,7 @@ def _names(rule: Any, identity: Identity) -> bool:
     return matches_identity(rule, identity)
 
 
-def build_server(gw: Gateway) -> tuple[MCPServer, Tools]:
+def build_server(gw: Services) -> tuple[MCPServer, Tools]:
     tools = Tools(gw)
     server: MCPServer = MCPServer("guarita", instructions=INSTRUCTIONS, version="1")
     read_only = ToolAnnotations(read_only_hint=True, open_world_hint=False)

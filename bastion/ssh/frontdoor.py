@@ -21,7 +21,9 @@ from bastion.config import env_allowed
 from bastion.identity import AuthError, Identity
 from bastion.identity.delegation import chain_fields
 from bastion.masking.recorded import shown_command
+from bastion.pipeline import Admission, EarlyInput, GateRefused, admit, refused
 from bastion.policy import authorize, reachable_targets
+from bastion.refusal import Refused
 from bastion.session import Session, SessionInfo
 from bastion.ssh.authlimit import MAX_AUTH_TRIES, AuthThrottle, claimed_subject
 from bastion.ssh.transfer import transfer_kind
@@ -29,7 +31,7 @@ from bastion.ssh.upstream import PREFERRED_CIPHERS, TargetError, connect_target
 from recorder.recorder import new_session_id
 
 if TYPE_CHECKING:
-    from bastion.gateway import Gateway
+    from bastion.services import Services
 
 log = logging.getLogger("guarita.ssh")
 
@@ -47,7 +49,7 @@ def parse_username(username: str) -> tuple[str | None, str]:
 
 
 class FrontDoorServer(asyncssh.SSHServer):
-    def __init__(self, gateway: Gateway, throttle: AuthThrottle | None = None) -> None:
+    def __init__(self, gateway: Services, throttle: AuthThrottle | None = None) -> None:
         self.gw = gateway
         self.identity: Identity | None = None
         self.conn: asyncssh.SSHServerConnection | None = None
@@ -235,7 +237,8 @@ class FrontDoorServer(asyncssh.SSHServer):
 
 
 class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
-    """The agent-facing session channel."""
+    """The agent-facing session channel; also the session's ClientSide (bastion/pipeline.py):
+    write_client, deliver_output, notify_user, terminate."""
 
     def __init__(self, server: FrontDoorServer) -> None:
         self.server = server
@@ -245,7 +248,6 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self.command: str | None = None
         self.subsystem: str | None = None
         self.term: tuple[str, tuple[int, int, int, int], dict[int, int]] | None = None
-        self.session: Session | None = None
         self.target_conn: asyncssh.SSHClientConnection | None = None
         self.target_chan: asyncssh.SSHClientChannel | None = None
         self._paused: set[str] = set()
@@ -253,8 +255,8 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         # Input that arrives while an approval gate holds the session (kept for the command).
         # Stdin and EOF that arrive before the target session is open (asyncssh resumes
         # reading right after session_started, whatever we asked): kept, then replayed.
-        self._early: list[bytes] | None = []
-        self._early_eof = False
+        self._early: EarlyInput[bytes] | None = EarlyInput(EARLY_INPUT_LIMIT, self._pause_client)
+        self._admission: Admission | None = None
         self._session_id = new_session_id()
         self._lost = False
 
@@ -292,103 +294,80 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         assert self.chan is not None and self.server.identity is not None
         identity = self.server.identity
         login, target_name = parse_username(self.chan.get_extra_info("username") or "")
+        fields = {"source": self.server.source, "subject": identity.subject, "target": target_name, "login": login,
+                  "kind": self.kind, "command": shown_command(self.gw.config.masking, self.gw.masking_secret, "ssh",
+                                                              target_name, identity.groups, self.command)}
+        connecting: asyncio.Future[Any] | None = None
         try:
-            if getattr(self.gw, "draining", False):  # SIGTERM: no new sessions (bastion/lifecycle.py)
-                raise TargetError("draining", "this gateway is shutting down; connect again to reach another "
-                                  "replica")
-            target, login = self._resolve(identity, login, target_name)
-            if self.gw.recorder.spool_full():
-                raise TargetError("recording_spool_full", self.gw.recorder.spool_full_reason())
-            # Locks and per-identity limits (bastion/control), before the target is contacted.
-            control = getattr(self.gw, "control", None)
-            refusal = control.admit(identity, target.name, self._session_id) if control is not None else None
-            if refusal is not None:
-                raise TargetError(refusal.reason, refusal.message)
+            target, login, rule = self._resolve(identity, login, target_name)
+            info = self._session_info(identity, target.name, login, rule)
+            # Admission (bastion/pipeline.py): draining, the recording spool, locks and limits,
+            # before the target is contacted.
+            self._admission = admission = await admit(self.gw, info, self, self._early)
+            # The connection to the target is made during an approval wait, so an approved
+            # command starts at once; no session is opened on it before the decision.
             connecting = asyncio.ensure_future(
                 connect_target(target, login, identity, self._session_id, self.gw.target_ca))
-            if not await self._gate(self._session_info(identity, target.name, login), connecting):
-                return
+            await admission.decide_opening()
+            if self._lost or self._closing:
+                raise GateRefused("cancelled", "the client went away")
             self.target_conn = await connecting
-        except TargetError as exc:
-            self.gw.audit.emit("session.refused", reason=exc.reason, detail=str(exc), source=self.server.source,
-                               subject=identity.subject, target=target_name, login=login, kind=self.kind,
-                               command=shown_command(self.gw.config.masking, getattr(self.gw, "masking_secret", None),
-                                                     "ssh", target_name, identity.groups, self.command))
-            if self.session is not None:  # opened by the approval gate: it ends here
-                await self.session.end(EXIT_GATEWAY_ERROR, reason=str(exc))
-            self._fail(str(exc))
+            connecting = None
+        except GateRefused as exc:
+            if self._admission is not None and self._admission.session is not None:
+                with contextlib.suppress(OSError, asyncssh.Error):
+                    self.chan.exit(EXIT_REFUSED)
+                await self._admission.session.end(EXIT_REFUSED, reason=exc.message)
             return
-        info = self._session_info(identity, target.name, login)
+        except Refused as exc:
+            if self._admission is not None:
+                self._admission.refuse(exc)
+            else:
+                refused(self.gw, exc, "ssh", **fields)
+            if self.session is not None:  # opened by the approval gate: it ends here
+                await self.session.end(EXIT_GATEWAY_ERROR, reason=exc.message)
+            self._fail(exc.message)
+            return
+        finally:
+            if connecting is not None:
+                connecting.add_done_callback(_close_unused)
+                connecting.cancel()
         try:
-            await self._start_target_session(info)
+            await self._start_target_session(admission)
         except (asyncssh.Error, OSError) as exc:
             reason = getattr(exc, "reason", None) or str(exc)
-            self.gw.audit.emit("session.refused", reason="target_session_failed", detail=reason,
-                               source=self.server.source, subject=identity.subject, target=target.name)
+            admission.refuse(Refused("target_session_failed", reason, 502))
             self._fail(f"target {target.name} refused the session: {reason}")
             return
-        self.gw.live_sessions[self.session.id] = self  # type: ignore[union-attr]
         self._flush_early()
         self.chan.resume_reading()
 
-    def _session_info(self, identity: Identity, target_name: str, login: str) -> SessionInfo:
+    @property
+    def session(self) -> Session | None:
+        return self._admission.session if self._admission is not None else None
+
+    def _session_info(self, identity: Identity, target_name: str, login: str, rule: Any) -> SessionInfo:
         return SessionInfo(front_door="ssh", identity=identity, source=self.server.source, target=target_name,
                            login=login, kind=self.kind, command=self.command, subsystem=self.subsystem,
                            term=self.term[0] if self.term else None,
                            size=(self.term[1][0], self.term[1][1]) if self.term else None,
-                           session_id=self._session_id)
+                           session_id=self._session_id, rule=rule)
 
-    async def _gate(self, info: SessionInfo, connecting: asyncio.Future[Any]) -> bool:
-        """The approval gate before anything runs on the target: an exec command or the opening
-        of a shell that rules refuse or hold for approval. The session (and its recording)
-        starts here, so the request and the decision are in it. The connection to the target
-        (``connecting``) is made meanwhile, so an approved command starts at once; no session
-        is opened on it before the decision, and it is closed if the answer is no.
-        True: go on and open the target session."""
-        approvals = getattr(self.gw, "approvals", None)
-        if approvals is None or not approvals.gates_opening(info):
-            return True
-        try:
-            allowed = await self._decide_opening(info)
-        except BaseException:
-            allowed = False
-            raise
-        finally:
-            if not allowed:
-                connecting.add_done_callback(_close_unused)
-                connecting.cancel()
-        return allowed
-
-    async def _decide_opening(self, info: SessionInfo) -> bool:
-        assert self.chan is not None
-        self.session = Session(self.gw, info)
-        self.session.write_client = self.chan.write_stderr
-        self.gw.live_sessions[self.session.id] = self
-        if self.kind == "exec":
-            result = await self.session.gate_exec(self.command or "")
-        else:
-            result = await self.session.gate_shell()
-        if self._lost or self._closing:
-            return False
-        if result.allowed:
-            return True
-        self.gw.live_sessions.pop(self.session.id, None)
-        with contextlib.suppress(OSError, asyncssh.Error):
-            self.chan.exit(EXIT_REFUSED)
-        await self.session.end(EXIT_REFUSED, reason=result.reason)
-        return False
+    def _pause_client(self) -> None:
+        if self.chan is not None:
+            self.chan.pause_reading()  # resumed once the target is open
 
     def _flush_early(self) -> None:
         """Stdin that arrived during the approval wait goes to the command now."""
         early, self._early = self._early, None
-        if self.target_chan is None or self.session is None:
+        if self.target_chan is None or self.session is None or early is None:
             return
-        for chunk in early or ():
+        for chunk in early.take():
             self.target_chan.write(self.session.from_client(chunk))
-        if self._early_eof:
+        if early.eof:
             self._eof_to_target()
 
-    def _resolve(self, identity: Identity, login: str | None, target_name: str) -> tuple[Any, str]:
+    def _resolve(self, identity: Identity, login: str | None, target_name: str) -> tuple[Any, str, Any]:
         target = self.gw.config.target(target_name)
         if target is None:
             known = reachable_targets(self.gw.config, identity)
@@ -408,17 +387,17 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         if transfer and not (decision.rule and decision.rule.sftp):
             raise TargetError("subsystem_denied", f"file transfer by exec ({transfer}) is not allowed for you on "
                               f"{target.name!r} by guarita policy (access sftp = false)")
-        return target, login
+        return target, login, decision.rule
 
-    async def _start_target_session(self, info: SessionInfo) -> None:
+    async def _start_target_session(self, admission: Admission) -> None:
         assert self.chan is not None and self.target_conn is not None
         asked = self.chan.get_environment() or {}
         env = {k: v for k, v in asked.items() if env_allowed(k, self.gw.config.env_allowlist)}
         if dropped := sorted(_env_name(k) for k in asked if k not in env):  # names only, never values
             self.gw.audit.emit("env.refused", session=self._session_id, source=self.server.source,
-                               subject=info.identity.subject, names=dropped, reason="not in ssh.env_allowlist")
-        if self.session is None:  # else the approval gate opened it
-            self.session = Session(self.gw, info)
+                               subject=admission.info.identity.subject, names=dropped,
+                               reason="not in ssh.env_allowlist")
+        session = admission.open()  # unless the approval gate opened it already
         kwargs: dict[str, Any] = {"env": env, "encoding": None}
         if self.term:
             kwargs.update(term_type=self.term[0], term_size=self.term[1], term_modes=self.term[2])
@@ -428,13 +407,17 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             self.target_chan, _ = await self.target_conn.create_session(
                 lambda: TargetChannel(self), self.command, **kwargs)
         except BaseException:
-            await self.session.end(None, reason="target refused the session")
+            await session.end(None, reason="target refused the session")
             raise
-        self.session.end_if_unrecorded(self.terminate)
-        self.session.deliver_output = self._deliver
-        # The approval gate of an interactive session writes to the terminal and releases held input.
-        self.session.write_client = self.chan.write
-        self.session.write_target = self.target_chan.write
+        # The approval gate of an interactive session releases held input to the target.
+        session.attach_target(self.target_chan.write)
+
+    def write_client(self, data: bytes) -> None:
+        """guarita's own words: on stderr until the target session is open, then on the terminal."""
+        if self.chan is None:
+            return
+        with contextlib.suppress(OSError, asyncssh.Error):
+            (self.chan.write if self.target_chan is not None else self.chan.write_stderr)(data)
 
     def _fail(self, message: str) -> None:
         assert self.chan is not None
@@ -464,21 +447,15 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
 
     def _release_slot(self) -> None:
         """The session slot taken at admission, when no session will use it (bastion/control)."""
-        control = getattr(self.gw, "control", None)
-        if control is not None:
-            control.release(self._session_id)
+        if self._admission is not None:
+            self._admission.release()
 
     # -- agent -> target -----------------------------------------------------------------
 
     def data_received(self, data: bytes, datatype: int | None) -> None:
         if self.target_chan is None or self.session is None:
             if self._early is not None:  # target not open yet, or a command waits for approval
-                if b"\x03" in data and self.session is not None and self.session.approval_cancel is not None:
-                    self.session.cancel_approval("cancelled with Ctrl-C")
-                else:
-                    self._early.append(data)
-                    if sum(map(len, self._early)) > EARLY_INPUT_LIMIT and self.chan is not None:
-                        self.chan.pause_reading()  # resumed once the target is open
+                self._early.add(data, data)
             return
         self.target_chan.write(self.session.from_client(data))
 
@@ -486,7 +463,7 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         if self.target_chan is not None:
             self._eof_to_target()
         elif self._early is not None:
-            self._early_eof = True
+            self._early.eof = True
         return True  # keep our side open: the target still sends output and the exit status
 
     def _eof_to_target(self) -> None:
@@ -532,8 +509,6 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             self.target_conn.close()
         if self.session is not None and not self.session.ended:
             asyncio.create_task(self.session.end(None, reason="client disconnected"))
-        if self.session is not None:
-            self.gw.live_sessions.pop(self.session.id, None)
 
     # -- target -> agent -----------------------------------------------------------------
 
@@ -570,7 +545,7 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             if self.session is not None:
                 self.session.hold_target(False)
 
-    def _deliver(self, data: bytes, stream: str) -> None:
+    def deliver_output(self, data: bytes, stream: str) -> None:
         """Output the pipeline released late (a masker's held-back tail)."""
         assert self.chan is not None
         try:
@@ -594,7 +569,6 @@ class AgentChannel(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         except (OSError, asyncssh.Error):
             pass
         asyncio.create_task(self.session.end(status, signal[0] if signal else None, reason))
-        self.gw.live_sessions.pop(self.session.id, None)
         if self.target_conn is not None:
             self.target_conn.close()
 
@@ -640,7 +614,7 @@ def _env_name(name: str | bytes) -> str:
     return name.decode("utf-8", "replace") if isinstance(name, bytes) else name
 
 
-async def start_ssh(gateway: Gateway) -> asyncssh.SSHAcceptor:
+async def start_ssh(gateway: Services) -> asyncssh.SSHAcceptor:
     host, port = gateway.config.ssh_listen
     throttle = AuthThrottle()  # one per gateway: failures from one address add up across connections
     return await asyncssh.create_server(
@@ -658,10 +632,3 @@ async def start_ssh(gateway: Gateway) -> asyncssh.SSHAcceptor:
         encryption_algs=PREFERRED_CIPHERS,
     )
 
-
-async def close_all_sessions(gateway: Gateway, message: str) -> None:
-    for channel in list(gateway.live_sessions.values()):
-        channel.terminate(message)
-    deadline = asyncio.get_running_loop().time() + 5
-    while gateway.live_sessions and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.02)

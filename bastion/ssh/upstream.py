@@ -11,17 +11,18 @@ import asyncssh
 from bastion.config import TargetConfig
 from bastion.identity import Identity
 from bastion.identity.usercert import target_certificate
+from bastion.refusal import Refused
 
 PREFERRED_CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
                      "aes128-ctr", "aes192-ctr", "aes256-ctr"]
 
 
-class TargetError(Exception):
-    """The target cannot be used; ``str()`` is the one line the agent sees."""
+class TargetError(Refused):
+    """The target cannot be used (or may not be, by policy); ``message`` is the one line the
+    agent sees."""
 
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
+    def __init__(self, reason: str, message: str, status: int = 502) -> None:
+        super().__init__(reason, message, status)
 
 
 def _pinned_keys(target: TargetConfig) -> list[asyncssh.SSHKey]:

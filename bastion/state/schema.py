@@ -135,3 +135,46 @@ locks = Table(
 
 # version -> SQL statements that take the schema from version-1 to version.
 MIGRATIONS: dict[int, list[str]] = {}
+
+# The archive index (bastion/state/archive.py): sealed sessions, their commands and the keyed
+# hashes of values masked in them, filled as sessions are stored and rebuildable from the
+# bucket (`replay index --rebuild`). New tables only: create_all adds them to an existing
+# database, so the schema version stays.
+archive_sessions = Table(
+    "archive_sessions", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("started", Float, nullable=False, index=True),  # Unix time
+    Column("state", String(16), nullable=False),  # complete | recovered
+    # The manifest without its signature, key and index: what `replay ls` shows and filters on.
+    Column("manifest", JSON, nullable=False),
+    Column("indexed", Float, nullable=False),
+)
+
+# Every name a session answers to in `--subject`: subject, e-mail, actors of its delegation chain.
+archive_names = Table(
+    "archive_names", metadata,
+    Column("session_id", String(64), primary_key=True),
+    Column("name", String(512), primary_key=True),
+)
+Index("archive_names_name", archive_names.c.name, archive_names.c.session_id)
+
+archive_commands = Table(
+    "archive_commands", metadata,
+    Column("session_id", String(64), primary_key=True),
+    Column("seq", Integer, primary_key=True, autoincrement=False),  # recording order in the session
+    Column("t", Float, nullable=False),
+    Column("command", Text, nullable=False),
+)
+
+archive_masked = Table(
+    "archive_masked", metadata,
+    Column("session_id", String(64), primary_key=True),
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("hmac", String(128), nullable=False),
+    Column("t", Float, nullable=False),
+    Column("stream", String(8), nullable=False),
+    Column("detector", String(64), nullable=False),
+    Column("offset", BigInteger, nullable=False),
+    Column("length", Integer, nullable=False),
+)
+Index("archive_masked_hmac", archive_masked.c.hmac)
