@@ -194,3 +194,25 @@ def test_requests_carry_the_logical_command(agw: GatewayProcess, oidc: OIDCProvi
         pty.expect(PROMPT, timeout=20)
     finally:
         pty.close()
+
+
+# -- issue 23 item 8: an exec command is in the commands index once ---------------------------
+
+
+def test_exec_command_listed_once(agw: GatewayProcess, oidc: OIDCProvider, targets: Targets) -> None:
+    import subprocess
+    import sys
+
+    from tests.support.openssh import run_ssh
+
+    cmd = f"echo once-{uuid.uuid4().hex[:8]}"
+    mark = agw.audit_mark()
+    r = run_ssh([*dest(agw, f"{targets.login}@web-key"), cmd], token=oidc.token("agent-ci"), timeout=30)
+    assert r.returncode == 0, r.stderr
+    sid, _, _ = agw.session_recording(mark, command=cmd)
+    base = [sys.executable, "-m", "replay.cli", "--recordings", agw.recordings_dir.as_uri()]
+    shown = subprocess.run([*base, "cat", sid, "--commands"], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and shown.stdout.count(cmd) == 1, shown.stdout + shown.stderr
+    found = subprocess.run([*base, "search", "--commands-only", cmd.split()[1]], capture_output=True, text=True,
+                           timeout=60)
+    assert found.stdout.count(cmd) == 1, found.stdout + found.stderr
