@@ -133,8 +133,9 @@ class EchoTracker:
         self.limit = limit
         self._held: list[tuple[float, bytes]] = []
         self._held_len = 0
-        # Text followed by Enter, waiting for the output that tells whether it was echoed.
-        self._verdict: list[tuple[float, bytes]] = []
+        # Lines followed by Enter, oldest first, each waiting for output that echoes it
+        # (a line typed ahead of a slow prompt is echoed only when the prompt comes).
+        self._verdicts: list[_Verdict] = []
 
     def typed(self, data: bytes) -> None:
         for piece in _KEYS.findall(data):
@@ -154,39 +155,44 @@ class EchoTracker:
                 self._held.append((t0, last[:-1]))
                 self._held_len += len(last) - 1
             return
-        if piece[:1] in (b"\r", b"\n") and self._held:
-            self._decide(b"")  # an older line still undecided: no echo came, keep it hidden
+        if piece[:1] in (b"\r", b"\n") and (self._held or self._verdicts):
             # The Enter waits with its line, so the recording keeps the order it was typed in.
-            self._verdict, self._held, self._held_len = [*self._held, (self.rec.now(), piece)], [], 0
+            self._verdicts.append(_Verdict(self._held, (self.rec.now(), piece), time.monotonic()))
+            self._held, self._held_len = [], 0
             return
-        self._decide(b"")
+        self._settle(final=True)
         self.release()
         self.rec.input(piece)
 
     def output(self, data: bytes) -> None:
         """Called before the output is recorded: an echo releases held keystrokes."""
-        if self._verdict:
-            self._decide(data)
+        if self._verdicts:
+            for verdict in self._verdicts:
+                verdict.seen(data)
+            self._settle(final=False)
         if self._held and any(_echoed(chunk, data) for _, chunk in self._held[-4:]):
             self.release()
 
-    def _decide(self, output: bytes) -> None:
-        if not self._verdict:
-            return
-        *line, (t_enter, enter) = self._verdict
-        text = b"".join(chunk for _, chunk in line)
-        if output and _echoed(text, output):
-            for t, chunk in line:
-                self.rec.input_at(t, chunk)
-        else:
-            self.rec.marker("hidden-input", length=len(text),
-                            reason="typed while the terminal did not echo (e.g. a password prompt)")
-        self.rec.input_at(t_enter, enter)
-        self._verdict = []
+    def _settle(self, final: bool) -> None:
+        """Record the waiting lines, in order, as input once echoed, or as hidden input once
+        their wait is over (``final``: now) without an echo."""
+        while self._verdicts:
+            verdict = self._verdicts[0]
+            echoed = verdict.echoed()
+            if not (echoed or final or verdict.expired()):
+                return
+            self._verdicts.pop(0)
+            if echoed or not verdict.text:
+                for t, chunk in verdict.line:
+                    self.rec.input_at(t, chunk)
+            else:
+                self.rec.marker("hidden-input", length=len(verdict.text),
+                                reason="typed while the terminal did not echo (e.g. a password prompt)")
+            self.rec.input_at(*verdict.enter)
 
     def holding(self) -> bool:
         """Typed text is waiting for its echo (or its verdict): it may be a secret."""
-        return bool(self._held or self._verdict)
+        return bool(self._held or self._verdicts)
 
     def release(self) -> None:
         for t, chunk in self._held:
@@ -196,8 +202,45 @@ class EchoTracker:
 
     def close(self) -> None:
         """End of session: undecided text never echoed, so it stays hidden."""
-        self._decide(b"")
+        self._settle(final=True)
         self.release()
+
+
+class _Verdict:
+    """A typed line and its Enter, and the output since: echoed or not?"""
+
+    # An echo must come within this much output or time (a slow prompt, a typed-ahead line).
+    MAX_OUTPUT = 64 * 1024
+    MAX_WAIT = 5.0
+
+    def __init__(self, line: list[tuple[float, bytes]], enter: tuple[float, bytes], since: float) -> None:
+        self.line = line
+        self.enter = enter
+        self.text = b"".join(chunk for _, chunk in line)
+        self.since = since
+        self._out = bytearray()
+        self._echoed = False
+
+    def seen(self, data: bytes) -> None:
+        if self._echoed or len(self._out) >= self.MAX_OUTPUT:
+            return
+        # Keep what the echo could span across chunks (the echo may come in pieces).
+        self._out += data[: self.MAX_OUTPUT]
+        self._echoed = bool(self.text) and _echoed(self.text, bytes(_strip_controls(self._out)))
+
+    def echoed(self) -> bool:
+        return self._echoed
+
+    def expired(self) -> bool:
+        return len(self._out) >= self.MAX_OUTPUT or time.monotonic() - self.since > self.MAX_WAIT
+
+
+def _strip_controls(data: bytearray) -> bytes:
+    """Output without escape sequences and carriage returns (a redrawn echo)."""
+    return _ESCAPES.sub(b"", bytes(data))
+
+
+_ESCAPES = re.compile(rb"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07|\x1b[()][0-9A-Za-z]|\x1b.|\r|\x08")
 
 
 # Runs of printable bytes (UTF-8 included), or one control key / escape sequence.

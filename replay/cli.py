@@ -630,15 +630,18 @@ def verify(ctx: Context, session: str | None, all_: bool, since: str | None, pub
 def _print_commands(ctx: Context, summary: SessionSummary) -> None:
     from replay.asciicast import marker_label
 
-    if summary.meta.get("command"):
-        click.echo(f"{format_offset(0):>9}  {summary.meta['command']}")
     try:
-        for event in iter_events(ctx.store(), summary):
-            if event.code == "m" and isinstance(event.data, dict) and event.data.get("type") in (
-                    "command", "approval", "approval-request", "approval-decision"):
-                click.echo(f"{format_offset(event.t):>9}  {marker_label(event.data)}")
+        markers = [event for event in iter_events(ctx.store(), summary)
+                   if event.code == "m" and isinstance(event.data, dict) and event.data.get("type") in (
+                       "command", "approval", "approval-request", "approval-decision")]
     except ReplayError as exc:
         _fail(str(exc))
+    command = summary.meta.get("command")
+    # An exec command has its own marker (with its outcome) when the gateway indexed it: once.
+    if command and not any(m.data.get("type") == "command" and m.data.get("mode") == "exec" for m in markers):
+        click.echo(f"{format_offset(0):>9}  {command}")
+    for event in markers:
+        click.echo(f"{format_offset(event.t):>9}  {marker_label(event.data)}")
 
 
 @main.command("index")

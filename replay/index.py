@@ -43,7 +43,9 @@ def entry_for(store: RecordingStore, summary: SessionSummary) -> ArchiveEntry:
     if carried is not None:
         commands, masked = carried
         command = summary.meta.get("command")
-        if command:
+        # The exec command is in the metadata; the gateway's marker for it (its first
+        # command) is the same command: index it once.
+        if command and not (commands and commands[0][1] == str(command)):
             commands = [(0.0, str(command)), *commands]
     else:
         commands = [(h.t, h.text) for h in search_session(store, summary, _MATCH_ALL, commands_only=True)]

@@ -42,6 +42,8 @@ def search_session(store: RecordingStore, summary: SessionSummary, pattern: re.P
     for event in iter_events(store, summary, readers=READERS):
         if event.code == "m" and isinstance(event.data, dict) and event.data.get("type") == "command":
             text = str(event.data.get("command", ""))
+            if event.data.get("mode") == "exec" and text == command:
+                continue  # the exec command's own marker: already found in the metadata, once
             if pattern.search(text):
                 yield Hit(summary.id, event.t, "command", text)
             continue

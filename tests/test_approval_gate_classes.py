@@ -152,3 +152,67 @@ def test_legacy_scp_is_refused_where_sftp_is_off(agw: GatewayProcess, oidc: OIDC
         assert r.returncode != 0 and b"file transfer by exec (scp) is not allowed" in r.stderr, r.stderr
     assert not Path(remote).exists() and not (tmp_path / "got").exists()
     agw.wait_audit("session.refused", mark, reason="subsystem_denied")
+
+
+# -- classes 4 and 8: a forged screen; approvers see the logical command ------------------------
+
+
+def test_forged_screen_does_not_hide_the_typed_line(agw: GatewayProcess, oidc: OIDCProvider,
+                                                   targets: Targets) -> None:
+    pty = shell(agw, targets, oidc.token("agent-ci"))
+    try:
+        # A background job redraws the prompt line with harmless text after the user typed.
+        pty.send(b"(sleep 1; printf '\\r\\033[K[gw]$ echo harmless-xyz') &\r")
+        pty.expect(PROMPT, timeout=20)
+        pty.send(b"echo needs-approval-forged")
+        pty.expect(rb"harmless-xyz", timeout=20)
+        pty.send(b"\r")
+        _held(pty, agw, oidc)
+    finally:
+        pty.close()
+
+
+def test_requests_carry_the_logical_command(agw: GatewayProcess, oidc: OIDCProvider, targets: Targets) -> None:
+    pty = shell(agw, targets, oidc.token("agent-ci"))
+    try:
+        mark = agw.audit_mark()
+        for line in (b"cat <<EOF", b"one"):
+            pty.send(line + b"\r")
+            pty.expect(rb"> ", timeout=20)
+        pty.send(b"needs-approval two\r")  # held inside the here-document, shown whole
+        req = agw.wait_audit("approval.requested", mark, timeout=20)
+        assert req["command"] == "cat <<EOF\none\nneeds-approval two", req
+        approve(agw, str(req["request"]), oidc.token("agent-sre"), decision="deny", reason="no")
+        pty.expect(PROMPT, timeout=20)
+        mark = agw.audit_mark()
+        pty.send(b"echo needs-\\\r")
+        pty.expect(rb"> ", timeout=20)
+        pty.send(b"approval-cont\r")
+        req = agw.wait_audit("approval.requested", mark, timeout=20)
+        assert req["command"] == "echo needs-\\\napproval-cont", req
+        approve(agw, str(req["request"]), oidc.token("agent-sre"), decision="deny", reason="no")
+        pty.expect(PROMPT, timeout=20)
+    finally:
+        pty.close()
+
+
+# -- issue 23 item 8: an exec command is in the commands index once ---------------------------
+
+
+def test_exec_command_listed_once(agw: GatewayProcess, oidc: OIDCProvider, targets: Targets) -> None:
+    import subprocess
+    import sys
+
+    from tests.support.openssh import run_ssh
+
+    cmd = f"echo once-{uuid.uuid4().hex[:8]}"
+    mark = agw.audit_mark()
+    r = run_ssh([*dest(agw, f"{targets.login}@web-key"), cmd], token=oidc.token("agent-ci"), timeout=30)
+    assert r.returncode == 0, r.stderr
+    sid, _, _ = agw.session_recording(mark, command=cmd)
+    base = [sys.executable, "-m", "replay.cli", "--recordings", agw.recordings_dir.as_uri()]
+    shown = subprocess.run([*base, "cat", sid, "--commands"], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and shown.stdout.count(cmd) == 1, shown.stdout + shown.stderr
+    found = subprocess.run([*base, "search", "--commands-only", cmd.split()[1]], capture_output=True, text=True,
+                           timeout=60)
+    assert found.stdout.count(cmd) == 1, found.stdout + found.stderr

@@ -535,3 +535,59 @@ def test_gate_takes_keys_typed_during_a_refusal_as_a_new_line(monkeypatch: pytes
     session, engine = asyncio.run(run())
     assert engine.checked == [("rm x", ()), ("echo ok", ())]  # what was typed is the line on screen
     assert session.upstream == interactive.CLEAR_LINE + b"echo ok\r"
+
+
+# -- issue 23 item 8: echoed lines are input, never hidden ------------------------------------
+
+
+class _Rec:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, object]] = []
+
+    def now(self) -> float:
+        return 0.0
+
+    def input(self, data: bytes) -> None:
+        self.events.append(("i", data))
+
+    def input_at(self, t: float, data: bytes) -> None:
+        self.events.append(("i", data))
+
+    def marker(self, kind: str, **fields: object) -> None:
+        self.events.append((kind, fields))
+
+
+def _tracker() -> tuple[object, _Rec]:
+    from bastion.session import EchoTracker
+
+    rec = _Rec()
+    return EchoTracker(rec), rec  # type: ignore[arg-type]
+
+
+def test_a_line_echoed_in_pieces_or_late_is_input_not_hidden() -> None:
+    echo, rec = _tracker()
+    echo.typed(b"exit\r")  # type: ignore[attr-defined]
+    echo.output(b"\x1b[?2004l\r")  # type: ignore[attr-defined]  # not the echo yet
+    echo.output(b"ex")  # type: ignore[attr-defined]
+    echo.output(b"it\r\nlogout\r\n")  # type: ignore[attr-defined]
+    echo.close()  # type: ignore[attr-defined]
+    assert [e for e in rec.events if e[0] == "hidden-input"] == []
+    assert b"".join(d for k, d in rec.events if k == "i") == b"exit\r"  # type: ignore[misc]
+    # Typed ahead of a slow prompt: the running command's output comes first, the echo later.
+    echo, rec = _tracker()
+    echo.typed(b"ls -l\r")  # type: ignore[attr-defined]
+    echo.output(b"still running...\r\n" * 20)  # type: ignore[attr-defined]
+    echo.output(b"[gw]$ ls -l\r\n")  # type: ignore[attr-defined]
+    echo.close()  # type: ignore[attr-defined]
+    assert [e for e in rec.events if e[0] == "hidden-input"] == []
+
+
+def test_a_password_is_still_hidden() -> None:
+    echo, rec = _tracker()
+    echo.typed(b"s3cret-pw\r")  # type: ignore[attr-defined]
+    echo.output(b"\r\n")  # type: ignore[attr-defined]
+    echo.output(b"welcome\r\n[gw]$ ")  # type: ignore[attr-defined]
+    echo.close()  # type: ignore[attr-defined]
+    assert [f for k, f in rec.events if k == "hidden-input"] == [{"length": 9, "reason": (
+        "typed while the terminal did not echo (e.g. a password prompt)")}]
+    assert b"s3cret" not in b"".join(d for k, d in rec.events if k == "i")  # type: ignore[misc]

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from bastion.approvals.detector import CommandDetector, LineEditor
 from bastion.approvals.keys import Key, first_stop, pending_prefix
+from bastion.approvals.shellscan import command_end
 from bastion.approvals.unsure import expand_history, why_unsure
 
 if TYPE_CHECKING:
@@ -37,6 +38,10 @@ QUIET = 0.025
 # then checked too).
 MAX_SETTLE = 0.4
 CLEAR_LINE = b"\x05\x15"  # Ctrl-E Ctrl-U: end of line, kill to its start (readline, zle, most REPLs)
+# The prompt of bash's incremental history search, left on the line when Enter runs the match.
+_SEARCH_PROMPT = re.compile(r"^\((?:failed )?(?:reverse-)?i-search\)`[^'\n]*': ?")
+# A logical command longer than this is judged line by line only.
+_MAX_PENDING = 256 * 1024
 _PASTE_MARK = re.compile(rb"\x1b\[20([01])~")
 
 
@@ -81,6 +86,8 @@ class InteractiveGate:
         self._after_drain: list[Callable[[], None]] = []
         self._prefix = b""  # an unfinished prefix key (ESC, Ctrl-X) that ended the last input
         self.history: list[str] = []  # lines that went to the shell (for history expansion)
+        self._pending = ""  # the lines so far of a logical command the shell has not run yet
+        self._abort = False
 
     # -- from the front door, through the Session ---------------------------------------------
 
@@ -158,6 +165,8 @@ class InteractiveGate:
             return
         for mark in _PASTE_MARK.finditer(data):
             self._in_paste = mark.group(1) == b"0"
+        if b"\x03" in data:  # Ctrl-C: the shell drops the lines it was collecting
+            self._pending = ""
         self.det.keys(data)
         self.editor.keys(data)
         self._prefix = b"" if self._in_paste else pending_prefix(data)
@@ -243,17 +252,20 @@ class InteractiveGate:
         # line); when the terminal did not echo (a password), it is checked but never
         # recorded unless it matches.
         also = ((typed,) if typed and typed != screen else ()) + fragment
-        logical = screen
-        if self.det.joined(screen):  # the rest of a line continued with a backslash
-            logical = self.det.joined(screen)
-            also = (*also, logical)
+        screen = _SEARCH_PROMPT.sub("", screen)  # bash runs the line found, not its search prompt
+        # The logical command: the lines before it that the shell has not run yet (a backslash
+        # continuation, a here-document, an open if/for/while or quote) joined with it.
+        logical = self._pending + screen if self._pending else screen
+        if logical != screen:
+            also = (*also, screen)
         allowed, reason = await self._judge(logical, also, hidden=hidden, record=record, shown=screen)
-        if allowed:
-            self.det.continue_after(screen)
-            if record:
-                self.history.append(logical)
-        else:
-            self.det.continuation = ""
+        if allowed and record and not hidden:
+            text = logical + "\n"
+            self._pending = text if command_end(text) < 0 and len(text) < _MAX_PENDING else ""
+            self.history.append(logical)
+        elif not allowed:
+            # The shell still collects the earlier lines: Ctrl-C, not a line clear, drops them.
+            self._abort, self._pending = bool(self._pending), ""
         return allowed, reason
 
     async def _judge(self, command: str, also: tuple[str, ...], *, hidden: bool, record: bool,
@@ -317,7 +329,10 @@ class InteractiveGate:
         """Clear the remote line, tell the user why, drop the rest of a paste, show a prompt."""
         discarded = len(self._queue)
         self._queue.clear()
-        self.session.send_upstream(CLEAR_LINE)
+        abort, self._abort = self._abort, False
+        if abort:  # the shell prints a fresh prompt after Ctrl-C: read it as one
+            self.det.enter()
+        self.session.send_upstream(b"\x03" if abort else CLEAR_LINE)
         tail = f" ({discarded} bytes typed or pasted after it were discarded)" if discarded else ""
         self.session.say(f"guarita: {reason}{tail}")
         # Let the shell erase its line (on the row under the message), then show its prompt
@@ -331,7 +346,9 @@ class InteractiveGate:
             self._output.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._output.wait(), QUIET)
-        self.det.enter()
         self.editor.clear()
+        if abort:
+            return
+        self.det.enter()
         if self.det.last_prompt:
             self.session.to_client(b"\r" + self.det.last_prompt.encode())
