@@ -339,6 +339,22 @@ def dev_token(name: str | None, sub: str | None, groups: tuple[str, ...], email:
     click.echo(_post(_gateway_url(gateway) + "/dev/token", body)["token"])
 
 
+@main.command("mcp")
+@click.option("--gateway", help=f"Gateway HTTP API (default $GUARITA_URL or {DEFAULT_GATEWAY}).")
+@click.option("--token-file", type=click.Path(path_type=Path), help="Read your token from this file.")
+def mcp_stdio(gateway: str | None, token_file: Path | None) -> None:
+    """Serve guarita's MCP tools on stdin/stdout, for MCP clients that launch a local server
+    (Claude Desktop, Cursor ...). Every call goes to the gateway's /mcp with your token,
+    obtained as `bastion token` does; see docs/mcp.md."""
+    import anyio
+
+    from bastion.mcp.stdio import serve_stdio
+
+    if not obtain_token(token_file):
+        raise click.ClickException(NO_TOKEN)
+    anyio.run(serve_stdio, _gateway_url(gateway), lambda: obtain_token(token_file))
+
+
 NO_TOKEN = ("no token: run `bastion login`, or set GUARITA_TOKEN, or GUARITA_TOKEN_FILE / --token-file, or "
             "GUARITA_CLIENT_ID + GUARITA_CLIENT_SECRET + GUARITA_ISSUER for a client-credentials grant")
 
