@@ -229,8 +229,10 @@ class Session:
                                          info.front_door, info.target, info.identity.groups, info.kind)
         self._commands_masked: dict[str, tuple[str, list[Any]]] = {}
         self.shown_command = self.mask_command(info.command)
-        self.recording = gateway.recorder.open_session(info.metadata() | {"command": self.shown_command},
-                                                       term=info.size, session_id=info.session_id)
+        meta = info.metadata() | {"command": self.shown_command}
+        if isinstance(meta.get("argv"), list):  # kubectl exec's argv, kept as sent: masked too
+            meta["argv"] = [self.mask_command(a) if isinstance(a, str) else a for a in meta["argv"]]
+        self.recording = gateway.recorder.open_session(meta, term=info.size, session_id=info.session_id)
         self.id = self.recording.id
         # Operations (bastion/metrics.py, bastion/logs.py): bytes relayed agent -> target and
         # target -> agent, and the session id on the log lines of this session's task.
@@ -460,8 +462,12 @@ class Session:
                 if held and held in self._typed:  # the agent's own typing: it knows these bytes
                     early = masker.release_held()
                     shown += early
-                    if self._echo is not None and stream == "o":
-                        self._echo.output(early)
+                    if stream == "o":  # what reads the live view (the echo, the command line) sees it now
+                        if self._echo is not None:
+                            self._echo.output(early)
+                        gate = self._gate if self._gate_checked else self._start_gate()
+                        if gate is not None:
+                            gate.output(early)
             if shown and self.deliver_output is not None:
                 self.deliver_output(shown, stream)
 
