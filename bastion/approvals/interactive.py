@@ -227,7 +227,7 @@ class InteractiveGate:
                     allowed, reason = False, ("editing the command line in an editor (Ctrl-X Ctrl-E, vi-mode v) "
                                               "is refused where approval rules apply: guarita could not see "
                                               "what it runs; type the command instead")
-                    self.session.marker("command", command=self.editor.line() or self.det.command(),
+                    self.session.marker("command", command=self.session.mask_command(self.editor.line() or self.det.command()),
                                         mode="interactive", outcome="refused", rule=None, request=None,
                                         reason=reason)
                 else:
@@ -324,7 +324,8 @@ class InteractiveGate:
                     also = (*also, expanded)
                 reason = why_unsure(text)
             if reason:
-                self.session.marker("command", command=command or text, mode="interactive", outcome="refused",
+                self.session.marker("command", command=self.session.mask_command(command or text), mode="interactive",
+                                    outcome="refused",
                                     rule=None, request=None, reason=reason)
                 return False, reason
         self.waiting = True
