@@ -206,7 +206,7 @@ def _print_welcome(gw: Any, json_log: bool = False) -> None:
 
         where = devtour.Where(ssh_host=ssh_host, ssh_port=port, http_url=http, data_dir=str(c.data_dir),
                               kube=bool(getattr(gw, "kube_port", 0)) and c.cluster("demo") is not None,
-                              console=_has_console())
+                              console=_has_console(), host_key=gw.host_key.export_public_key().decode().strip())
         where.save(c.data_dir)
         lines += ["", "Development mode: a local token issuer, a demo SSH target 'demo' that runs a real shell, a demo "
                   "cluster 'demo' whose pods are processes on this machine (not Kubernetes), masking, and an "
@@ -312,7 +312,7 @@ def read_token(token_file: Path | None = None) -> str | None:
 @click.argument("name", required=False)
 @click.option("--sub", help="Subject of the token (instead of a demo identity's NAME).")
 @click.option("--group", "groups", multiple=True, help="A group (repeatable).")
-@click.option("--email")
+@click.option("--email", help="The token's email claim.")
 @click.option("--ttl", default="1h", show_default=True, help="Lifetime, e.g. 10m, 1h.")
 @click.option("--claim", "claims", multiple=True, help="Extra claim NAME=VALUE (repeatable).")
 @click.option("--gateway", help=f"Gateway HTTP API (default $GUARITA_URL or {DEFAULT_GATEWAY}).")

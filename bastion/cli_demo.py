@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -33,6 +34,7 @@ def demo(data_dir: Path, quiet: bool) -> None:
                                    "first (in another terminal), or give its --data-dir") from None
     except (OSError, ValueError, TypeError) as exc:
         raise click.ClickException(f"cannot read the tour in {data_dir}: {exc}") from None
+    _check_running(where)
     steps = devtour.steps(where)
     runner = devtour.Runner(os.environ)
     worked = 0
@@ -40,7 +42,9 @@ def demo(data_dir: Path, quiet: bool) -> None:
         for n, step in enumerate(steps, 1):
             click.echo(f"[{n}/{len(steps)}] {step.what}")
             click.echo(f"  $ {step.line}")
+            started = time.monotonic()
             result = runner.run(step)
+            took = f" ({time.monotonic() - started:.1f} s)"
             if result.line != step.line:
                 click.echo(f"  (ran: {result.line})")
             if not quiet:
@@ -48,13 +52,24 @@ def demo(data_dir: Path, quiet: bool) -> None:
                     click.echo(f"    {line}")
             if result.ok:
                 worked += 1
-                click.echo("  ok")
+                click.echo(f"  ok{took}")
             else:
-                click.echo(f"  FAILED: {result.why}")
+                click.echo(f"  FAILED{took}: {result.why}")
     finally:
         runner.close()
     click.echo(f"{worked} of {len(steps)} steps worked")
     sys.exit(0 if worked == len(steps) else 1)
+
+
+def _check_running(where: devtour.Where) -> None:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{where.http_url}/healthz", timeout=10):
+            pass
+    except OSError as exc:  # URLError and HTTPError are OSErrors
+        raise click.ClickException(f"no gateway answers at {where.http_url} ({getattr(exc, 'reason', exc)}): is "
+                                   f"`bastion serve --dev` still running for {where.data_dir}?") from None
 
 
 def _tail(output: str) -> list[str]:

@@ -71,9 +71,9 @@ def embedded(data_dir: Path, ssh_port: int, http_port: int, kube_port: int,
         # Live output and recordings: CPFs, e-mails, phones and cards printed by the demo target and pods.
         "masking": {"secret_file": str(data_dir / "masking.key"), "default_apply": "both"},
         "approvals": [{"name": "dev: rm -rf and DROP need an approver", "pattern": DEMO_HOLD_PATTERN,
-                       "approvers": ["approvers", "sre"], "timeout": "10m",
+                       "approvers": ["approvers"], "timeout": "10m",
                        "message": "the demo rule: rm -rf and DROP wait for an approver"}],
-        # `--group sre` (the README's first example) is operator and auditor too.
+        # `--group sre` (the README's first example) is operator and auditor too (not an approver).
         "roles": {"operators": {"groups": ["operators", "sre"]},
                   "auditors": {"groups": ["auditors", "audit", "sre"]}},
     }

@@ -59,9 +59,19 @@ class Where:
     data_dir: str
     kube: bool = True
     console: bool = False
+    host_key: str = ""  # the gateway's SSH host key ("ssh-ed25519 AAAA..."): known_hosts pins it
+
+    @property
+    def known_hosts(self) -> str:
+        return str(Path(self.data_dir) / "known_hosts")
 
     def save(self, data_dir: Path) -> None:
+        """The tour for `bastion demo`, and a known_hosts file with the gateway's host key: ssh
+        checks it from the first connection on (no trust on first use, no clash with an earlier
+        --dev on the same port in ~/.ssh/known_hosts)."""
         (data_dir / TOUR_FILE).write_text(json.dumps(self.__dict__))
+        host = self.ssh_host if self.ssh_port == 22 else f"[{self.ssh_host}]:{self.ssh_port}"
+        (data_dir / "known_hosts").write_text(f"{host} {self.host_key}\n")
 
     @classmethod
     def load(cls, data_dir: Path) -> Where:
@@ -69,7 +79,7 @@ class Where:
 
 
 def steps(w: Where) -> list[Step]:
-    ssh = f"ssh -p {w.ssh_port} -o StrictHostKeyChecking=accept-new"
+    ssh = f"ssh -p {w.ssh_port} -o UserKnownHostsFile={shlex.quote(w.known_hosts)}"
     at = f"demo@{w.ssh_host}"
     dd = shlex.quote(w.data_dir)
     kubeconfig = shlex.quote(str(Path(w.data_dir) / "kubeconfig"))
@@ -86,7 +96,7 @@ def steps(w: Where) -> list[Step]:
              expect=r"customer \S", absent=re.escape(CPF)),
         Step("a held command (rm -rf waits for an approver)", f"{ssh} {at} 'rm -rf /tmp/guarita-tour'", Kind.HELD,
              expect=r"bastion approvals approve (\S+)", capture="REQUEST_ID", done=r"approved"),
-        Step("approve it (as the approver)",
+        Step("approve it from a second terminal (as the approver)",
              "GUARITA_TOKEN=$(bastion dev-token approver) bastion approvals approve REQUEST_ID --reason 'tour'",
              expect=r"approve recorded"),
     ]

@@ -216,7 +216,7 @@ class _LiveCollector(Collector):
             by_door["kube"] = 0
         totals = dict(m._ended_bytes)
         for session in m.live.values():
-            fd = session.info.front_door
+            fd: str = session.info.front_door
             by_door[fd] = by_door.get(fd, 0) + 1
             for direction, n in (("in", session.bytes_in), ("out", session.bytes_out)):
                 totals[(fd, direction)] = totals.get((fd, direction), 0) + n

@@ -36,7 +36,14 @@ What a new front door writes (the callback contract, in the manner of asyncssh's
 
 ``FrontDoor`` (one per listener, started and stopped by the gateway)
     ``async start()``, ``stop_accepting()`` (SIGTERM: no new connections, live sessions go
-    on), ``async stop()`` (after the live sessions were ended).
+    on), ``async stop()`` (after the live sessions were ended). The SSH and Kubernetes doors
+    predate it: bastion/gateway.py and bastion/lifecycle.py still start and stop them by
+    hand; a new door should implement it.
+
+A refusal after admission (the target cannot be reached) goes through
+``Admission.refuse(exc)``: audited once, its slot given back. The SSH door
+(bastion/ssh/frontdoor.py), the Kubernetes door (bastion/kube/exec.py) and the MCP door
+(bastion/mcp/calls.py) all open sessions this way.
 
 The door's life of a session::
 
@@ -63,7 +70,7 @@ import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Generic, Literal, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from bastion.masking.recorded import shown_command
 from bastion.refusal import Refused
@@ -71,7 +78,6 @@ from bastion.session import Session, SessionInfo, audit_fields
 
 log = logging.getLogger("guarita.pipeline")
 
-Stream = Literal["o", "e"]
 T = TypeVar("T")
 
 REFUSED_EVENT = "session.refused"

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from bastion.approvals.result import GateResult
 from bastion.config import AccessRule, format_duration
@@ -45,6 +45,12 @@ _CONTROL_BYTES = bytes(range(0x20)) + b"\x7f"
 _UNMASKED_REGION = "a cursor move or mode change between digits: a value drawn out of order there is not masked"
 
 
+# The front doors, as sessions, audit events and metrics name them.
+DoorName = Literal["ssh", "kube", "mcp"]
+# A target's output streams: stdout and stderr (asciicast codes "o" and "e").
+Stream = Literal["o", "e"]
+
+
 class TerminalGate(Protocol):
     """The approvals' interactive gate (bastion.approvals.interactive.InteractiveGate), as a
     session drives it: typed input and the terminal's output go through it."""
@@ -68,7 +74,7 @@ class TerminalGate(Protocol):
 class SessionInfo:
     """What a front door knows about a session when it opens."""
 
-    front_door: str  # "ssh" or "kube"
+    front_door: DoorName
     identity: Identity
     source: str  # client address
     target: str  # SSH target, or kube cluster
@@ -84,6 +90,14 @@ class SessionInfo:
     # The access rule that allowed the session (the front door's policy decision): its
     # session limits (max_duration, idle_timeout, on_expiry) are the session's.
     rule: AccessRule | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def cluster(self) -> str | None:
+        """The session's scope: the Kubernetes cluster it reaches (its namespace is
+        ``extra["namespace"]``), or None for an SSH target. Rules about clusters and rules
+        about targets ask this, never the door's name."""
+        cluster = self.extra.get("cluster")
+        return str(cluster) if cluster else None
 
     def metadata(self) -> dict[str, Any]:
         meta: dict[str, Any] = {
@@ -258,8 +272,10 @@ class Session:
                                          info.front_door, info.target, info.identity.groups, info.kind)
         self._commands_masked: dict[str, tuple[str, list[Any]]] = {}
         self.shown_command = self.mask_command(info.command)
-        self.recording = gateway.recorder.open_session(info.metadata() | {"command": self.shown_command},
-                                                       term=info.size, session_id=info.session_id)
+        meta = info.metadata() | {"command": self.shown_command}
+        if isinstance(meta.get("argv"), list):  # kubectl exec's argv, kept as sent: masked too
+            meta["argv"] = [self.mask_command(a) if isinstance(a, str) else a for a in meta["argv"]]
+        self.recording = gateway.recorder.open_session(meta, term=info.size, session_id=info.session_id)
         self.id = self.recording.id
         # Operations (bastion/metrics.py, bastion/logs.py): bytes relayed agent -> target and
         # target -> agent, and the session id on the log lines of this session's task.
@@ -347,7 +363,7 @@ class Session:
 
         self.recording.on_failure = failed
 
-    def from_target(self, data: bytes, stream: str = "o") -> bytes:
+    def from_target(self, data: bytes, stream: Stream = "o") -> bytes:
         """Output from the target; returns what the agent gets (masked where policy says)."""
         self.bytes_out += len(data)
         self.last_activity = time.monotonic()
@@ -394,9 +410,8 @@ class Session:
         # Binary channels (sftp, port forwards) are never rewritten.
         if masking is None or secret is None or self.info.kind == "subsystem":
             return
-        kube = self.info.front_door == "kube" or bool(self.info.extra.get("cluster"))  # incl. MCP exec_in_pod
-        apply = masking.where(None if kube else self.info.target, self.info.target if kube else None,
-                              self.info.identity.groups)
+        cluster = self.info.cluster  # whichever door opened it (kube exec, the MCP door's exec_in_pod)
+        apply = masking.where(None if cluster else self.info.target, cluster, self.info.identity.groups)
         if apply == "none":
             return
         self._maskers = {stream: masking.masker(secret) for stream in ("o", "e")}
@@ -408,7 +423,7 @@ class Session:
         # What the agent types is recorded masked like output (its live view is its own).
         self._input = MaskedInput(self.recording, masking.masker(secret), self._note_masked)
         if self._echo is not None:
-            self._echo.rec = self._input  # type: ignore[assignment]
+            self._echo.rec = self._input
         if self._commands_masked.get(self.info.command or ""):
             self._note_masked(self._commands_masked[self.info.command or ""][1], "command")
 
@@ -490,8 +505,12 @@ class Session:
                 if held and held in self._typed:  # the agent's own typing: it knows these bytes
                     early = masker.release_held()
                     shown += early
-                    if self._echo is not None and stream == "o":
-                        self._echo.output(early)
+                    if stream == "o":  # what reads the live view (the echo, the command line) sees it now
+                        if self._echo is not None:
+                            self._echo.output(early)
+                        gate = self._gate if self._gate_checked else self._start_gate()
+                        if gate is not None:
+                            gate.output(early)
             if shown and self.deliver_output is not None:
                 self.deliver_output(shown, stream)
 
@@ -522,7 +541,7 @@ class Session:
         approve, the request id and how long it may wait). Kubernetes passes the ``argv``."""
         if self._approvals is None:
             return GateResult(True, "allowed")
-        result = await self._approvals.check(self, command, "exec", argv=argv)
+        result: GateResult = await self._approvals.check(self, command, "exec", argv=argv)
         if result.outcome != "allowed":
             self.say(f"guarita: {result.reason}")
         return result
@@ -531,7 +550,7 @@ class Session:
         """Decide whether this identity may open an interactive shell here at all."""
         if self._approvals is None:
             return GateResult(True, "allowed")
-        result = await self._approvals.check(self, "interactive shell", "shell")
+        result: GateResult = await self._approvals.check(self, "interactive shell", "shell")
         if result.outcome != "allowed":
             self.say(f"guarita: {result.reason}")
         return result

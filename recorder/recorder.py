@@ -586,7 +586,7 @@ class SessionRecording:
         off the event loop; sizes here are the terminal's bytes, not the encoded ones."""
         if self.closed or (self.failed and self.recorder.failure_policy == "strict"):
             return
-        size = len(item) if size is None else size  # type: ignore[arg-type]
+        size = len(item) if size is None else size
         self._last_t = max(self._last_t, t)
         self._buf.append(item)
         self._buf_len += size

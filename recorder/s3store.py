@@ -116,7 +116,8 @@ class S3Store:
     def get(self, key: str) -> bytes:
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=self._key(key), ChecksumMode="ENABLED")
-            return response["Body"].read()
+            data: bytes = response["Body"].read()
+            return data
         except ClientError as exc:
             if _code(exc) in _NOT_FOUND:
                 raise NotFound(f"{key} not found in {self.url}") from None

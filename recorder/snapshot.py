@@ -50,7 +50,7 @@ def _takes_private(method: Callable[..., Any]) -> bool:
     return any(p.name == "private" or p.kind is p.VAR_KEYWORD for p in params)
 
 
-class TolerantScreen(pyte.Screen):  # type: ignore[misc]
+class TolerantScreen(pyte.Screen):
     """A pyte screen whose CSI handlers all accept the ``private`` flag (``ESC [ ? … X``):
     pyte passes it to every handler, and most of them raise a TypeError on it."""
 

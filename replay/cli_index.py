@@ -76,8 +76,11 @@ def rebuild(url: str, store: RecordingStore, since: Any) -> int:
     def progress(n: int) -> None:
         click.echo(f"\rindexed {n} sessions", nl=False, err=True)
 
+    def skipped(session: str, why: str) -> None:
+        click.echo(f"\nreplay: {session} not indexed: {why}", err=True)
+
     try:
-        count = _run(url, lambda index: archive.rebuild(store, index, since, on_progress=progress))
+        count = _run(url, lambda index: archive.rebuild(store, index, since, on_progress=progress, on_skip=skipped))
     except StoreError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo("", err=True)

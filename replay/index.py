@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import re
 import re._parser as sre_parse
 from collections.abc import Callable
@@ -23,8 +24,8 @@ from typing import Any
 from bastion.state.archive import ArchiveEntry, ArchiveIndex
 from recorder.index import manifest_index
 from recorder.segment import segment_name
-from recorder.store import RecordingStore, session_prefix
-from replay.reader import SessionSummary, list_sessions
+from recorder.store import NotFound, RecordingStore, is_session_id, session_prefix
+from replay.reader import ReplayError, SessionSummary, _date_prefixes
 from replay.search import Hit, MaskHit, all_masked_in_session, search_session
 
 _MATCH_ALL = re.compile("")
@@ -62,21 +63,50 @@ def summary_of(row: dict[str, Any]) -> SessionSummary:
 
 
 async def rebuild(store: RecordingStore, index: ArchiveIndex, since: Any = None,
-                  on_progress: Callable[[int], None] | None = None, batch: int = 200) -> int:
-    """Index every sealed session in the store (from `since` on); returns how many."""
+                  on_progress: Callable[[int], None] | None = None, batch: int = 200,
+                  on_skip: Callable[[str, str], None] | None = None) -> int:
+    """Index every sealed session in the store (from `since` on); returns how many.
+    Manifests are read REBUILD_READERS at a time (a bucket of millions is mostly waiting)."""
     await index.ensure_tables()
     loop = asyncio.get_running_loop()
     done = 0
     with concurrent.futures.ThreadPoolExecutor(REBUILD_READERS, thread_name_prefix="index-rebuild") as pool:
-        summaries = await loop.run_in_executor(pool, lambda: [s for s in list_sessions(store, since) if s.complete])
-        for start in range(0, len(summaries), batch):
-            chunk = summaries[start:start + batch]
-            entries = await asyncio.gather(*(loop.run_in_executor(pool, entry_for, store, s) for s in chunk))
-            await index.put(entries)
-            done += len(entries)
+        sealed = await loop.run_in_executor(pool, _sealed_sessions, store, since)
+        for start in range(0, len(sealed), batch):
+            chunk = sealed[start:start + batch]
+            entries = await asyncio.gather(*(loop.run_in_executor(pool, _entry_of, store, sid) for sid in chunk))
+            for sid, entry in zip(chunk, entries, strict=True):
+                if isinstance(entry, str) and on_skip:
+                    on_skip(sid, entry)
+            good = [e for e in entries if isinstance(e, ArchiveEntry)]
+            await index.put(good)
+            done += len(good)
             if on_progress:
                 on_progress(done)
     return done
+
+
+def _sealed_sessions(store: RecordingStore, since: Any) -> list[str]:
+    """Ids of sessions whose manifest is in the store, from one listing (no reads)."""
+    ids = []
+    for prefix in _date_prefixes(since):
+        for key in store.list(prefix):
+            parts = key.split("/")
+            if len(parts) == 5 and parts[4] == "manifest.json" and is_session_id(parts[3]):
+                ids.append(parts[3])
+    return sorted(ids)
+
+
+def _entry_of(store: RecordingStore, sid: str) -> ArchiveEntry | str:
+    """The session's entry, or why it cannot be indexed (`replay verify` says more)."""
+    try:
+        manifest = json.loads(store.get(session_prefix(sid) + "manifest.json"))
+        summary = SessionSummary(sid, manifest["session"], manifest, [])
+        return entry_for(store, summary)
+    except ReplayError as exc:
+        return str(exc)
+    except (NotFound, ValueError, KeyError, TypeError) as exc:
+        return f"manifest.json is not readable ({exc})"
 
 
 async def indexed_sessions(index: ArchiveIndex, match: Callable[[SessionSummary], bool], *,

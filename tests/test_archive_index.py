@@ -26,7 +26,7 @@ import recorder.index as recorder_index
 from bastion.archive_indexer import ArchiveIndexer
 from bastion.state import open_state
 from recorder import Recorder, RecordingKey
-from recorder.store import FileStore
+from recorder.store import FileStore, session_prefix
 from replay.cli import main as replay_main
 from replay.index import required_literal
 from tests.support import postgres
@@ -211,3 +211,21 @@ def test_required_literal_is_in_every_match(pieces: list[str], text: str, ignore
         assert literal.lower() in text.lower(), (pattern.pattern, text, literal)
     else:
         assert literal in text, (pattern.pattern, text, literal)
+
+
+def test_rebuild_names_a_session_it_cannot_read_and_indexes_the_rest(archive: tuple[str, str, list[str]],
+                                                                      tmp_path: Path) -> None:
+    import shutil
+    from urllib.parse import urlparse
+
+    recordings, _, ids = archive
+    copy = tmp_path / "rec"
+    shutil.copytree(urlparse(recordings).path, copy)
+    old = ids[4]  # a manifest without an index: indexing reads its segments
+    (copy / session_prefix(old) / "seg-000000.zst").unlink()
+    done = subprocess.run([sys.executable, "-m", "replay.cli", "--recordings", copy.as_uri(), "index", "--rebuild",
+                           "--state", f"sqlite:///{tmp_path / 'state.db'}"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"replay: {old} not indexed: segment" in done.stderr and "missing" in done.stderr
+    assert f"indexed {len(ids) - 1} sessions" in done.stdout and "Traceback" not in done.stderr

@@ -20,7 +20,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.conftest import BASTION, GatewayProcess, free_port
+from tests.conftest import BASTION, GatewayProcess, free_port, wait_for
 from tests.support import browser
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,24 +74,25 @@ def _dev_token(gw: GatewayProcess, **body: Any) -> str:
 
 @pytest.mark.skipif(browser.available() is not None, reason=str(browser.available()))
 def test_dev_sign_in_page_and_roles(dev: GatewayProcess) -> None:
-    assert f"{dev.http_url}/console/" in dev.log_text()  # the welcome text says where the console is
+    # The welcome text says where the console is (printed once every front door is up).
+    wait_for(lambda: f"{dev.http_url}/console/" in dev.log_text(), 30, "the console's address in the welcome text")
     with browser.Browser() as b:
         b.driver.get(dev.http_url + "/console/")
         b.wait(lambda: b.all("#as-alice"), what="the dev sign-in page")
         if os.environ.get("GUARITA_SCREENSHOTS"):
             b.driver.save_screenshot(str(ROOT / "docs" / "img" / "console-dev-sign-in.png"))
         b.css("#as-alice").click()
-        b.wait_text("No live sessions")  # an operator (no approver group in --dev) starts at the sessions
-        assert "alice@example.com (auditor, operator)" in b.text()
+        b.wait_text("Nothing waits for a decision")  # an approver starts at the approvals
+        assert "alice@example.com (approver, auditor, operator)" in b.text()
         cookie = next(c for c in b.driver.get_cookies() if c["name"] == "guarita_console")
         assert cookie["httpOnly"] and cookie["sameSite"] == "Lax" and not cookie["secure"]  # --dev: plain HTTP
-        b.driver.get(dev.http_url + "/console/approvals")
-        b.wait_text("Nothing waits for a decision")
+        b.driver.get(dev.http_url + "/console/sessions")
+        b.wait_text("No live sessions")
         b.css("header button.link").click()  # sign out
         b.wait_text("You are signed out")
         b.driver.get(dev.http_url + "/console/recordings")
-        b.wait(lambda: b.all("#as-bot"), what="the sign-in page again")
-        b.css("#as-bot").click()
+        b.wait(lambda: b.all("#as-agent"), what="the sign-in page again")
+        b.css("#as-agent").click()
         b.wait_text("Forbidden")
         assert "agents' identities have no console" in b.text()
 

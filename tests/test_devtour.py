@@ -188,6 +188,11 @@ def test_kubeconfig_needs_a_cluster_or_dev() -> None:
 def test_demo_without_a_running_dev_gateway_says_how_to_start_one(tmp_path: Path) -> None:
     done = CliRunner().invoke(main, ["demo", "--data-dir", str(tmp_path)])
     assert done.exit_code == 1 and "bastion serve --dev" in done.output, done.output
+    # A tour left by a gateway that has stopped since.
+    devtour.Where(ssh_host="127.0.0.1", ssh_port=free_port(), http_url=f"http://127.0.0.1:{free_port()}",
+                  data_dir=str(tmp_path), host_key="ssh-ed25519 AAAA").save(tmp_path)
+    done = CliRunner().invoke(main, ["demo", "--data-dir", str(tmp_path)])
+    assert done.exit_code == 1 and "no gateway answers" in done.output and "Traceback" not in done.output, done.output
 
 
 @pytest.mark.parametrize("command", ["rm -rf /tmp/x", "rm -fr x", "rm -Rf x", "rm -r -f x", "rm -f -r x",

@@ -808,6 +808,7 @@ def test_exec_waits_for_approval_then_runs(kube: Any, kgw: KubeGateway, oidc: OI
 def test_exec_output_is_masked_on_a_masked_cluster(kube: Any, kgw: KubeGateway) -> None:
     """Masking through real kubectl: the client and the recording never hold the CPF or the
     e-mail; the masking markers hold the keyed hashes an auditor can recompute."""
+    from bastion.masking import default_detectors, mask_bytes
     from bastion.masking.config import load_or_create_secret
     from bastion.masking.detectors import hmac_value
     from bastion.masking.stream import marker_values
@@ -819,16 +820,20 @@ def test_exec_output_is_masked_on_a_masked_cluster(kube: Any, kgw: KubeGateway) 
     assert result.returncode == 0, _text(result)
     assert result.stdout.startswith(b"cliente ***.***.***-** ") and mail.encode() not in result.stdout
     assert cpf.encode() not in result.stderr and b"***.***.***-**" in result.stderr
-    sid = find_session(kgw.audit_events(since), command=shlex.join(["sh", "-c", script]), front_door="kube")
+    # The command line is kept masked too (audit log, metadata): issue 22.
+    shown = mask_bytes(default_detectors(), b"any", shlex.join(["sh", "-c", script]).encode())[0].decode()
+    sid = find_session(kgw.audit_events(since), command=shown, front_door="kube")
     manifest, events = kgw.read_recording(sid)
+    assert cpf not in json.dumps(manifest) and mail not in json.dumps(manifest)
     recorded = b"".join(e.stream_bytes() or b"" for e in events if e.stream in ("o", "e"))
     assert cpf.encode() not in recorded and mail.encode() not in recorded
     secret = load_or_create_secret(kgw.data_dir / "masking.key")
-    marks = [v for e in events if e.code == "m" and e.data.get("type") == "masking" for v in marker_values(e.data)]
+    marks = [v for e in events if e.code == "m" and e.data.get("type") == "masking" and e.data["stream"] in "oe"
+             for v in marker_values(e.data)]
     assert sorted((m["detector"], m["hmac"]) for m in marks) == sorted([
         ("cpf", hmac_value(secret, "cpf", cpf)), ("cpf", hmac_value(secret, "cpf", cpf)),
         ("email", hmac_value(secret, "email", mail))])
-    assert manifest["end"]["masking"] == {"cpf": 2, "email": 1}
+    assert manifest["end"]["masking"] == {"cpf": 4, "email": 2}  # the output's and the command line's
 
 
 def test_exec_ends_when_the_credential_expires(kube: Any, kgw: KubeGateway, oidc: OIDCProvider) -> None:

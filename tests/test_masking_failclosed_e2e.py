@@ -296,3 +296,23 @@ def test_approval_requests_and_what_approvers_see_are_masked(gw: GatewayProcess,
     print("\napproval: " + ", ".join(f"{k} {leaks(v, [CPF, EMAIL])}" for k, v in seen.items()))
     for where, text in seen.items():
         assert leaks(text, [CPF, EMAIL]) == 0, where
+
+
+def test_the_approval_gate_reads_typed_commands_with_masking_on(gw: GatewayProcess, oidc: OIDCProvider) -> None:
+    """The echo the live view gets early (typed one key at a time) reaches the interactive
+    gate's screen too: the command line it reconstructs is whole."""
+    mark = gw.audit_mark()
+    with PtySsh(["-tt", "-p", str(gw.ssh_port), "masked@127.0.0.1"], token=oidc.token("agent-ci")) as pty:
+        pty.expect(rb"[$#] ")
+        for ch in b"echo needs-approval 12":
+            pty.send(bytes([ch]))
+            pty.expect(re.escape(bytes([ch])))
+        pty.send(b"\r")
+        event = gw.wait_audit("approval.requested", mark, timeout=20)
+        assert event["command"] == "echo needs-approval 12"
+        denied = cli(["approvals", "deny", str(event["request"]), "--reason", "no"], oidc.token("agent-sre"),
+                     gw.http_url)
+        assert denied.returncode == 0, denied.stderr
+        pty.expect(rb"denied")
+        pty.send(b"exit\r")
+        pty.wait()

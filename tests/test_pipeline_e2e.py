@@ -108,11 +108,9 @@ def _spool_filled(spool: Path) -> Iterator[None]:
     """Fill the spool's filesystem to the last byte (ENOSPC for any new file's data)."""
     filler = spool / f"filler-{uuid.uuid4().hex}"
     try:
-        with open(filler, "wb") as out, contextlib.suppress(OSError):
-            while True:
+        with open(filler, "wb", buffering=0) as out, contextlib.suppress(OSError):
+            while True:  # unbuffered: nothing is left to write (and fail) when it closes
                 out.write(b"\0" * 65536)
-                out.flush()
-                os.fsync(out.fileno())
         yield
     finally:
         filler.unlink(missing_ok=True)

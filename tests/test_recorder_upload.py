@@ -129,3 +129,37 @@ def test_upload_lag_is_the_oldest_waiting_object(tmp_path: Path) -> None:
         await rec.close()
 
     asyncio.run(scenario())
+
+
+def test_an_idle_session_costs_no_fsync(tmp_path: Path, monkeypatch) -> None:
+    """1,000 idle sessions were 1,000 fsyncs a second: a tick with nothing new does nothing,
+    and the next output is fsynced within a flush interval again."""
+    import os
+
+    calls = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real_fsync(fd))[1])
+    store = FileStore(tmp_path / "store")
+    key = RecordingKey.load_or_create(tmp_path / "key.pem")
+
+    async def scenario() -> None:
+        rec = Recorder(store, tmp_path / "spool", key, segment_seconds=60, flush_interval=0.02)
+        await rec.start()
+        session = rec.open_session(META, term=(80, 24))
+        session.output(b"hello\r\n")
+        await session.sync()
+        assert await rec.wait_uploaded(30)  # start.json's upload (the file store fsyncs) is over
+        before = len(calls)
+        await asyncio.sleep(0.4)  # twenty flush intervals with nothing to write
+        assert len(calls) == before, "an idle session's ticks fsynced"
+        session.output(b"again\r\n")
+        deadline = time.monotonic() + 10
+        while len(calls) == before:  # the next tick syncs the new frame by itself
+            assert time.monotonic() < deadline, "new output was not fsynced by the tick"
+            await asyncio.sleep(0.01)
+        session.exit(0)
+        await session.close()
+        assert await rec.wait_uploaded(30)
+        await rec.close()
+
+    asyncio.run(scenario())

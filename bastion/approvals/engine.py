@@ -135,7 +135,7 @@ class ApprovalEngine:
     def context_of(info: SessionInfo) -> Context:
         # A session in a cluster is scoped like kube (clusters, namespaces) whichever door opened
         # it (the MCP door's exec_in_pod).
-        door = "kube" if info.front_door == "kube" or info.extra.get("cluster") else info.front_door
+        door = "kube" if info.cluster else info.front_door
         return Context(identity=info.identity, front_door=door, target=info.target,
                        namespace=info.extra.get("namespace"))
 

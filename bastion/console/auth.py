@@ -158,8 +158,8 @@ class OidcClient:
         base = self.settings().url or f"{request.scheme}://{request.host}"
         return base + "/console/callback"
 
-    async def begin(self, request: web.Request, next_path: str) -> tuple[str, str]:
-        """(the issuer URL to send the browser to, the sign-in cookie value)."""
+    async def begin(self, request: web.Request, next_path: str) -> tuple[str, str, str]:
+        """(the issuer URL to send the browser to, the sign-in cookie value, its state)."""
         settings = self.settings()
         doc = await self.discovery()
         verifier = secrets.token_urlsafe(48)
@@ -172,7 +172,7 @@ class OidcClient:
         url = endpoint + ("&" if "?" in endpoint else "?") + urllib.parse.urlencode(query)
         cookie = base64.urlsafe_b64encode(json.dumps({"state": state, "verifier": verifier, "next": next_path,
                                                       "at": time.time()}).encode()).decode().rstrip("=")
-        return url, cookie
+        return url, cookie, state
 
     async def finish(self, request: web.Request, cookie: str | None) -> tuple[str, Identity, str]:
         """Check the callback against the sign-in cookie and trade the code:
@@ -223,11 +223,17 @@ def safe_next(value: str | None) -> str:
     return "/console/"
 
 
-def session_cookie(gw: Services, response: web.StreamResponse, token: str, identity: Identity) -> None:
-    name, login = cookie_names(gw.config.dev)
+def login_cookie_name(dev: bool, state: str) -> str:
+    """One sign-in cookie per sign-in (named after its state): two tabs, or a page's background
+    request that runs into the sign-in, never overwrite the sign-in under way."""
+    return f"{cookie_names(dev)[1]}_{hashlib.sha256(state.encode()).hexdigest()[:16]}"
+
+
+def session_cookie(gw: Services, response: web.StreamResponse, token: str, identity: Identity, state: str) -> None:
+    name = cookie_names(gw.config.dev)[0]
     max_age = max(1, int(identity.expires_at - time.time())) if identity.expires_at else 3600
     response.set_cookie(name, token, **_cookie_options(gw, max_age))
-    response.del_cookie(login, path="/")
+    response.set_cookie(login_cookie_name(gw.config.dev, state), "", **_cookie_options(gw, 0))
 
 
 def clear_session(gw: Services, response: web.StreamResponse) -> None:
@@ -235,8 +241,8 @@ def clear_session(gw: Services, response: web.StreamResponse) -> None:
     response.set_cookie(name, "", **_cookie_options(gw, 0))
 
 
-def login_cookie(gw: Services, response: web.StreamResponse, value: str) -> None:
-    response.set_cookie(cookie_names(gw.config.dev)[1], value, **_cookie_options(gw, LOGIN_TTL))
+def login_cookie(gw: Services, response: web.StreamResponse, state: str, value: str) -> None:
+    response.set_cookie(login_cookie_name(gw.config.dev, state), value, **_cookie_options(gw, LOGIN_TTL))
 
 
 Handler = Callable[[web.Request, Viewer], Awaitable[web.StreamResponse]]

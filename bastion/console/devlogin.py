@@ -21,12 +21,18 @@ from bastion.http.api import GATEWAY_KEY
 if TYPE_CHECKING:
     from bastion.services import Services
 
-# (subject, groups, what the identity can do in the --dev configuration)
-DEMO_IDENTITIES = (
-    ("alice", ("sre",), "operator and auditor: live sessions, kills, locks, recordings"),
-    ("carol", ("audit",), "auditor: recordings and evidence"),
-    ("bot", (), "an agent: no console role (403)"),
-)
+
+
+def demo_identities() -> list[tuple[str, tuple[str, ...], str]]:
+    """(subject, groups, what it can do): the --dev identities of `bastion dev-token`, and alice
+    (group sre) who holds every console role."""
+    from bastion.devmode import DEV_IDENTITIES
+
+    return [("alice", ("sre",), "approver, operator and auditor: everything the console shows"),
+            *((i.name, i.groups, i.does + ("; no console role (403)" if i.name == "agent" else ""))
+              for i in DEV_IDENTITIES.values())]
+
+
 PARAMS = ("client_id", "redirect_uri", "state", "code_challenge", "code_challenge_method", "scope", "nonce")
 
 
@@ -74,7 +80,7 @@ async def authorize(request: web.Request) -> web.Response:
         f'<input type="hidden" name="groups" value="{e(",".join(groups))}">'
         f'<button type="submit" id="as-{e(sub)}">Sign in as {e(sub)}</button> '
         f'<small>groups: {e(", ".join(groups) or "none")} · {e(what)}</small></form>'
-        for sub, groups, what in DEMO_IDENTITIES)
+        for sub, groups, what in demo_identities())
     custom = (f'<form method="post" class="identity custom">{hidden}'
               '<label>subject <input name="sub" required></label> '
               '<label>groups <input name="groups" placeholder="sre, approvers"></label> '

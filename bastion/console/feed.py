@@ -54,7 +54,8 @@ class Feed:
             await asyncio.sleep(self.interval)
 
     async def _poll(self) -> None:
-        requests = await self.state.list_requests(limit=200)
+        requests = await self.state.list_requests(status="pending", limit=1000) + \
+            await self.state.list_requests(limit=200)
         sessions = await self.state.live_sessions_overview()
         digests = {
             "approvals": _digest((r["id"], r["status"], len(r.get("decisions") or [])) for r in requests),

@@ -74,7 +74,10 @@ def guarded(*roles: str) -> Callable[[Page], Callable[[web.Request], Awaitable[w
 
 
 def sign_in_again(gw: Services, request: web.Request, refused: bool) -> web.StreamResponse:
-    if request.method != "GET" or request.path.endswith(STREAMS):
+    # Only a page the person navigates to is sent to the issuer; a page's own background
+    # request (a live refresh, a stream) gets 401 and the page reloads itself.
+    background = request.headers.get("Sec-Fetch-Mode", "navigate") != "navigate"
+    if request.method != "GET" or request.path.endswith(STREAMS) or background or request.query.get("fragment"):
         response: web.StreamResponse = problem(401, "Signed out", "your console session has ended (or its cookie "
                                                "was not accepted): sign in again", back="/console/login")
     else:

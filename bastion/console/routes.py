@@ -20,8 +20,8 @@ from bastion.console.auth import (
     SignInError,
     Viewer,
     clear_session,
-    cookie_names,
     login_cookie,
+    login_cookie_name,
     safe_next,
     session_cookie,
     viewer_of,
@@ -55,26 +55,27 @@ async def login(request: web.Request) -> web.StreamResponse:
     gw, console = gw_of(request), console_of(request)
     next_path = safe_next(request.query.get("next"))
     try:
-        url, value = await console.oidc.begin(request, next_path)
+        url, value, state = await console.oidc.begin(request, next_path)
     except SignInError as exc:
         return problem(503, "Cannot sign in", str(exc))
     response = web.HTTPSeeOther(url)
-    login_cookie(gw, response, value)
+    login_cookie(gw, response, state, value)
     return response
 
 
 async def callback(request: web.Request) -> web.StreamResponse:
     gw, console = gw_of(request), console_of(request)
+    state = request.query.get("state", "")
     try:
         token, identity, next_path = await console.oidc.finish(request, request.cookies.get(
-            cookie_names(gw.config.dev)[1]))
+            login_cookie_name(gw.config.dev, state)))
     except SignInError as exc:
         gw.audit.emit("auth.failure", method="console", source=request.remote, path=request.path,
                       reason="console_sign_in", detail=str(exc))
         return problem(400, "Sign-in failed", str(exc), back="/console/login")
     gw.audit.emit("console.signed_in", subject=identity.subject, issuer=identity.issuer, source=request.remote)
     response = web.HTTPSeeOther(safe_next(next_path))
-    session_cookie(gw, response, token, identity)
+    session_cookie(gw, response, token, identity, state)
     return response
 
 
@@ -96,7 +97,11 @@ async def signed_out(request: web.Request) -> web.StreamResponse:
 
 
 async def _visible_requests(gw: Services, viewer: Viewer) -> list[dict[str, Any]]:
-    rows = await gw.state.list_requests(limit=200)
+    """Every pending request (however many were decided since), then the latest decided ones."""
+    pending = await gw.state.list_requests(status="pending", limit=1000)
+    recent = await gw.state.list_requests(limit=200)
+    seen = {r["id"] for r in pending}
+    rows = pending + [r for r in recent if r["id"] not in seen]
     return [r for r in rows if gw.approvals.may_view(r, viewer.identity)]
 
 

@@ -36,6 +36,7 @@ from bastion.kube.policy import PathError, authorize_kube, parse_path, reachable
 from bastion.kube.status import status_response, wants_text_errors
 from bastion.kube.tls import ensure_server_cert, server_context, server_names
 from bastion.kube.upstream import ClusterUpstream, UpstreamConfigError
+from bastion.refusal import Refused as BaseRefused
 
 if TYPE_CHECKING:
     from bastion.kube.policy import KubeRequest
@@ -59,13 +60,19 @@ _DROP_RESPONSE = {"connection", "keep-alive", "proxy-connection", "transfer-enco
                   "te", "set-cookie"}
 
 
-class Refused(Exception):
-    """A request the gateway answers itself with a Status."""
+class Refused(BaseRefused):
+    """A request the gateway answers itself with a Status: ``code`` its HTTP status,
+    ``status_reason`` the Status reason (derived from the code when None). One of the
+    gateway's refusals (bastion/refusal.py): ``reason`` is the short word audits use."""
 
     def __init__(self, code: int, message: str, reason: str | None = None) -> None:
-        super().__init__(message)
+        super().__init__(_REFUSAL_WORDS.get(code, "refused"), message, code)
         self.code = code
-        self.reason = reason
+        self.status_reason = reason
+
+
+_REFUSAL_WORDS = {400: "bad_request", 401: "unauthenticated", 403: "forbidden", 404: "not_found",
+                  429: "limit", 502: "upstream_error", 503: "unavailable", 504: "upstream_timeout"}
 
 
 def smuggled_headers(headers: Any) -> list[str]:
@@ -220,7 +227,7 @@ class KubeFrontDoor:
         try:
             response = await self._dispatch(request, identity, req, source)
         except Refused as exc:
-            response = status_response(exc.code, str(exc), exc.reason, text=text)
+            response = status_response(exc.code, str(exc), exc.status_reason, text=text)
         if not isinstance(response, web.WebSocketResponse):
             self.gw.audit.emit("kube.request", subject=identity.subject, source=source, cluster=req.cluster,
                                method=request.method, path=req.raw_path[:500], namespace=req.namespace,

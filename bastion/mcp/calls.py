@@ -25,7 +25,7 @@ from bastion.masking.recorded import shown_command
 from bastion.pipeline import admit, refused
 from bastion.policy import authorize, reachable_targets
 from bastion.refusal import Refused
-from bastion.session import Session, SessionInfo
+from bastion.session import Session, SessionInfo, Stream
 from bastion.ssh.upstream import TargetError, connect_target
 from recorder.recorder import new_session_id
 
@@ -219,7 +219,7 @@ class Call:
 
     def target_output(self, data: bytes, stderr: bool) -> None:
         assert self.session is not None
-        stream = "e" if stderr else "o"
+        stream: Stream = "e" if stderr else "o"
         self._deliver(self.session.from_target(data, stream), stream)
 
     def deliver_output(self, data: bytes, stream: str) -> None:

@@ -2,8 +2,9 @@
 
 1. With --run-as, hands the shared volumes to the guarita user and drops root (the only
    reason it starts as root: a fresh named volume belongs to root).
-2. Checks the config (``bastion check-config``): a broken file stops here, with every
-   problem listed, instead of in a restart loop of the gateway.
+2. Checks the config (``bastion check-config --skip-files``: the files it names are made
+   next): a broken file stops here, with every problem listed, instead of in a restart
+   loop of the gateway. Once they are made, ``check-config`` checks them too.
 3. Makes a self-signed TLS certificate for the HTTP API (gateway.tls_cert / tls_key) if
    there is none yet. Production: mount a real certificate instead.
 4. Creates the gateway's keys if missing and prints their public halves (``bastion keys``:
@@ -110,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         drop_root(args.run_as, [data_dir, args.target_ca_out.parent])
 
     bastion = args.bastion.split()
-    check = subprocess.run([*bastion, "check-config", str(args.config)], capture_output=True, text=True)
+    check = subprocess.run([*bastion, "check-config", "--skip-files", str(args.config)], capture_output=True,
+                           text=True)
     sys.stderr.write(check.stderr)
     if check.returncode != 0:
         return check.returncode
@@ -133,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     args.target_ca_out.write_text(line + "\n")
     os.chmod(args.target_ca_out, 0o644)
     print(f"wrote the target CA to {args.target_ca_out}")
-    return 0
+    files = subprocess.run([*bastion, "check-config", str(args.config)], capture_output=True, text=True)
+    sys.stderr.write(files.stderr)
+    return files.returncode
 
 
 if __name__ == "__main__":
