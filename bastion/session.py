@@ -604,7 +604,10 @@ class Session:
         if self._approvals is None or self.info.kind not in ("shell", "exec"):
             return None
         if not self._approvals.watches(self):
-            return None
+            # No rule concerns it: a terminal's lines are still indexed, never held.
+            if self.info.size and self.info.kind == "shell":
+                self._gate = self.gateway.interactive_gate(self, self._approvals, *self.info.size, record_only=True)
+            return self._gate
         # Built by the composition root (bastion/gateway.py): the gates' modules depend on this one.
         if not self.info.size:  # no terminal: guarita is the shell's line discipline
             self._gate = self.gateway.line_gate(self, self._approvals)  # None: its input is no commands

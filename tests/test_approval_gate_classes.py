@@ -216,3 +216,35 @@ def test_exec_command_listed_once(agw: GatewayProcess, oidc: OIDCProvider, targe
     found = subprocess.run([*base, "search", "--commands-only", cmd.split()[1]], capture_output=True, text=True,
                            timeout=60)
     assert found.stdout.count(cmd) == 1, found.stdout + found.stderr
+
+
+def test_typed_commands_are_indexed_without_rules(gateway: GatewayProcess, oidc: OIDCProvider,
+                                                  targets: Targets) -> None:
+    """The shared gateway has no approval rules: nothing is held, every line is indexed."""
+    import subprocess
+    import sys
+
+    from tests.support.openssh import PtySsh
+
+    tag = uuid.uuid4().hex[:8]
+    mark = gateway.audit_mark()
+    pty = PtySsh(["-tt", *dest(gateway, f"{targets.login}@web-key")], token=oidc.token("agent-sre"),
+                 cols=80, rows=24).start()
+    try:
+        pty.expect(rb"[$#] ", timeout=15)
+        pty.send(f"echo typed-{tag}-$((1+1))\r".encode())
+        pty.expect(f"typed-{tag}-2".encode(), timeout=15)
+        pty.send(f"echo up-{tag} \\\r".encode())
+        pty.expect(rb"> ", timeout=15)
+        pty.send(b"continued\r")
+        pty.expect(f"up-{tag} continued".encode(), timeout=15)
+        pty.send(b"exit\r")
+        pty.wait(timeout=15)
+    finally:
+        pty.close()
+    sid, _, events = gateway.session_recording(mark, kind="shell")
+    base = [sys.executable, "-m", "replay.cli", "--recordings", gateway.recordings_dir.as_uri()]
+    shown = subprocess.run([*base, "cat", sid, "--commands"], capture_output=True, text=True, timeout=60)
+    assert f"echo typed-{tag}-$((1+1))" in shown.stdout, shown.stdout + shown.stderr
+    assert f"echo up-{tag} \\\ncontinued" in shown.stdout, shown.stdout  # one logical command
+    assert not [e for e in events if e.code == "m" and e.data.get("type") == "hidden-input"]

@@ -300,6 +300,10 @@ class ApprovalEngine:
         self._record(session, t, command, kind, status, verdict.rule_name, request_id=rid, reason=reason)
         return GateResult(status == "approved", status, reason, rid, verdict.rule_name)
 
+    def index_command(self, session: Session, command: str, kind: str) -> None:
+        """A command no rule concerns, into the recording and the commands index."""
+        self._record(session, session.recording.now(), command, kind, "allowed", None)
+
     def _record(self, session: Session, t: float, command: str, kind: str, outcome: str, rule: str | None,
                 request_id: str | None = None, reason: str | None = None, index: bool = True) -> None:
         """The command, with its outcome, in the recording (a ``command`` marker) and the index."""

@@ -67,9 +67,12 @@ def _typed_ahead(shown: str, typed: str, blind: bool) -> bool:
 
 
 class InteractiveGate:
-    def __init__(self, session: Session, engine: ApprovalEngine, cols: int, rows: int) -> None:
+    def __init__(self, session: Session, engine: ApprovalEngine, cols: int, rows: int,
+                 record_only: bool = False) -> None:
         self.session = session
         self.engine = engine
+        # No rule concerns this session: nothing is held, each line is only indexed.
+        self.record_only = record_only
         self.det = CommandDetector(cols, rows)
         self.editor = LineEditor()
         self.waiting = False
@@ -106,6 +109,9 @@ class InteractiveGate:
 
     def input(self, data: bytes, hidden: bool = False) -> bytes:
         """Keys from the agent; returns what goes upstream now (the rest is held)."""
+        if self.record_only:
+            self._note(data, hidden)
+            return data
         if self._task is not None:  # an Enter is held: keep order behind it
             if b"\x03" in data:
                 self._interrupted = True
@@ -123,6 +129,39 @@ class InteractiveGate:
         self._hidden = hidden
         self._task = asyncio.create_task(self._drain(), name=f"approval-gate-{self.session.id}")
         return head
+
+    def _note(self, data: bytes, hidden: bool) -> None:
+        """Record-only: each line that runs goes to the commands index as it is sent."""
+        pos = 0
+        while pos < len(data):
+            found = self._find_stop(data[pos:])
+            if found is None:
+                self._keys(data[pos:])
+                return
+            i, j, kind = found
+            self._keys(data[pos:pos + i])
+            key = data[pos + i:pos + j]
+            if kind is Key.ENTER or key == b"\x0f":
+                self._index_line(hidden)
+            else:
+                self._keys(key)
+            pos += j
+
+    def _index_line(self, hidden: bool) -> None:
+        typed = self.editor.line()
+        screen = ""
+        if self.det.boundary is not None and not self.det.alt_screen:
+            screen = _SEARCH_PROMPT.sub("", self.det.command())
+        line = screen or ("" if hidden else typed)
+        self.det.enter()
+        self.editor.clear()
+        if not line or self.det.alt_screen:
+            return
+        logical = self._pending + line
+        text = logical + "\n"
+        self._pending = text if command_end(text) < 0 and len(text) < _MAX_PENDING else ""
+        if not self._pending:
+            self.engine.index_command(self.session, logical, "interactive")
 
     def after_held_input(self, action: Callable[[], None]) -> None:
         """Run ``action`` now, or once the held input has gone upstream (or was refused)."""
@@ -188,7 +227,7 @@ class InteractiveGate:
                     allowed, reason = False, ("editing the command line in an editor (Ctrl-X Ctrl-E, vi-mode v) "
                                               "is refused where approval rules apply: guarita could not see "
                                               "what it runs; type the command instead")
-                    self.session.marker("command", command=self.editor.line() or self.det.command(),
+                    self.session.marker("command", command=self.session.mask_command(self.editor.line() or self.det.command()),
                                         mode="interactive", outcome="refused", rule=None, request=None,
                                         reason=reason)
                 else:
@@ -285,7 +324,8 @@ class InteractiveGate:
                     also = (*also, expanded)
                 reason = why_unsure(text)
             if reason:
-                self.session.marker("command", command=command or text, mode="interactive", outcome="refused",
+                self.session.marker("command", command=self.session.mask_command(command or text), mode="interactive",
+                                    outcome="refused",
                                     rule=None, request=None, reason=reason)
                 return False, reason
         self.waiting = True
