@@ -263,6 +263,18 @@ class GatewayProcess:
             time.sleep(delay)
             delay = min(delay * 2, 0.1)
 
+    def __enter__(self) -> GatewayProcess:
+        """``with GatewayProcess(config, data_dir) as gw:`` starts it and always stops it,
+        a start that fails half way included."""
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def stop(self, timeout: float = 15.0) -> int | None:
         proc, self.proc = self.proc, None
         if proc is None:
@@ -545,12 +557,8 @@ def gateway(
     config_path.write_text(text)
     checked = check_config(config_path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    gw = GatewayProcess(config_path, gateway_dir)
-    try:
-        gw.start()
+    with GatewayProcess(config_path, gateway_dir) as gw:
         yield gw
-    finally:
-        gw.stop()
 
 
 @pytest.fixture

@@ -121,12 +121,8 @@ def agw(oidc: OIDCProvider, targets: Targets, hooks: WebhookReceiver,
     path.write_text(_config(data_dir, oidc, targets, hook_text))
     checked = check_config(path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    gw = GatewayProcess(path, data_dir)
-    try:
-        gw.start()
+    with GatewayProcess(path, data_dir) as gw:
         yield gw
-    finally:
-        gw.stop()
 
 
 def dest(gw: GatewayProcess, user: str) -> list[str]:

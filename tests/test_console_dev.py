@@ -36,12 +36,8 @@ class DevGateway(GatewayProcess):
 @pytest.fixture(scope="module")
 def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     data_dir = tmp_path_factory.mktemp("console-dev")
-    gw = DevGateway(data_dir / "no-config.toml", data_dir)
-    try:
-        gw.start()
+    with DevGateway(data_dir / "no-config.toml", data_dir) as gw:
         yield gw
-    finally:
-        gw.stop()
 
 
 def _get(gw: GatewayProcess, path: str, cookie: str | None = None) -> tuple[int, str, dict[str, str]]:

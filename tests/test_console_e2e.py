@@ -121,12 +121,8 @@ def cgw(idp: OIDCProvider, targets: Targets, hooks: WebhookReceiver, http_port: 
     path.write_text(_config(data_dir, idp, targets, hooks, http_port))
     checked = check_config(path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    gw = FixedPortGateway(path, data_dir, http_port)
-    try:
-        gw.start()
+    with FixedPortGateway(path, data_dir, http_port) as gw:
         yield gw
-    finally:
-        gw.stop()
 
 
 @pytest.fixture(scope="module")
@@ -137,12 +133,8 @@ def replica(cgw: GatewayProcess, idp: OIDCProvider, targets: Targets, hooks: Web
     path = data_dir / "guarita.toml"
     path.write_text(_config(data_dir, idp, targets, hooks, cgw.http_port,
                             state=f"sqlite:///{cgw.data_dir / 'state.db'}"))
-    gw = GatewayProcess(path, data_dir)
-    try:
-        gw.start()
+    with GatewayProcess(path, data_dir) as gw:
         yield gw
-    finally:
-        gw.stop()
 
 
 @pytest.fixture(scope="module")

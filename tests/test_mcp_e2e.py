@@ -82,12 +82,8 @@ def mcp_gateway(idp: OIDCProvider, targets: Targets, standin: KubeAPIStandIn,
     path.write_text(text)
     checked = check_config(path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    gw = KubeGateway(path, data)
-    try:
-        gw.start()
+    with KubeGateway(path, data) as gw:
         yield gw
-    finally:
-        gw.stop()
 
 
 @pytest.fixture(scope="module")
