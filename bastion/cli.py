@@ -16,7 +16,15 @@ from typing import Any
 import click
 
 from bastion.cli_group import AliasGroup
-from bastion.config import ConfigError, is_loopback, load_config, parse_duration, parse_listen
+from bastion.config import (
+    ConfigError,
+    ConfigSource,
+    file_source,
+    is_loopback,
+    load_config,
+    parse_duration,
+    parse_listen,
+)
 from recorder.secretfile import write_secret
 from recorder.store import StoreError
 
@@ -66,7 +74,7 @@ def serve(config_path: Path | None, dev: bool, data_dir: Path | None, recordings
     from bastion.gateway import Gateway
 
     chosen_format = _setup_logging(verbose, log_format)
-    reload_source: tuple[Path, dict[str, Any], dict[str, Any]] | None = None
+    reload_source: ConfigSource | None = None
     if not (config_path or dev):
         raise click.UsageError("give --config FILE, or --dev (with --config FILE: that file over the embedded default)")
     demo_cluster = None
@@ -81,16 +89,23 @@ def serve(config_path: Path | None, dev: bool, data_dir: Path | None, recordings
                     raise click.BadParameter(f"{host} is not loopback: --dev mints tokens for anyone who asks; use "
                                              "127.0.0.1 (or --config FILE without --dev)", param_hint=flag)
             demo_cluster = devmode.DemoCluster()
-            config = devmode.dev_config(dev_dir, ssh_port=ssh[1], http_port=http[1], recordings=recordings,
-                                        audit_log=audit_log, kube_port=kube[1],
-                                        cluster_kubeconfig=demo_cluster.kubeconfig, overlay_file=config_path)
+            kubeconfig = demo_cluster.kubeconfig
+
+            def load_dev() -> tuple[dict[str, Any], Any]:  # at start, and again on SIGHUP
+                raw, dev_cfg = devmode.dev_raw_config(dev_dir, ssh_port=ssh[1], http_port=http[1],
+                                                      recordings=recordings, audit_log=audit_log,
+                                                      kube_port=kube[1], cluster_kubeconfig=kubeconfig,
+                                                      overlay_file=config_path)
+                return raw, _dev_clusters(dev_cfg, kube_clusters, dev) if kube_clusters else dev_cfg
+
+            raw, config = load_dev()
+            if config_path is not None:  # the overlay is what SIGHUP reads again
+                reload_source = ConfigSource(config_path, load_dev)
         else:
             assert config_path is not None
-            overrides = {"data_dir": data_dir, "recordings": recordings, "state": state_url}
-            config = load_config(config_path, overrides=overrides)
-            import tomllib
-
-            reload_source = (config_path, overrides, tomllib.loads(config_path.read_text()))
+            reload_source = file_source(config_path, {"data_dir": data_dir, "recordings": recordings,
+                                                      "state": state_url})
+            raw, config = reload_source.load()
             if ssh_listen:
                 config = replace(config, ssh_listen=parse_listen(ssh_listen))
             if http_listen:
@@ -107,8 +122,8 @@ def serve(config_path: Path | None, dev: bool, data_dir: Path | None, recordings
             except StateError as exc:
                 raise click.BadParameter(str(exc), param_hint="--state") from None
             config = replace(config, state_url=state_url)
-        if kube_clusters:
-            config = _dev_clusters(config, kube_clusters, dev)
+        if kube_clusters and not dev:
+            config = _dev_clusters(config, kube_clusters, dev)  # refused: --kube-cluster is for --dev
         from bastion.config_files import file_problems
 
         if problems := file_problems(config):
@@ -123,7 +138,7 @@ def serve(config_path: Path | None, dev: bool, data_dir: Path | None, recordings
             demo_cluster.stop()
         raise click.UsageError(str(exc)) from None
     try:
-        asyncio.run(_serve(Gateway, config, reload_source, json_log=chosen_format == "json"))
+        asyncio.run(_serve(Gateway, config, reload_source, raw, json_log=chosen_format == "json"))
     finally:
         if demo_cluster is not None:
             demo_cluster.stop()
@@ -147,8 +162,8 @@ def _dev_clusters(config: Any, specs: tuple[str, ...], dev: bool) -> Any:
     return replace(config, clusters=(*config.clusters, *clusters), access=(*config.access, rule))
 
 
-async def _serve(gateway_cls: Any, config: Any, reload_source: tuple[Path, dict[str, Any], dict[str, Any]] | None = None,
-                 json_log: bool = False) -> None:
+async def _serve(gateway_cls: Any, config: Any, reload_source: ConfigSource | None = None,
+                 raw: dict[str, Any] | None = None, json_log: bool = False) -> None:
     import signal
 
     # SIGHUP before the gateway has its handler (it installs it once serving) must not kill it.
@@ -171,7 +186,7 @@ async def _serve(gateway_cls: Any, config: Any, reload_source: tuple[Path, dict[
     try:
         gw = gateway_cls(config)
         if reload_source is not None:  # what SIGHUP reads again (bastion/lifecycle.py)
-            gw.config_file, gw.config_overrides, gw.config_raw = reload_source
+            gw.config_source, gw.config_raw = reload_source, raw or {}
         await gw.start()
     except (OSError, RuntimeError, ValueError, StoreError) as exc:
         click.echo(f"guarita: cannot start: {_start_error(exc)}", err=True)

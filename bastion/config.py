@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -352,6 +353,26 @@ def load_config(path: Path, overrides: dict[str, Any] | None = None) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([(str(path), f"not valid TOML: {exc}")]) from None
     return parse_config(raw, base=path.resolve().parent, overrides=overrides)
+
+
+@dataclass(frozen=True)
+class ConfigSource:
+    """What SIGHUP reads again (bastion/lifecycle.py): the file, and how the running config
+    was built from it. ``load`` returns the raw table (to tell which keys changed) and the
+    parsed config, raising ConfigError for a file with problems. A plain ``--config FILE``
+    (:func:`file_source`) or ``--dev --config FILE``, the file over the embedded default
+    (bastion/devmode.py): one reload path for both."""
+
+    path: Path
+    load: Callable[[], tuple[dict[str, Any], Config]]
+
+
+def file_source(path: Path, overrides: dict[str, Any] | None = None) -> ConfigSource:
+    def load() -> tuple[dict[str, Any], Config]:
+        config = load_config(path, overrides=overrides)  # names the problem (missing, bad TOML, a key)
+        return tomllib.loads(path.read_text()), config
+
+    return ConfigSource(path, load)
 
 
 def parse_config(raw: dict[str, Any], base: Path, overrides: dict[str, Any] | None = None) -> Config:

@@ -103,6 +103,14 @@ def dev_config(data_dir: Path, ssh_port: int = 2222, http_port: int = 8080, reco
                audit_log: str | None = None, kube_port: int = 8443, cluster_kubeconfig: Path | None = None,
                overlay_file: Path | None = None) -> Config:
     """The embedded default, with ``overlay_file`` over it; ConfigError names the key at fault."""
+    return dev_raw_config(data_dir, ssh_port, http_port, recordings, audit_log, kube_port, cluster_kubeconfig,
+                          overlay_file)[1]
+
+
+def dev_raw_config(data_dir: Path, ssh_port: int = 2222, http_port: int = 8080, recordings: str | None = None,
+                   audit_log: str | None = None, kube_port: int = 8443, cluster_kubeconfig: Path | None = None,
+                   overlay_file: Path | None = None) -> tuple[dict[str, Any], Config]:
+    """:func:`dev_config` with the merged raw table it was parsed from (what SIGHUP compares)."""
     data_dir = data_dir.resolve()
     raw = embedded(data_dir, ssh_port, http_port, kube_port, cluster_kubeconfig)
     base = data_dir
@@ -126,7 +134,7 @@ def dev_config(data_dir: Path, ssh_port: int = 2222, http_port: int = 8080, reco
     config = replace(config, issuers=issuers, dev=True, demo_target=True,
                      audit_log=audit_log or config.audit_log)
     refuse_outside_loopback(config)
-    return config
+    return raw, config
 
 
 def refuse_outside_loopback(config: Config) -> None:

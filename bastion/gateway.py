@@ -8,7 +8,6 @@ import signal
 import socket
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import asyncssh
@@ -19,7 +18,7 @@ from bastion.approvals.interactive import InteractiveGate
 from bastion.approvals.linediscipline import line_gate
 from bastion.archive_indexer import ArchiveIndexer
 from bastion.audit import AuditLog
-from bastion.config import Config, TargetConfig
+from bastion.config import Config, ConfigSource, TargetConfig
 from bastion.control import Control
 from bastion.devmode import DEMO_TARGET, dev_config  # noqa: F401 - dev_config: callers import it here
 from bastion.health import Readiness
@@ -107,11 +106,10 @@ class Gateway:
         self.stopping = asyncio.Event()
         # Operations (bastion/lifecycle.py, bastion/metrics.py, bastion/health.py): SIGTERM
         # drains (readyz turns 503 at once; a second signal cuts the grace short), SIGHUP
-        # reloads config_file (read with config_overrides; config_raw is what runs).
+        # reads config_source again (config_raw is what runs).
         self.draining = False
         self.hurry = asyncio.Event()
-        self.config_file: Path | None = None
-        self.config_overrides: dict[str, Any] | None = None
+        self.config_source: ConfigSource | None = None
         self.config_raw: dict[str, Any] = {}
         self.metrics = Metrics(self)
         self.audit.listeners.append(self.metrics.on_audit)

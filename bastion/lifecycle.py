@@ -31,10 +31,9 @@ import logging
 import time
 import tomllib
 from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bastion.config import CONFIG_KEYS, ConfigError, load_config
+from bastion.config import CONFIG_KEYS, ConfigError
 
 if TYPE_CHECKING:
     from bastion.services import Services
@@ -137,14 +136,14 @@ def changed_keys(old_raw: dict[str, Any], new_raw: dict[str, Any]) -> list[str]:
 
 def reload(gw: Services) -> bool:
     """Re-read the config file; apply what can change live. True when a new config was applied."""
-    path: Path | None = gw.config_file
+    source = gw.config_source
     metrics = gw.metrics
-    if path is None:
-        log.warning("SIGHUP: this gateway runs without a config file (--dev): nothing to reload")
+    if source is None:
+        log.warning("SIGHUP: this gateway runs without a config file (--dev without --config): nothing to reload")
         return False
+    path = source.path
     try:
-        raw = tomllib.loads(path.read_text())
-        new = load_config(path, overrides=gw.config_overrides)
+        raw, new = source.load()
     except ConfigError as exc:
         log.error("SIGHUP: %s has problems; the running configuration stays: %s", path,
                   "; ".join(f"{k}: {m}" for k, m in exc.problems), extra={"problems": [f"{k}: {m}" for k, m in

@@ -14,13 +14,12 @@ them. Their own modules are typed.
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any, Protocol
 
 import asyncssh
 
 from bastion.audit import AuditLog
-from bastion.config import Config
+from bastion.config import Config, ConfigSource
 from bastion.identity.oidc import TokenVerifier
 from bastion.identity.usercert import UserCA
 from bastion.live import LiveSessions
@@ -51,12 +50,11 @@ class Services(Protocol):
     dev_issuer: Any  # bastion.identity.devissuer.DevIssuer | None
     interactive_gate: Any  # bastion.approvals.interactive.InteractiveGate (its class: a factory)
     line_gate: Any  # bastion.approvals.linediscipline.line_gate (a factory; None when no commands)
-    # Lifecycle (bastion/lifecycle.py): SIGTERM drains, SIGHUP reloads config_file.
+    # Lifecycle (bastion/lifecycle.py): SIGTERM drains, SIGHUP reloads config_source.
     draining: bool
     stopping: asyncio.Event
     hurry: asyncio.Event
-    config_file: Path | None
-    config_overrides: dict[str, Any] | None
+    config_source: ConfigSource | None
     config_raw: dict[str, Any]
     _servers: list[Any]
     kube: Any  # the Kubernetes front door, when clusters are configured

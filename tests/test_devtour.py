@@ -4,9 +4,11 @@ demo cluster (bastion/devmode.py, bastion/devtour.py); and what --dev refuses.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -53,12 +55,18 @@ def _env(tmp: Path) -> dict[str, str]:
 @pytest.fixture()
 def dev_gateway(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path, dict[str, str]]]:
     """`bastion serve --dev` on free loopback ports, with its banner in a file."""
+    with _dev_serve(tmp_path) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def _dev_serve(tmp_path: Path, *flags: str) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path, dict[str, str]]]:
     data, log = tmp_path / "data", tmp_path / "serve.log"
     env = _env(tmp_path)
     with open(log, "wb") as out:
         proc = subprocess.Popen([*BASTION, "serve", "--dev", "--data-dir", str(data), "--log-format", "text",
                                  "--ssh-listen", f"127.0.0.1:{free_port()}", "--http-listen", f"127.0.0.1:{free_port()}",
-                                 "--kube-listen", f"127.0.0.1:{free_port()}"],
+                                 "--kube-listen", f"127.0.0.1:{free_port()}", *flags],
                                 cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                 start_new_session=True)
     try:
@@ -105,6 +113,24 @@ def test_the_banner_tour_runs_as_printed_with_real_ssh_and_kubectl(dev_gateway, 
                                capture_output=True, text=True, timeout=60)
         assert "customer" in shown.stdout and devtour.CPF not in shown.stdout, shown.stdout
     assert proc.poll() is None
+
+
+def test_sighup_reloads_the_overlay_of_dev(tmp_path: Path) -> None:
+    """`--dev --config FILE`: SIGHUP reads the file again over the embedded default; a file
+    with a mistake changes nothing and says why."""
+    overlay = tmp_path / "more.toml"
+    overlay.write_text("")
+    with _dev_serve(tmp_path, "--config", str(overlay)) as (proc, _, log, _):
+        overlay.write_text('[[approvals]]\nname = "overlay rule"\npattern = "needs-overlay"\napprovers = ["sre"]\n')
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "SIGHUP: reloaded" in log.read_text(), 30, "the reload")
+        reloaded = next(line for line in log.read_text().splitlines() if "SIGHUP: reloaded" in line)
+        assert str(overlay) in reloaded and "approvals" in reloaded, reloaded
+        overlay.write_text('[[approvals]]\nname = "broken"\npattern = "("\napprovers = ["sre"]\n')
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "the running configuration stays" in log.read_text(), 30, "the refused reload")
+        assert "approvals" in log.read_text().split("SIGHUP: reloaded")[-1], log.read_text()
+        assert "Traceback" not in log.read_text() and proc.poll() is None
 
 
 # -- what --dev refuses, one clear line each ----------------------------------------------
