@@ -135,6 +135,8 @@ def source_of(request: web.BaseRequest) -> str:
 
 
 class KubeFrontDoor:
+    """The Kubernetes listener (a :class:`bastion.doors.FrontDoor`): HTTPS, one handler per request."""
+
     def __init__(self, gateway: Services, streaming: Mapping[str, StreamingHandler] | None = None) -> None:
         self.gw = gateway
         # exec, attach, portforward (bastion/kube/exec.py), given by the gateway: that module
@@ -150,6 +152,14 @@ class KubeFrontDoor:
     # -- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.stop()  # the upstreams already started
+            raise
+
+    async def _start(self) -> None:
         config = self.gw.config
         for name, upstream in self.upstreams.items():
             try:
@@ -178,6 +188,13 @@ class KubeFrontDoor:
         server = site._server  # noqa: SLF001 - the only way to learn the port when 0 was asked
         sockets = getattr(server, "sockets", None)
         self.port = sockets[0].getsockname()[1] if sockets else port
+
+    async def stop_accepting(self) -> None:
+        """The listener closes; requests and streams already open go on."""
+        if self.runner is not None:
+            for site in list(self.runner.sites):
+                with contextlib.suppress(Exception):
+                    await site.stop()
 
     async def stop(self) -> None:
         for relay in list(self.relays):
@@ -403,14 +420,3 @@ def _auth_message(exc: AuthError) -> str:
     if exc.reason == "expired":
         return "guarita: the bearer token has expired: get a fresh one"
     return "guarita: the bearer token was not accepted"
-
-
-async def start_kube(gateway: Services, streaming: Mapping[str, StreamingHandler] | None = None) -> KubeFrontDoor:
-    door = KubeFrontDoor(gateway, streaming)
-    try:
-        await door.start()
-    except BaseException:
-        with contextlib.suppress(Exception):
-            await door.stop()
-        raise
-    return door

@@ -80,7 +80,7 @@ class FrontDoorServer(asyncssh.SSHServer):
                                reason=why[:300] or type(exc).__name__)
 
     def _audit_forwarding_requests(self, conn: asyncssh.SSHServerConnection) -> None:
-        # Agent and X11 forwarding are off (start_ssh); asyncssh refuses them without a
+        # Agent and X11 forwarding are off (SshFrontDoor.start); asyncssh refuses them without a
         # callback, so the two methods it asks are wrapped to audit each refusal.
         agent = conn.create_agent_listener
         x11 = conn.attach_x11_listener
@@ -614,21 +614,37 @@ def _env_name(name: str | bytes) -> str:
     return name.decode("utf-8", "replace") if isinstance(name, bytes) else name
 
 
-async def start_ssh(gateway: Services) -> asyncssh.SSHAcceptor:
-    host, port = gateway.config.ssh_listen
-    throttle = AuthThrottle()  # one per gateway: failures from one address add up across connections
-    return await asyncssh.create_server(
-        lambda: FrontDoorServer(gateway, throttle), host, port,
-        server_host_keys=[gateway.host_key],
-        server_version="guarita",
-        line_editor=False,
-        agent_forwarding=False,
-        x11_forwarding=False,
-        allow_scp=False,
-        encoding=None,
-        login_timeout=60,
-        keepalive_interval=30,
-        # The gateway re-encrypts every byte: prefer the AES-GCM ciphers that CPUs accelerate.
-        encryption_algs=PREFERRED_CIPHERS,
-    )
+class SshFrontDoor:
+    """The SSH listener (a :class:`bastion.doors.FrontDoor`): one ``FrontDoorServer`` per connection."""
 
+    def __init__(self, gateway: Services) -> None:
+        self.gw = gateway
+        self.acceptor: asyncssh.SSHAcceptor | None = None
+        self.port = 0
+        self.throttle = AuthThrottle()  # one per gateway: failures from one address add up across connections
+
+    async def start(self) -> None:
+        host, port = self.gw.config.ssh_listen
+        self.acceptor = await asyncssh.create_server(
+            lambda: FrontDoorServer(self.gw, self.throttle), host, port,
+            server_host_keys=[self.gw.host_key],
+            server_version="guarita",
+            line_editor=False,
+            agent_forwarding=False,
+            x11_forwarding=False,
+            allow_scp=False,
+            encoding=None,
+            login_timeout=60,
+            keepalive_interval=30,
+            # The gateway re-encrypts every byte: prefer the AES-GCM ciphers that CPUs accelerate.
+            encryption_algs=PREFERRED_CIPHERS,
+        )
+        self.port = self.acceptor.sockets[0].getsockname()[1]
+
+    async def stop_accepting(self) -> None:
+        if self.acceptor is not None:
+            self.acceptor.close()  # open connections stay (asyncssh closes the listener only)
+
+    async def stop(self) -> None:
+        # The gateway ended the sessions first; a connection without one ends with its client.
+        await self.stop_accepting()
