@@ -167,7 +167,7 @@ def _sign_in_prompt(start: dict[str, Any], seconds: float | None) -> str:
 
 def _logged_in(issuer: str, entry: dict[str, Any]) -> str:
     from bastion import login as lg
-    from bastion.kube.client import cache_path
+    from bastion.doors.kube.client import cache_path
 
     claims = lg.claims_of(lg.gateway_token(entry) or "")
     who = claims.get("email") or claims.get("sub") or "?"
@@ -184,7 +184,7 @@ def _add_logout(main: click.Group) -> None:
     def logout() -> None:
         """Forget your cached tokens (and revoke the refresh token at the issuer when it can)."""
         from bastion import login as lg
-        from bastion.kube.client import cache_path
+        from bastion.doors.kube.client import cache_path
 
         existed, problem = lg.logout()
         if problem:

@@ -34,9 +34,9 @@ from recorder.store import is_outage
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from bastion.kube.frontdoor import KubeFrontDoor
-    from bastion.ssh.demotarget import DemoTarget
-    from bastion.ssh.frontdoor import SshFrontDoor
+    from bastion.demo.sshtarget import DemoTarget
+    from bastion.doors.kube.frontdoor import KubeFrontDoor
+    from bastion.doors.ssh.frontdoor import SshFrontDoor
 
 log = logging.getLogger("guarita")
 
@@ -120,7 +120,7 @@ class Gateway:
         self.readiness = Readiness(self)
         self.http_port = 0
         self._ssh: SshFrontDoor | None = None
-        # Kubernetes front door (bastion/kube), started only when clusters are configured.
+        # Kubernetes front door (bastion/doors/kube), started only when clusters are configured.
         self.kube: KubeFrontDoor | None = None
 
     async def start(self) -> None:
@@ -176,14 +176,14 @@ class Gateway:
 
     def _session_doors(self) -> list[FrontDoor]:
         """The front doors this configuration has, each a FrontDoor (bastion/doors)."""
-        from bastion.ssh.frontdoor import SshFrontDoor
+        from bastion.doors.ssh.frontdoor import SshFrontDoor
 
         ssh = SshFrontDoor(self)
         doors: list[FrontDoor] = [ssh]
         self._ssh = ssh
         if self.config.clusters:
-            from bastion.kube.exec import STREAMING
-            from bastion.kube.frontdoor import KubeFrontDoor
+            from bastion.doors.kube.exec import STREAMING
+            from bastion.doors.kube.frontdoor import KubeFrontDoor
 
             self.kube = KubeFrontDoor(self, STREAMING)
             doors.append(self.kube)
@@ -200,13 +200,13 @@ class Gateway:
     def _http_routes(self, control_routes: Callable[[web.Application], None]
                      ) -> list[Callable[[web.Application], None]]:
         """The HTTP API's routes beyond its own: locks, live sessions and kills; the MCP front
-        door (bastion/mcp, when enabled); the web console under /console/ (and, in --dev, the
+        door (bastion/doors/mcp, when enabled); the web console under /console/ (and, in --dev, the
         dev issuer's sign-in page)."""
         from bastion.console.routes import add_routes as add_console_routes
 
         routes = [control_routes]
         if self.config.mcp.enabled:
-            from bastion.mcp.http import add_mcp_routes
+            from bastion.doors.mcp.http import add_mcp_routes
 
             def add_mcp(app: web.Application) -> None:
                 add_mcp_routes(app, self)  # a FrontDoor started and stopped with the HTTP API's app
@@ -220,7 +220,7 @@ class Gateway:
         return routes
 
     async def _start_demo(self) -> None:
-        from bastion.ssh.demotarget import DemoTarget
+        from bastion.demo.sshtarget import DemoTarget
 
         demo_host_key = load_or_create_key(self.config.data_dir / "demo_host_key")
         self.demo = demo_target = DemoTarget(demo_host_key, trusted_ca=self.target_ca)

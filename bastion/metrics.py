@@ -133,7 +133,7 @@ class Metrics:
                                      "api) and reason (expired, bad_signature, unknown_issuer...).",
                                      ["front_door", "reason"], registry=r)
         self.auth_throttled = Counter("guarita_auth_throttled", "Login attempts refused by the guessing limits "
-                                      "(bastion/ssh/authlimit.py), by scope: connection, address, subject.",
+                                      "(bastion/doors/ssh/authlimit.py), by scope: connection, address, subject.",
                                       ["scope"], registry=r)
         self.approval_requests = Counter("guarita_approval_requests", "Approval requests created by this "
                                          "replica.", registry=r)

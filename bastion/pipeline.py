@@ -42,8 +42,8 @@ What a new front door writes (the callback contract, in the manner of asyncssh's
 
 A refusal after admission (the target cannot be reached) goes through
 ``Admission.refuse(exc)``: audited once, its slot given back. The SSH door
-(bastion/ssh/frontdoor.py), the Kubernetes door (bastion/kube/exec.py) and the MCP door
-(bastion/mcp/calls.py) all open sessions this way.
+(bastion/doors/ssh/frontdoor.py), the Kubernetes door (bastion/doors/kube/exec.py) and the MCP door
+(bastion/doors/mcp/calls.py) all open sessions this way.
 
 The door's life of a session::
 

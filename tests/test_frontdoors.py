@@ -13,11 +13,11 @@ import pytest
 
 from bastion import lifecycle
 from bastion.doors import FrontDoor
+from bastion.doors.kube.frontdoor import KubeFrontDoor
+from bastion.doors.mcp.http import McpHttpDoor
+from bastion.doors.ssh.frontdoor import SshFrontDoor
 from bastion.http.api import HttpApi
-from bastion.kube.frontdoor import KubeFrontDoor
-from bastion.mcp.http import McpHttpDoor
 from bastion.pipeline import FrontDoor as PipelineFrontDoor
-from bastion.ssh.frontdoor import SshFrontDoor
 
 
 @pytest.mark.parametrize("door", [SshFrontDoor, KubeFrontDoor, McpHttpDoor, HttpApi])

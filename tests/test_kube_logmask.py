@@ -1,4 +1,4 @@
-"""bastion/kube/logmask.py: the log relay releases a held-back tail after silence (``logs -f``)."""
+"""bastion/doors/kube/logmask.py: the log relay releases a held-back tail after silence (``logs -f``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 from types import SimpleNamespace
 from typing import Any
 
-from bastion.kube.logmask import MaskedLogRelay
+from bastion.doors.kube.logmask import MaskedLogRelay
 from bastion.masking import StreamMasker, default_detectors
 
 

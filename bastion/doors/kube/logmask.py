@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import aiohttp
 
     from bastion.config import Config
-    from bastion.kube.policy import KubeRequest
+    from bastion.doors.kube.policy import KubeRequest
 
 VALUES_PER_EVENT = 500
 

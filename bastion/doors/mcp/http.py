@@ -25,9 +25,9 @@ from aiohttp import web
 from mcp.server.transport_security import TransportSecuritySettings
 
 from bastion.doors import FrontDoor
+from bastion.doors.mcp.tools import build_server
 from bastion.identity import AuthError, Identity
 from bastion.identity.delegation import chain_fields
-from bastion.mcp.tools import build_server
 
 if TYPE_CHECKING:
     from bastion.services import Services

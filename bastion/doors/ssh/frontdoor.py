@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 
 from bastion.config import env_allowed
+from bastion.doors.ssh.authlimit import MAX_AUTH_TRIES, AuthThrottle, claimed_subject
+from bastion.doors.ssh.transfer import transfer_kind
 from bastion.identity import AuthError, Identity
 from bastion.identity.delegation import chain_fields
 from bastion.masking.recorded import shown_command
@@ -25,9 +27,7 @@ from bastion.pipeline import Admission, EarlyInput, GateRefused, admit, refused
 from bastion.policy import authorize, reachable_targets
 from bastion.refusal import Refused
 from bastion.session import Session, SessionInfo
-from bastion.ssh.authlimit import MAX_AUTH_TRIES, AuthThrottle, claimed_subject
-from bastion.ssh.transfer import transfer_kind
-from bastion.ssh.upstream import PREFERRED_CIPHERS, TargetError, connect_target
+from bastion.upstreams.ssh.upstream import PREFERRED_CIPHERS, TargetError, connect_target
 from recorder.recorder import new_session_id
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ class FrontDoorServer(asyncssh.SSHServer):
         self.source = "?"
         self._cert: Any = None
         self._banner_sent = False
-        # Credential guessing (bastion/ssh/authlimit.py): failed attempts on this connection.
+        # Credential guessing (bastion/doors/ssh/authlimit.py): failed attempts on this connection.
         self.throttle = throttle or AuthThrottle()
         self._address = "?"
         self._failures = 0

@@ -6,7 +6,7 @@ this identity may reach this cluster and namespace, every client ``Authorization
 ``Impersonate-*`` header is dropped, and the request goes to the API server with the
 gateway's own credentials plus ``Impersonate-User`` / ``Impersonate-Group``. Bodies
 stream both ways without buffering (watches, ``logs -f``). ``exec``, ``attach`` and
-``portforward`` are handed to bastion.kube.exec. Every refusal is a ``Status`` object
+``portforward`` are handed to bastion.doors.kube.exec. Every refusal is a ``Status`` object
 kubectl prints; nothing here ever answers with a traceback.
 """
 
@@ -28,18 +28,18 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from bastion.config import AccessRule, ClusterConfig
+from bastion.doors.kube.held import HeldStream
+from bastion.doors.kube.logmask import MaskedLogRelay, log_masker
+from bastion.doors.kube.policy import PathError, authorize_kube, parse_path, reachable_clusters
+from bastion.doors.kube.status import status_response, wants_text_errors
+from bastion.doors.kube.tls import ensure_server_cert, server_context, server_names
 from bastion.identity import AuthError, Identity
 from bastion.identity.delegation import chain_fields
-from bastion.kube.held import HeldStream
-from bastion.kube.logmask import MaskedLogRelay, log_masker
-from bastion.kube.policy import PathError, authorize_kube, parse_path, reachable_clusters
-from bastion.kube.status import status_response, wants_text_errors
-from bastion.kube.tls import ensure_server_cert, server_context, server_names
-from bastion.kube.upstream import ClusterUpstream, UpstreamConfigError
 from bastion.refusal import Refused as BaseRefused
+from bastion.upstreams.kube.upstream import ClusterUpstream, UpstreamConfigError
 
 if TYPE_CHECKING:
-    from bastion.kube.policy import KubeRequest
+    from bastion.doors.kube.policy import KubeRequest
     from bastion.services import Services
 
 log = logging.getLogger("guarita.kube")
@@ -139,7 +139,7 @@ class KubeFrontDoor:
 
     def __init__(self, gateway: Services, streaming: Mapping[str, StreamingHandler] | None = None) -> None:
         self.gw = gateway
-        # exec, attach, portforward (bastion/kube/exec.py), given by the gateway: that module
+        # exec, attach, portforward (bastion/doors/kube/exec.py), given by the gateway: that module
         # builds on this one.
         self.streaming = dict(streaming or {})
         self.upstreams = {c.name: ClusterUpstream(c) for c in gateway.config.clusters}
@@ -355,7 +355,7 @@ class KubeFrontDoor:
     async def _held(self, body: Coroutine[Any, Any, None], request: web.Request, identity: Identity,
                     req: KubeRequest, cluster: ClusterConfig, resp: aiohttp.ClientResponse,
                     out: web.StreamResponse, rule: AccessRule | None) -> bool:
-        """A watch or followed log, held to its caller (bastion/kube/held.py); True if the
+        """A watch or followed log, held to its caller (bastion/doors/kube/held.py); True if the
         gateway ended it: the client gets the reason as a last watch event or log line."""
         relay = asyncio.create_task(body)
 
