@@ -71,9 +71,10 @@ def test_the_ssh_door_listens_then_stops_accepting() -> None:
     async def run() -> None:
         gw = SimpleNamespace(config=SimpleNamespace(ssh_listen=("127.0.0.1", 0)),
                              host_key=asyncssh.generate_private_key("ssh-ed25519"))
-        door: FrontDoor = SshFrontDoor(gw)  # type: ignore[arg-type]
+        ssh = SshFrontDoor(gw)
+        door: FrontDoor = ssh
         await door.start()
-        port = door.port  # type: ignore[attr-defined]
+        port = ssh.port
         assert port and not await asyncio.to_thread(_refused, port)
         await door.stop_accepting()
         assert await asyncio.to_thread(_refused, port)
