@@ -363,7 +363,7 @@ def mcp_stdio(gateway: str | None, token_file: Path | None) -> None:
     obtained as `bastion token` does; see docs/mcp.md."""
     import anyio
 
-    from bastion.mcp.stdio import serve_stdio
+    from bastion.doors.mcp.stdio import serve_stdio
 
     if not obtain_token(token_file):
         raise click.ClickException(NO_TOKEN)
@@ -375,9 +375,9 @@ NO_TOKEN = ("no token: run `bastion login`, or set GUARITA_TOKEN, or GUARITA_TOK
 
 
 def obtain_token(token_file: Path | None = None) -> str | None:
-    """read_token(), else a cached client-credentials token (see bastion.kube.client), else
+    """read_token(), else a cached client-credentials token (see bastion.doors.kube.client), else
     the token of `bastion login` (refreshed when needed, see bastion.login)."""
-    from bastion.kube.client import TokenError, client_credentials_token
+    from bastion.doors.kube.client import TokenError, client_credentials_token
     from bastion.login import cached_token
 
     value = read_token(token_file)
@@ -405,7 +405,7 @@ def token(token_file: Path | None, exec_credential: bool = False, prompt: tuple[
         raise click.ClickException(NO_TOKEN)
     _warn_if_expired(value, token_file)
     if exec_credential:
-        from bastion.kube.client import exec_credential as credential
+        from bastion.doors.kube.client import exec_credential as credential
 
         click.echo(json.dumps(credential(value)))
         return
@@ -416,7 +416,7 @@ def _warn_if_expired(value: str, token_file: Path | None) -> None:
     """Say so on stderr (kubectl shows a credential plugin's stderr): the gateway will refuse it."""
     import time
 
-    from bastion.kube.client import jwt_expiry
+    from bastion.doors.kube.client import jwt_expiry
 
     exp = jwt_expiry(value)
     if exp is None or exp > time.time():
@@ -456,7 +456,7 @@ def kubeconfig(cluster: str | None, server: str | None, gateway: str | None, ca_
     import shlex
     from urllib.parse import urlsplit
 
-    from bastion.kube.client import build_entries, default_kubeconfig_path, merge_kubeconfig
+    from bastion.doors.kube.client import build_entries, default_kubeconfig_path, merge_kubeconfig
 
     if dev:
         from bastion.devmode import DEMO_CLUSTER

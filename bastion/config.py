@@ -19,8 +19,8 @@ if TYPE_CHECKING:
     from bastion.masking.config import MaskingConfig
 
 from bastion.approvals.rules import ApprovalPolicy, parse_policy
+from bastion.doors.mcp.settings import McpSettings, parse_mcp
 from bastion.identity.delegation import DELEGATION_KEYS, DelegationScope, parse_scope
-from bastion.mcp.settings import McpSettings, parse_mcp
 
 DEFAULT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA")
 # Symmetric and unsigned algorithms can never be allowed: with HMAC, anyone holding the
@@ -257,7 +257,7 @@ class Config:
     # [roles] (operators, auditors) and [limits] (per-identity session limits), issue 8.
     roles: Roles = field(default_factory=Roles)
     limits: Limits = field(default_factory=Limits)
-    # [mcp]: the MCP front door (bastion/mcp).
+    # [mcp]: the MCP front door (bastion/doors/mcp).
     mcp: McpSettings = field(default_factory=McpSettings)
     # [console] (bastion/console/settings.py ConsoleConfig); None: no console outside --dev.
     console: Any = None

@@ -10,8 +10,6 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-import asyncssh
-
 from bastion import lifecycle
 from bastion.approvals.engine import ApprovalEngine
 from bastion.approvals.interactive import InteractiveGate
@@ -21,6 +19,7 @@ from bastion.audit import AuditLog
 from bastion.config import Config, ConfigSource, TargetConfig
 from bastion.control import Control
 from bastion.devmode import DEMO_TARGET, dev_config  # noqa: F401 - dev_config: callers import it here
+from bastion.doors import FrontDoor
 from bastion.health import Readiness
 from bastion.identity.devissuer import DevIssuer
 from bastion.identity.oidc import TokenVerifier
@@ -34,8 +33,9 @@ from recorder.store import is_outage
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from bastion.kube.frontdoor import KubeFrontDoor
-    from bastion.ssh.demotarget import DemoTarget
+    from bastion.demo.sshtarget import DemoTarget
+    from bastion.doors.kube.frontdoor import KubeFrontDoor
+    from bastion.doors.ssh.frontdoor import SshFrontDoor
 
 log = logging.getLogger("guarita")
 
@@ -101,8 +101,10 @@ class Gateway:
         self.demo: DemoTarget | None = None
         # The one registry of live sessions (shutdown, locks, kills, limits, `sessions ls`).
         self.live = LiveSessions(lambda: self.state)
-        self._servers: list[asyncio.AbstractServer | asyncssh.SSHAcceptor] = []
-        self._http_runner: web.AppRunner | None = None
+        # The session doors (SSH, Kubernetes), in the order they start; the HTTP API (and the
+        # MCP door mounted on it) apart: it starts before the verifier and stops last.
+        self.doors: list[FrontDoor] = []
+        self.http: FrontDoor | None = None
         self.stopping = asyncio.Event()
         # Operations (bastion/lifecycle.py, bastion/metrics.py, bastion/health.py): SIGTERM
         # drains (readyz turns 503 at once; a second signal cuts the grace short), SIGHUP
@@ -114,16 +116,14 @@ class Gateway:
         self.metrics = Metrics(self)
         self.audit.listeners.append(self.metrics.on_audit)
         self.readiness = Readiness(self)
-        self.ssh_port = 0
         self.http_port = 0
-        # Kubernetes front door (bastion/kube), started only when clusters are configured.
+        self._ssh: SshFrontDoor | None = None
+        # Kubernetes front door (bastion/doors/kube), started only when clusters are configured.
         self.kube: KubeFrontDoor | None = None
-        self.kube_port = 0
 
     async def start(self) -> None:
-        from bastion.http.api import start_http
+        from bastion.http.api import HttpApi
         from bastion.http.control_api import add_routes as control_routes
-        from bastion.ssh.frontdoor import start_ssh
 
         try:
             problems = await asyncio.wait_for(asyncio.to_thread(self.store.check), STORE_CHECK_TIMEOUT)
@@ -163,31 +163,51 @@ class Gateway:
         await self.archive.start()
         await self.approvals.start()
         await self.control.start()
-        self._http_runner, self.http_port = await start_http(self, self._http_routes(control_routes))
+        http = HttpApi(self, self._http_routes(control_routes))
+        self.http = http
+        await http.start()
+        self.http_port = http.port
         await self.verifier.start()
-        acceptor = await start_ssh(self)
-        self._servers.append(acceptor)
-        self.ssh_port = acceptor.sockets[0].getsockname()[1]
-        if self.config.clusters:
-            from bastion.kube.exec import STREAMING
-            from bastion.kube.frontdoor import start_kube
+        for door in self._session_doors():
+            await door.start()  # a door that cannot start has released what it took, and raises
+            self.doors.append(door)
 
-            self.kube = await start_kube(self, STREAMING)
-            self.kube_port = self.kube.port
+    def _session_doors(self) -> list[FrontDoor]:
+        """The front doors this configuration has, each a FrontDoor (bastion/doors)."""
+        from bastion.doors.ssh.frontdoor import SshFrontDoor
+
+        ssh = SshFrontDoor(self)
+        doors: list[FrontDoor] = [ssh]
+        self._ssh = ssh
+        if self.config.clusters:
+            from bastion.doors.kube.exec import STREAMING
+            from bastion.doors.kube.frontdoor import KubeFrontDoor
+
+            self.kube = KubeFrontDoor(self, STREAMING)
+            doors.append(self.kube)
+        return doors
+
+    @property
+    def ssh_port(self) -> int:
+        return self._ssh.port if self._ssh is not None else 0
+
+    @property
+    def kube_port(self) -> int:
+        return self.kube.port if self.kube is not None else 0
 
     def _http_routes(self, control_routes: Callable[[web.Application], None]
                      ) -> list[Callable[[web.Application], None]]:
         """The HTTP API's routes beyond its own: locks, live sessions and kills; the MCP front
-        door (bastion/mcp, when enabled); the web console under /console/ (and, in --dev, the
+        door (bastion/doors/mcp, when enabled); the web console under /console/ (and, in --dev, the
         dev issuer's sign-in page)."""
         from bastion.console.routes import add_routes as add_console_routes
 
         routes = [control_routes]
         if self.config.mcp.enabled:
-            from bastion.mcp.http import add_mcp_routes
+            from bastion.doors.mcp.http import add_mcp_routes
 
             def add_mcp(app: web.Application) -> None:
-                add_mcp_routes(app, self)
+                add_mcp_routes(app, self)  # a FrontDoor started and stopped with the HTTP API's app
 
             routes.append(add_mcp)
         routes.append(lambda app: add_console_routes(app, self))
@@ -198,7 +218,7 @@ class Gateway:
         return routes
 
     async def _start_demo(self) -> None:
-        from bastion.ssh.demotarget import DemoTarget
+        from bastion.demo.sshtarget import DemoTarget
 
         demo_host_key = load_or_create_key(self.config.data_dir / "demo_host_key")
         self.demo = demo_target = DemoTarget(demo_host_key, trusted_ca=self.target_ca)
@@ -209,12 +229,12 @@ class Gateway:
         self.config = replace(self.config, targets=(*self.config.targets, demo))
 
     async def stop(self) -> None:
-        for server in self._servers:
-            server.close()
+        for door in self.doors:
+            await door.stop_accepting()  # done already after a drain
         self.live.terminate_all(lifecycle.end_message(self))
         await self.live.wait_empty(5.0)
-        if self.kube is not None:
-            await self.kube.stop()  # after its sessions were ended, before the recorder closes
+        for door in reversed(self.doors):
+            await door.stop()  # after their sessions were ended, before the recorder closes
         await self.approvals.stop()  # pending requests of sessions still waiting: cancelled
         await self.control.stop()
         await self.recorder.close()
@@ -222,8 +242,8 @@ class Gateway:
         await self.archive.stop()
         await self.state.close()
         await self.verifier.close()
-        if self._http_runner is not None:
-            await self._http_runner.cleanup()
+        if self.http is not None:
+            await self.http.stop()
         if self.demo is not None:
             await self.demo.stop()
         self.audit.close()

@@ -3,8 +3,9 @@
 SIGTERM (or SIGINT) -- :func:`drain`:
 
 1. ``/readyz`` answers 503 at once (``gateway.draining``), so a load balancer stops
-   sending new connections; the SSH acceptor and the Kubernetes front door's listener are
-   closed (connections already open stay; new sessions on them are refused);
+   sending new connections; every front door stops accepting (``FrontDoor.stop_accepting``:
+   the SSH and Kubernetes listeners close; connections already open stay, new sessions on
+   them are refused; the HTTP API, where MCP lives, stays up to answer);
 2. every live session gets a notice on its terminal or stderr ("guarita: this gateway is
    shutting down; your session ends in 30s") and may go on for ``gateway.drain_grace``;
 3. sessions still open then are ended by the gateway (a ``terminated`` marker in their
@@ -64,14 +65,8 @@ async def drain(gw: Services) -> None:
     log.info("draining: no new connections; %d live session(s) get %s to finish (a second SIGTERM ends them now)",
              len(live), format_seconds(grace), extra={"sessions": len(live), "grace": grace})
     gw.audit.emit("gateway.draining", sessions=len(live), grace=grace)
-    for server in gw._servers:
-        server.close()
-    kube = gw.kube
-    runner = getattr(kube, "runner", None)
-    if runner is not None:
-        for site in list(runner.sites):
-            with contextlib.suppress(Exception):
-                await site.stop()
+    for door in gw.doors:
+        await door.stop_accepting()
     if not live or grace <= 0:
         return
     message = f"this gateway is shutting down; your session ends in {format_seconds(grace)}"

@@ -47,7 +47,7 @@ class LiveSessions:
         self._rows = rows  # a getter: the state store is opened after the registry exists
         self.sessions: dict[str, Any] = {}  # session id -> bastion.session.Session
         self.clients: dict[str, Terminable] = {}  # session id -> its front door's side
-        self.held: dict[str, Any] = {}  # stream id -> bastion.kube.held.HeldStream
+        self.held: dict[str, Any] = {}  # stream id -> bastion.doors.kube.held.HeldStream
         self._row_tasks: dict[str, asyncio.Task[None]] = {}
         self._closed = asyncio.Event()
 

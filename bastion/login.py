@@ -12,7 +12,7 @@ The issuer and client come from ``--issuer`` / ``--client-id`` (``--scope``,
     # token = "access_token"             (or "id_token", for issuers whose access tokens are opaque)
 
 The tokens go to the same cache as client-credentials tokens (``~/.cache/guarita/
-token.json``, mode 0600, see bastion.kube.client), under the ``login`` key: the access
+token.json``, mode 0600, see bastion.doors.kube.client), under the ``login`` key: the access
 token, the ID token, the refresh token, and where to refresh them. ``bastion token``,
 ``bastion ssh-cert`` and every CLI call that needs a token use it, refreshing it with
 the refresh token shortly before it expires (under a file lock: kubectl may run several
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bastion.kube.client import (
+from bastion.doors.kube.client import (
     REFRESH_MARGIN,
     TokenError,
     _read_cache,

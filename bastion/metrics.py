@@ -23,8 +23,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -38,7 +38,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from bastion.services import Services
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
     from bastion.session import Session
 
 log = logging.getLogger("guarita.metrics")
@@ -47,6 +48,59 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 # How long a scrape waits for the state database's numbers before serving the last ones.
 STATE_TIMEOUT = 2.0
 OUTCOMES = ("ok", "error", "disconnected", "terminated")
+
+
+# What the metrics read of the gateway at scrape time (the gateway is one; a test passes a
+# small object). None: that part is absent, and its numbers are not served.
+
+
+class StoreProbe(Protocol):  # bastion.health.Readiness
+    async def store_problem(self) -> str | None: ...
+
+
+class StateDatabase(Protocol):  # bastion.state.StateStore
+    @property
+    def engine(self) -> AsyncEngine | None: ...
+
+
+class RecorderNumbers(Protocol):  # recorder.Recorder
+    @property
+    def uploads_pending(self) -> int: ...
+    @property
+    def upload_errors(self) -> int: ...
+    @property
+    def spool_failures(self) -> int: ...
+    @property
+    def store_down_since(self) -> float | None: ...
+    @property
+    def sessions(self) -> Mapping[str, Any]: ...
+    def spool_bytes(self) -> int: ...
+    def oldest_pending_upload(self) -> float | None: ...
+
+
+class WebhookNumbers(Protocol):  # bastion.approvals.webhooks.Webhooks
+    @property
+    def failures(self) -> int: ...
+
+
+class ApprovalNumbers(Protocol):  # bastion.approvals.engine.ApprovalEngine
+    @property
+    def webhooks(self) -> WebhookNumbers: ...
+
+
+class MetricsServices(Protocol):
+    @property
+    def readiness(self) -> StoreProbe | None: ...
+    @property
+    def state(self) -> StateDatabase | None: ...
+    @property
+    def recorder(self) -> RecorderNumbers | None: ...
+    @property
+    def approvals(self) -> ApprovalNumbers | None: ...
+    @property
+    def draining(self) -> bool: ...
+    @property
+    def kube(self) -> object | None: ...  # the Kubernetes door, when clusters are configured
 
 
 def session_outcome(session: Session, status: int | None, signal: str | None) -> str:
@@ -63,7 +117,7 @@ def session_outcome(session: Session, status: int | None, signal: str | None) ->
 
 
 class Metrics:
-    def __init__(self, gateway: Services) -> None:
+    def __init__(self, gateway: MetricsServices) -> None:
         self.gw = gateway
         disable_created_metrics()  # no *_created series: they double the output and nobody reads them
         self.registry = CollectorRegistry(auto_describe=True)
@@ -79,7 +133,7 @@ class Metrics:
                                      "api) and reason (expired, bad_signature, unknown_issuer...).",
                                      ["front_door", "reason"], registry=r)
         self.auth_throttled = Counter("guarita_auth_throttled", "Login attempts refused by the guessing limits "
-                                      "(bastion/ssh/authlimit.py), by scope: connection, address, subject.",
+                                      "(bastion/doors/ssh/authlimit.py), by scope: connection, address, subject.",
                                       ["scope"], registry=r)
         self.approval_requests = Counter("guarita_approval_requests", "Approval requests created by this "
                                          "replica.", registry=r)
@@ -149,15 +203,15 @@ class Metrics:
     async def refresh(self) -> None:
         """Numbers that need the state database or the recordings store (bounded: a slow one
         never blocks a scrape, and one that hangs counts as down)."""
-        readiness = getattr(self.gw, "readiness", None)
+        readiness = self.gw.readiness
         if readiness is not None:
             try:
                 self.store_probe_ok = await asyncio.wait_for(readiness.store_problem(), STATE_TIMEOUT + 2) is None
             except Exception as exc:  # noqa: BLE001 - a scrape must answer whatever the store does
                 log.debug("metrics: the recordings store check did not answer: %s", exc)
                 self.store_probe_ok = False
-        state = getattr(self.gw, "state", None)
-        if getattr(state, "engine", None) is None:
+        state = self.gw.state
+        if state is None or state.engine is None:
             return
         try:
             values = await asyncio.wait_for(state_counts(state), STATE_TIMEOUT)
@@ -173,13 +227,14 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-async def state_counts(state: Any) -> dict[str, int]:
+async def state_counts(state: StateDatabase) -> dict[str, int]:
     """Pending approval requests and locks in force (not session kills), across replicas."""
     from sqlalchemy import and_, func, or_, select
 
     from bastion.state import schema as s
 
     now = time.time()
+    assert state.engine is not None  # refresh() asks only a started database
     async with state.engine.connect() as conn:
         pending = (await conn.execute(select(func.count()).select_from(s.approval_requests)
                                       .where(s.approval_requests.c.status == "pending"))).scalar_one()
@@ -212,7 +267,7 @@ class _LiveCollector(Collector):
         active = GaugeMetricFamily("guarita_sessions_active", "Sessions open now on this replica, by front door.",
                                    labels=["front_door"])
         by_door: dict[str, int] = {"ssh": 0}
-        if getattr(gw, "kube", None) is not None:
+        if gw.kube is not None:
             by_door["kube"] = 0
         totals = dict(m._ended_bytes)
         for session in m.live.values():
@@ -233,14 +288,14 @@ class _LiveCollector(Collector):
             relayed.add_metric([fd, direction], n)
         yield relayed
 
-        rec = getattr(gw, "recorder", None)
+        rec = gw.recorder
         if rec is not None:
             now = time.time()
             yield GaugeMetricFamily("guarita_spool_bytes", "Bytes in the recording spool (waiting to be sealed or "
                                     "uploaded).", value=rec.spool_bytes())
             yield GaugeMetricFamily("guarita_uploads_pending", "Recording objects in the spool waiting for "
                                     "upload.", value=rec.uploads_pending)
-            oldest = rec.oldest_pending_upload() if hasattr(rec, "oldest_pending_upload") else None
+            oldest = rec.oldest_pending_upload()
             lag = max(now - oldest if oldest else 0.0,
                       now - rec.store_down_since if rec.store_down_since else 0.0)
             yield GaugeMetricFamily("guarita_upload_lag_seconds", "Age of the oldest recording object waiting for "
@@ -253,13 +308,11 @@ class _LiveCollector(Collector):
             yield GaugeMetricFamily("guarita_recordings_open", "Recordings being written.", value=len(rec.sessions))
             yield CounterMetricFamily("guarita_spool_failures", "Times a session's recording could not be written "
                                       "to the spool (each leaves a gap, or ends the session under strict).",
-                                      value=getattr(rec, "spool_failures", 0))
-        approvals = getattr(gw, "approvals", None)
-        hooks = getattr(approvals, "webhooks", None)
-        if hooks is not None:
+                                      value=rec.spool_failures)
+        if gw.approvals is not None:
             yield CounterMetricFamily("guarita_webhook_failures", "Approval webhooks that could not be delivered.",
-                                      value=getattr(hooks, "failures", 0))
+                                      value=gw.approvals.webhooks.failures)
         yield GaugeMetricFamily("guarita_draining", "1 while the gateway drains (SIGTERM received).",
-                                value=1 if getattr(gw, "draining", False) else 0)
+                                value=1 if gw.draining else 0)
         yield GaugeMetricFamily("guarita_start_time_seconds", "When this gateway started (Unix time).",
                                 value=m._started)

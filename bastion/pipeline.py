@@ -34,16 +34,16 @@ What a new front door writes (the callback contract, in the manner of asyncssh's
     limit, shutdown, recording failure): tell the user ``message``, close both sides.
     Idempotent; may be called before the target is open.
 
-``FrontDoor`` (one per listener, started and stopped by the gateway)
-    ``async start()``, ``stop_accepting()`` (SIGTERM: no new connections, live sessions go
-    on), ``async stop()`` (after the live sessions were ended). The SSH and Kubernetes doors
-    predate it: bastion/gateway.py and bastion/lifecycle.py still start and stop them by
-    hand; a new door should implement it.
+``FrontDoor`` (one per listener, bastion/doors/__init__.py; started and stopped by the gateway)
+    ``async start()``, ``async stop_accepting()`` (SIGTERM: no new connections, live
+    sessions go on), ``async stop()`` (after the live sessions were ended). The gateway
+    (bastion/gateway.py) keeps its doors in one list and bastion/lifecycle.py drains them
+    through it; a new door is one more entry there.
 
 A refusal after admission (the target cannot be reached) goes through
 ``Admission.refuse(exc)``: audited once, its slot given back. The SSH door
-(bastion/ssh/frontdoor.py), the Kubernetes door (bastion/kube/exec.py) and the MCP door
-(bastion/mcp/calls.py) all open sessions this way.
+(bastion/doors/ssh/frontdoor.py), the Kubernetes door (bastion/doors/kube/exec.py) and the MCP door
+(bastion/doors/mcp/calls.py) all open sessions this way.
 
 The door's life of a session::
 
@@ -72,6 +72,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
+from bastion.doors import FrontDoor as FrontDoor  # declared with the doors; re-exported here
 from bastion.masking.recorded import shown_command
 from bastion.refusal import Refused
 from bastion.session import Session, SessionInfo, audit_fields
@@ -94,16 +95,6 @@ class ClientSide(Protocol):
     def notify_user(self, text: str) -> None: ...
 
     def terminate(self, message: str) -> None: ...
-
-
-class FrontDoor(Protocol):
-    """A listener the gateway starts and stops."""
-
-    async def start(self) -> None: ...
-
-    def stop_accepting(self) -> None: ...
-
-    async def stop(self) -> None: ...
 
 
 class Admitter(Protocol):

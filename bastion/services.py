@@ -20,6 +20,7 @@ import asyncssh
 
 from bastion.audit import AuditLog
 from bastion.config import Config, ConfigSource
+from bastion.doors import FrontDoor
 from bastion.identity.oidc import TokenVerifier
 from bastion.identity.usercert import UserCA
 from bastion.live import LiveSessions
@@ -56,6 +57,6 @@ class Services(Protocol):
     hurry: asyncio.Event
     config_source: ConfigSource | None
     config_raw: dict[str, Any]
-    _servers: list[Any]
-    kube: Any  # the Kubernetes front door, when clusters are configured
+    doors: list[FrontDoor]  # the session doors (bastion/doors), started; drained by bastion/lifecycle.py
+    kube: Any  # the Kubernetes front door, when clusters are configured (its CA for `bastion kubeconfig`)
     demo: Any  # the built-in demo target, in --dev

@@ -1,4 +1,4 @@
-"""What every recordings store speaks: its errors, what it says of an object, and the
+"""What every recordings store speaks: its errors (and guarita's one ``NotFound``), what it says of an object, and the
 interface (recorder/store.py: the local folder and ``open_store``; recorder/s3store.py:
 S3 with Object Lock). Imports no other store module, so both can import it."""
 
@@ -11,6 +11,16 @@ from datetime import datetime
 from typing import Protocol
 
 
+class NotFound(LookupError):
+    """What was asked for by name is not there; ``str()`` says which in one line.
+
+    guarita's one not-found: catch this. Each layer raises its own subclass, which is also
+    that layer's error (:class:`ObjectNotFound`, a :class:`StoreError`, here;
+    ``bastion.state.StateNotFound``, a ``StateError``, for requests, locks and sessions), so
+    ``except StoreError`` / ``except StateError`` still see it. It lives here, in the lowest
+    layer, so that both can derive from it without an import cycle."""
+
+
 class StoreError(Exception):
     """The store could not do what was asked; ``str()`` says why in one line."""
 
@@ -19,8 +29,8 @@ class ObjectExists(StoreError):
     pass
 
 
-class NotFound(StoreError):
-    pass
+class ObjectNotFound(StoreError, NotFound):
+    """No such object in the recordings store."""
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from recorder.objects import NotFound, ObjectExists, ObjectInfo, StoreError
+from recorder.objects import ObjectExists, ObjectInfo, ObjectNotFound, StoreError
 
 LOCK_MODES = ("COMPLIANCE", "GOVERNANCE")
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
@@ -120,7 +120,7 @@ class S3Store:
             return data
         except ClientError as exc:
             if _code(exc) in _NOT_FOUND:
-                raise NotFound(f"{key} not found in {self.url}") from None
+                raise ObjectNotFound(f"{key} not found in {self.url}") from None
             raise self._error(exc, key) from None
         except BotoCoreError as exc:
             raise self._error(exc, key) from None
@@ -132,7 +132,7 @@ class S3Store:
             response = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
         except ClientError as exc:
             if _code(exc) in _NOT_FOUND:
-                raise NotFound(f"{key} not found in {self.url}") from None
+                raise ObjectNotFound(f"{key} not found in {self.url}") from None
             raise self._error(exc, key) from None
         except BotoCoreError as exc:
             raise self._error(exc, key) from None

@@ -14,10 +14,17 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 # The store's errors and interface (re-exported: ``from recorder.store import NotFound`` works).
-from recorder.objects import NotFound, ObjectExists, ObjectInfo, RecordingStore, StoreError
+from recorder.objects import (
+    NotFound,
+    ObjectExists,
+    ObjectInfo,
+    ObjectNotFound,
+    RecordingStore,
+    StoreError,
+)
 
-__all__ = ["FileStore", "NotFound", "ObjectExists", "ObjectInfo", "RecordingStore", "StoreError", "is_session_id",
-           "open_store", "session_prefix"]
+__all__ = ["FileStore", "NotFound", "ObjectExists", "ObjectInfo", "ObjectNotFound", "RecordingStore", "StoreError",
+           "is_session_id", "open_store", "session_prefix"]
 
 
 _SESSION_ID = re.compile(r"^(\d{4})(\d{2})(\d{2})-\d{6}-[0-9a-f]{8}$")
@@ -70,7 +77,7 @@ class FileStore:
         try:
             return self._path(key).read_bytes()
         except FileNotFoundError:
-            raise NotFound(f"{key} not found in {self.url}") from None
+            raise ObjectNotFound(f"{key} not found in {self.url}") from None
         except OSError as exc:
             raise StoreError(f"cannot read {key}: {exc.strerror}") from None
 
@@ -78,7 +85,7 @@ class FileStore:
         try:
             return ObjectInfo(key, self._path(key).stat().st_size)
         except FileNotFoundError:
-            raise NotFound(f"{key} not found in {self.url}") from None
+            raise ObjectNotFound(f"{key} not found in {self.url}") from None
 
     def list(self, prefix: str) -> Iterator[str]:
         base = self.root / prefix if (not prefix or prefix.endswith("/")) else (self.root / prefix).parent

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from recorder.store import NotFound, RecordingStore, StoreError
+from recorder.store import ObjectNotFound, RecordingStore, StoreError
 
 log = logging.getLogger("guarita.replay")
 _warned: set[str] = set()
@@ -60,7 +60,7 @@ def get_version(store: RecordingStore, key: str, version_id: str) -> bytes:
     """One version of an object (a version hidden by a delete marker)."""
     client: Any = getattr(store, "client", None)
     if client is None:
-        raise NotFound(f"{key}: {store.url} keeps no versions")
+        raise ObjectNotFound(f"{key}: {store.url} keeps no versions")
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:

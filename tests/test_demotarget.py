@@ -13,7 +13,7 @@ from typing import Any
 import asyncssh
 import pytest
 
-from bastion.ssh.demotarget import DemoTarget
+from bastion.demo.sshtarget import DemoTarget
 
 DEADLINE = 10.0  # seconds; each test must finish well inside it
 

@@ -993,7 +993,7 @@ def test_lock_ends_watches_and_followed_logs(kube: Any, kgw: KubeGateway, oidc: 
 
 def test_output_frames_merge_per_channel_in_order() -> None:
     """Output that piles up while the client is busy goes as one frame per run of a channel."""
-    from bastion.kube.exec import Codec
+    from bastion.doors.kube.exec import Codec
 
     chunks = [(1, b"ab"), (1, b"cd"), (2, b"err"), (1, b"ef"), (3, b"{}")]
     frames = Codec("v5.channel.k8s.io").frames(chunks)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bastion.kube.credentials import KubeconfigError, load
+from bastion.upstreams.kube.credentials import KubeconfigError, load
 from tests.conftest import bastion_bin, check_config, gateway_config, toml_str, wait_for
 from tests.support.kube import KubeGateway, find_kubectl
 from tests.support.kubeapi import KubeAPIStandIn

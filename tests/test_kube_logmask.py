@@ -1,4 +1,4 @@
-"""bastion/kube/logmask.py: the log relay releases a held-back tail after silence (``logs -f``)."""
+"""bastion/doors/kube/logmask.py: the log relay releases a held-back tail after silence (``logs -f``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 from types import SimpleNamespace
 from typing import Any
 
-from bastion.kube.logmask import MaskedLogRelay
+from bastion.doors.kube.logmask import MaskedLogRelay
 from bastion.masking import StreamMasker, default_detectors
 
 
@@ -39,13 +39,15 @@ def test_follow_stream_holds_a_cut_value_through_silence_and_audits_values() -> 
     """``logs -f``: a line cut in the middle of a value by a pause of the log stays held
     (masking decides on content, never on time) and is masked once the rest comes."""
     events: list[tuple[str, dict[str, Any]]] = []
-    gw = SimpleNamespace(config=SimpleNamespace(masking=SimpleNamespace(flush_after=0.005)),
-                         audit=SimpleNamespace(emit=lambda name, **fields: events.append((name, fields))))
+    masked: list[tuple[str, int]] = []
+    gw = SimpleNamespace(config=SimpleNamespace(masking=SimpleNamespace(flush_after=0.005)), masking_secret=b"k" * 32,
+                         audit=SimpleNamespace(emit=lambda name, **fields: events.append((name, fields))),
+                         metrics=SimpleNamespace(masked=lambda detector, count=1: masked.append((detector, count))))
 
     async def scenario() -> bytes:
         resp = SimpleNamespace(content=_Content())
         out = _Out()
-        relay = MaskedLogRelay(gw, StreamMasker(default_detectors(), b"k" * 32), {"pod": "web"})  # type: ignore[arg-type]
+        relay = MaskedLogRelay(gw, StreamMasker(default_detectors(), b"k" * 32), {"pod": "web"})
         task = asyncio.create_task(relay.relay(resp, out))  # type: ignore[arg-type]
         resp.content.queue.put_nowait(b"cliente 529.982.247-25\npedido 529.982.")
         await _until(out, b"cliente ***.***.***-**\npedido ")
@@ -60,3 +62,4 @@ def test_follow_stream_holds_a_cut_value_through_silence_and_audits_values() -> 
     assert asyncio.run(scenario()) == b"cliente ***.***.***-**\npedido ***.***.***-** 12345"
     assert [name for name, _ in events] == ["kube.logs.masked"]
     assert events[0][1]["masking"] == {"cpf": 2} and events[0][1]["values"][0][0] == "cpf"
+    assert sum(n for detector, n in masked if detector == "cpf") == 2  # counted in the metrics too

@@ -1,4 +1,4 @@
-"""bastion/kube/wsframe.py: a binary frame in one transport write, through real aiohttp."""
+"""bastion/doors/kube/wsframe.py: a binary frame in one transport write, through real aiohttp."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from bastion.kube.wsframe import direct_writer, header, send_binary
+from bastion.doors.kube.wsframe import direct_writer, header, send_binary
 
 SIZES = [0, 1, 125, 126, 65535, 65536, 300_000]
 

@@ -13,9 +13,9 @@ import pytest
 from bastion.approvals.engine import GateResult
 from bastion.config import load_config
 from bastion.control import Control, SessionLimits
+from bastion.doors.kube.held import HeldStream
+from bastion.doors.kube.policy import authorize_kube, parse_path
 from bastion.identity import Identity
-from bastion.kube.held import HeldStream
-from bastion.kube.policy import authorize_kube, parse_path
 from bastion.live import LiveSessions
 from bastion.pipeline import EarlyInput, GateRefused, admit, open_session
 from bastion.refusal import Refused

@@ -22,7 +22,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from bastion.ssh.authlimit import MAX_AUTH_TRIES, PER_ADDRESS, PER_SUBJECT
+from bastion.doors.ssh.authlimit import MAX_AUTH_TRIES, PER_ADDRESS, PER_SUBJECT
 from tests.conftest import GatewayProcess, Targets, gateway_config, target_block, wait_for
 from tests.support.oidc import OIDCProvider
 from tests.support.openssh import run_ssh

@@ -30,7 +30,7 @@ class Control:
         self.gw = gateway
         self.limiter = SessionLimiter()
         # Live sessions, and the Kubernetes connections that are not sessions but that locks and
-        # kills end too (port-forward tunnels, watches, followed logs: bastion/kube/held.py), are
+        # kills end too (port-forward tunnels, watches, followed logs: bastion/doors/kube/held.py), are
         # in the gateway's one registry (bastion/live.py).
         self.locks: list[Lock] = []  # in force (kills included), as last read
         self.loaded_at = 0.0

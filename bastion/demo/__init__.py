@@ -2,5 +2,5 @@
 
 ``kubeapi``: a Kubernetes API-server stand-in whose pods run real processes on this
 machine (NOT Kubernetes: a development tool; the tests use the same code). The demo SSH
-target lives in ``bastion.ssh.demotarget``.
+target lives in ``bastion.demo.sshtarget``.
 """

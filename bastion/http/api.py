@@ -281,21 +281,41 @@ def build_app(gw: Services, more_routes: Sequence[Callable[[web.Application], No
     return app
 
 
-async def start_http(gw: Services, more_routes: Sequence[Callable[[web.Application], None]] = ()
-                     ) -> tuple[web.AppRunner, int]:
-    from bastion.http.badrequest import install
+class HttpApi:
+    """The HTTP API's listener (health, metrics, approvals, the console, and the doors mounted
+    on it: MCP). A :class:`bastion.doors.FrontDoor`, but not among the gateway's session doors:
+    it starts before the token verifier (the dev issuer's keys are served here) and stays up
+    through the drain (``/readyz`` answers 503, approvers decide on held commands, metrics are
+    scraped) until the recordings are sealed."""
 
-    runner = web.AppRunner(build_app(gw, more_routes), access_log=None)
-    await runner.setup()
-    install(runner, "api", _api_error, gw.audit.emit)  # unparsable requests: JSON, audited
-    host, port = gw.config.http_listen
-    context = None
-    if gw.config.tls_cert and gw.config.tls_key:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(gw.config.tls_cert, gw.config.tls_key)
-    site = web.TCPSite(runner, host, port, ssl_context=context)
-    await site.start()
-    server = site._server  # noqa: SLF001 - the only way to learn the port when 0 was asked
-    sockets = getattr(server, "sockets", None)
-    bound = sockets[0].getsockname()[1] if sockets else port
-    return runner, bound
+    def __init__(self, gw: Services, more_routes: Sequence[Callable[[web.Application], None]] = ()) -> None:
+        self.gw = gw
+        self.more_routes = more_routes
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        from bastion.http.badrequest import install
+
+        gw = self.gw
+        self.runner = runner = web.AppRunner(build_app(gw, self.more_routes), access_log=None)
+        await runner.setup()
+        install(runner, "api", _api_error, gw.audit.emit)  # unparsable requests: JSON, audited
+        host, port = gw.config.http_listen
+        context = None
+        if gw.config.tls_cert and gw.config.tls_key:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(gw.config.tls_cert, gw.config.tls_key)
+        site = web.TCPSite(runner, host, port, ssl_context=context)
+        await site.start()
+        server = site._server  # noqa: SLF001 - the only way to learn the port when 0 was asked
+        sockets = getattr(server, "sockets", None)
+        self.port = sockets[0].getsockname()[1] if sockets else port
+
+    async def stop_accepting(self) -> None:
+        """Nothing: the API serves the drain itself (see the class)."""
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()  # then the mounted doors' on_cleanup (MCP)
+            self.runner = None

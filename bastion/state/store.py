@@ -29,6 +29,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from bastion.state import schema as s
+from recorder.objects import NotFound
 
 log = logging.getLogger("guarita.state")
 
@@ -44,8 +45,8 @@ class StateError(RuntimeError):
     """The state database cannot be used; the message says which and why."""
 
 
-class NotFound(StateError):
-    pass
+class StateNotFound(StateError, NotFound):
+    """No such approval request, lock or session (guarita's one ``NotFound``, recorder/objects.py)."""
 
 
 class Conflict(StateError):
@@ -309,7 +310,7 @@ class StateStore:
             async with self._tx() as conn:
                 row = await self._read_request(conn, request_id, lock=True)
                 if row is None:
-                    raise NotFound(f"no approval request {request_id!r}")
+                    raise StateNotFound(f"no approval request {request_id!r}")
                 if row["status"] != "pending":
                     raise Conflict(f"request {request_id} is already {row['status']}")
                 now = time.time()
@@ -352,7 +353,7 @@ class StateStore:
             row = await self._read_request(conn, request_id)
         self.publish_local(topic)
         if row is None:
-            raise NotFound(f"no approval request {request_id!r}")
+            raise StateNotFound(f"no approval request {request_id!r}")
         return row
 
     async def wait_request(self, request_id: str, timeout: float,
@@ -550,7 +551,7 @@ class StateStore:
             row = (await conn.execute(select(s.locks).where(and_(s.locks.c.id == lock_id,
                                                                  s.locks.c.kind != "session")))).mappings().first()
             if row is None:
-                raise NotFound(f"no lock {lock_id!r}")
+                raise StateNotFound(f"no lock {lock_id!r}")
             if row["removed"] is not None:
                 raise Conflict(f"lock {lock_id} was already lifted")
             now = time.time()

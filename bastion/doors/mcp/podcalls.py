@@ -1,6 +1,6 @@
 """``exec_in_pod`` and ``list_pods``: Kubernetes through the MCP door.
 
-An exec is a :class:`bastion.mcp.calls.Call` whose command runs in a pod: the same access
+An exec is a :class:`bastion.doors.mcp.calls.Call` whose command runs in a pod: the same access
 rules as ``kubectl exec`` through the Kubernetes front door (cluster, namespace), the same
 approval rules (matched on the exact argv, with the cluster and namespace as scope), the
 gateway's own credentials with ``Impersonate-*`` of the caller, and the exec WebSocket to the
@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from bastion.identity import Identity
-from bastion.kube.exec import (
+from bastion.doors.kube.exec import (
     ERROR,
     STDERR,
     STDOUT,
@@ -30,10 +29,11 @@ from bastion.kube.exec import (
     UpstreamRefused,
     connect_upstream,
 )
-from bastion.kube.frontdoor import Refused, impersonation
-from bastion.kube.policy import KubeRequest, PathError, authorize_kube, parse_path
-from bastion.kube.status import parse_exit
-from bastion.mcp.calls import Call, CallRefused
+from bastion.doors.kube.frontdoor import Refused, impersonation
+from bastion.doors.kube.policy import KubeRequest, PathError, authorize_kube, parse_path
+from bastion.doors.kube.status import parse_exit
+from bastion.doors.mcp.calls import Call, CallRefused
+from bastion.identity import Identity
 from bastion.session import Session, SessionInfo
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ the cluster's RBAC (guarita impersonates the caller).
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
@@ -27,16 +27,37 @@ from bastion.masking.stream import Masked
 if TYPE_CHECKING:
     import aiohttp
 
-    from bastion.kube.policy import KubeRequest
-    from bastion.services import Services
+    from bastion.config import Config
+    from bastion.doors.kube.policy import KubeRequest
 
 VALUES_PER_EVENT = 500
 
 
-def log_masker(gw: Services, req: KubeRequest, cluster: str, identity: Identity) -> StreamMasker | None:
+class AuditSink(Protocol):
+    def emit(self, event: str, **fields: Any) -> None: ...
+
+
+class MaskCounter(Protocol):  # bastion.metrics.Metrics
+    def masked(self, detector: str, count: int = 1) -> None: ...
+
+
+class LogMaskServices(Protocol):
+    """What masking ``kubectl logs`` uses of the gateway (which is one; a test passes a small object)."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def masking_secret(self) -> bytes | None: ...
+    @property
+    def audit(self) -> AuditSink: ...
+    @property
+    def metrics(self) -> MaskCounter | None: ...
+
+
+def log_masker(gw: LogMaskServices, req: KubeRequest, cluster: str, identity: Identity) -> StreamMasker | None:
     """A masker for this request if it reads pod logs where the live output is masked."""
     masking = gw.config.masking
-    secret = getattr(gw, "masking_secret", None)
+    secret = gw.masking_secret
     if masking is None or secret is None or req.resource != "pods" or req.subresource != "log":
         return None
     if masking.where(None, cluster, identity.groups) not in ("live", "both"):
@@ -49,7 +70,7 @@ class MaskedLogRelay:
     once the log lines after it decide it, or at the end: never on a pause of the log (the
     masker decides on content, never on time; a log line ends in a newline anyway)."""
 
-    def __init__(self, gw: Services, masker: StreamMasker, fields: dict[str, Any]) -> None:
+    def __init__(self, gw: LogMaskServices, masker: StreamMasker, fields: dict[str, Any]) -> None:
         self.gw = gw
         self.masker = masker
         self.fields = fields
@@ -71,10 +92,10 @@ class MaskedLogRelay:
             await out.write(data)
 
     def _note(self, found: list[Masked]) -> None:
-        metrics = getattr(self.gw, "metrics", None)
+        metrics = self.gw.metrics
         for detector, n in Counter(m.detector for m in found).items():
             self.counts[detector] += n
-            if metrics is not None and hasattr(metrics, "masked"):
+            if metrics is not None:
                 metrics.masked(detector, n)
         self._values.extend([m.detector, m.offset, m.length, m.hmac] for m in found)
         if len(self._values) >= VALUES_PER_EVENT:

@@ -26,7 +26,7 @@ from bastion.pipeline import admit, refused
 from bastion.policy import authorize, reachable_targets
 from bastion.refusal import Refused
 from bastion.session import Session, SessionInfo, Stream
-from bastion.ssh.upstream import TargetError, connect_target
+from bastion.upstreams.ssh.upstream import TargetError, connect_target
 from recorder.recorder import new_session_id
 
 if TYPE_CHECKING:

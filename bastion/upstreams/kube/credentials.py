@@ -10,7 +10,7 @@ config loader: what a managed cluster hands out works as it does for kubectl.
 
 The loader reads the file; this module turns what it found into :class:`Loaded` (server,
 TLS context, token, when to load again) and names the kubeconfig in every error. Files the
-kubeconfig points to are watched by bastion/kube/upstream.py as before.
+kubeconfig points to are watched by bastion/upstreams/kube/upstream.py as before.
 """
 
 from __future__ import annotations

@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from mcp.server.transport_security import TransportSecuritySettings
 
+from bastion.doors import FrontDoor
+from bastion.doors.mcp.tools import build_server
 from bastion.identity import AuthError, Identity
 from bastion.identity.delegation import chain_fields
-from bastion.mcp.tools import build_server
 
 if TYPE_CHECKING:
     from bastion.services import Services
@@ -37,6 +38,9 @@ _DISCONNECT_POLL = 0.25
 
 
 class McpHttpDoor:
+    """The MCP door (a :class:`bastion.doors.FrontDoor`), mounted on the HTTP API's listener:
+    started and stopped with that listener's app, which accepts for it."""
+
     def __init__(self, gw: Services) -> None:
         self.gw = gw
         self.server, self.tools = build_server(gw)
@@ -51,7 +55,7 @@ class McpHttpDoor:
 
     # -- lifecycle (the SDK's session manager runs in a task group of its own) ---------------------
 
-    async def start(self, _app: web.Application) -> None:
+    async def start(self) -> None:
         ready = asyncio.Event()
 
         async def serve() -> None:
@@ -62,7 +66,11 @@ class McpHttpDoor:
         self._task = asyncio.create_task(serve(), name="mcp-session-manager")
         await asyncio.wait([self._task, asyncio.create_task(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
 
-    async def stop(self, _app: web.Application) -> None:
+    async def stop_accepting(self) -> None:
+        """Nothing of its own: the HTTP API stays up through the drain, and admission refuses
+        new tool calls while the gateway drains."""
+
+    async def stop(self) -> None:
         self._stop.set()
         if self._task is not None:
             with contextlib.suppress(Exception, asyncio.CancelledError):
@@ -74,8 +82,8 @@ class McpHttpDoor:
         app.router.add_route("*", MCP_PATH, self.handle)
         app.router.add_get(METADATA_PATH, self.metadata)
         app.router.add_get(METADATA_PATH + MCP_PATH, self.metadata)
-        app.on_startup.append(self.start)
-        app.on_cleanup.append(self.stop)
+        app.on_startup.append(lambda _app: self.start())
+        app.on_cleanup.append(lambda _app: self.stop())
 
     @staticmethod
     def _origin(request: web.Request) -> str:
@@ -173,7 +181,7 @@ class McpHttpDoor:
         return response
 
 
-def add_mcp_routes(app: web.Application, gw: Services) -> McpHttpDoor:
+def add_mcp_routes(app: web.Application, gw: Services) -> FrontDoor:
     door = McpHttpDoor(gw)
     door.add_routes(app)
     return door

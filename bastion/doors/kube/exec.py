@@ -36,8 +36,7 @@ import aiohttp
 from aiohttp import WSMsgType, web
 from yarl import URL
 
-from bastion.identity import Identity
-from bastion.kube.frontdoor import (
+from bastion.doors.kube.frontdoor import (
     BEARER_PROTOCOL,
     Refused,
     _header_list,
@@ -45,19 +44,20 @@ from bastion.kube.frontdoor import (
     forward_headers,
     impersonation,
 )
-from bastion.kube.held import HeldStream
-from bastion.kube.status import parse_exit, status
-from bastion.kube.upstream import ClusterUpstream, handshake_body
-from bastion.kube.wsframe import send_binary
+from bastion.doors.kube.held import HeldStream
+from bastion.doors.kube.status import parse_exit, status
+from bastion.doors.kube.wsframe import send_binary
+from bastion.identity import Identity
 from bastion.pipeline import EarlyInput, GateRefused, admit, refused
 from bastion.refusal import Refused as Refusal
 from bastion.session import Session, SessionInfo
+from bastion.upstreams.kube.upstream import ClusterUpstream, handshake_body
 from recorder.recorder import new_session_id
 
 if TYPE_CHECKING:
     from bastion.config import AccessRule, ClusterConfig
-    from bastion.kube.frontdoor import KubeFrontDoor
-    from bastion.kube.policy import KubeRequest
+    from bastion.doors.kube.frontdoor import KubeFrontDoor
+    from bastion.doors.kube.policy import KubeRequest
 
 log = logging.getLogger("guarita.kube")
 

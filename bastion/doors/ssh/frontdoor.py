@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 
 from bastion.config import env_allowed
+from bastion.doors.ssh.authlimit import MAX_AUTH_TRIES, AuthThrottle, claimed_subject
+from bastion.doors.ssh.transfer import transfer_kind
 from bastion.identity import AuthError, Identity
 from bastion.identity.delegation import chain_fields
 from bastion.masking.recorded import shown_command
@@ -25,9 +27,7 @@ from bastion.pipeline import Admission, EarlyInput, GateRefused, admit, refused
 from bastion.policy import authorize, reachable_targets
 from bastion.refusal import Refused
 from bastion.session import Session, SessionInfo
-from bastion.ssh.authlimit import MAX_AUTH_TRIES, AuthThrottle, claimed_subject
-from bastion.ssh.transfer import transfer_kind
-from bastion.ssh.upstream import PREFERRED_CIPHERS, TargetError, connect_target
+from bastion.upstreams.ssh.upstream import PREFERRED_CIPHERS, TargetError, connect_target
 from recorder.recorder import new_session_id
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ class FrontDoorServer(asyncssh.SSHServer):
         self.source = "?"
         self._cert: Any = None
         self._banner_sent = False
-        # Credential guessing (bastion/ssh/authlimit.py): failed attempts on this connection.
+        # Credential guessing (bastion/doors/ssh/authlimit.py): failed attempts on this connection.
         self.throttle = throttle or AuthThrottle()
         self._address = "?"
         self._failures = 0
@@ -80,7 +80,7 @@ class FrontDoorServer(asyncssh.SSHServer):
                                reason=why[:300] or type(exc).__name__)
 
     def _audit_forwarding_requests(self, conn: asyncssh.SSHServerConnection) -> None:
-        # Agent and X11 forwarding are off (start_ssh); asyncssh refuses them without a
+        # Agent and X11 forwarding are off (SshFrontDoor.start); asyncssh refuses them without a
         # callback, so the two methods it asks are wrapped to audit each refusal.
         agent = conn.create_agent_listener
         x11 = conn.attach_x11_listener
@@ -614,21 +614,37 @@ def _env_name(name: str | bytes) -> str:
     return name.decode("utf-8", "replace") if isinstance(name, bytes) else name
 
 
-async def start_ssh(gateway: Services) -> asyncssh.SSHAcceptor:
-    host, port = gateway.config.ssh_listen
-    throttle = AuthThrottle()  # one per gateway: failures from one address add up across connections
-    return await asyncssh.create_server(
-        lambda: FrontDoorServer(gateway, throttle), host, port,
-        server_host_keys=[gateway.host_key],
-        server_version="guarita",
-        line_editor=False,
-        agent_forwarding=False,
-        x11_forwarding=False,
-        allow_scp=False,
-        encoding=None,
-        login_timeout=60,
-        keepalive_interval=30,
-        # The gateway re-encrypts every byte: prefer the AES-GCM ciphers that CPUs accelerate.
-        encryption_algs=PREFERRED_CIPHERS,
-    )
+class SshFrontDoor:
+    """The SSH listener (a :class:`bastion.doors.FrontDoor`): one ``FrontDoorServer`` per connection."""
 
+    def __init__(self, gateway: Services) -> None:
+        self.gw = gateway
+        self.acceptor: asyncssh.SSHAcceptor | None = None
+        self.port = 0
+        self.throttle = AuthThrottle()  # one per gateway: failures from one address add up across connections
+
+    async def start(self) -> None:
+        host, port = self.gw.config.ssh_listen
+        self.acceptor = await asyncssh.create_server(
+            lambda: FrontDoorServer(self.gw, self.throttle), host, port,
+            server_host_keys=[self.gw.host_key],
+            server_version="guarita",
+            line_editor=False,
+            agent_forwarding=False,
+            x11_forwarding=False,
+            allow_scp=False,
+            encoding=None,
+            login_timeout=60,
+            keepalive_interval=30,
+            # The gateway re-encrypts every byte: prefer the AES-GCM ciphers that CPUs accelerate.
+            encryption_algs=PREFERRED_CIPHERS,
+        )
+        self.port = self.acceptor.sockets[0].getsockname()[1]
+
+    async def stop_accepting(self) -> None:
+        if self.acceptor is not None:
+            self.acceptor.close()  # open connections stay (asyncssh closes the listener only)
+
+    async def stop(self) -> None:
+        # The gateway ended the sessions first; a connection without one ends with its client.
+        await self.stop_accepting()

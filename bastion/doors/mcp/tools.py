@@ -1,8 +1,8 @@
 """The MCP server of the gateway (official SDK, ``MCPServer``): the tools an agent sees.
 
-Every tool finds the caller's Identity on the HTTP request (verified by bastion/mcp/http.py
+Every tool finds the caller's Identity on the HTTP request (verified by bastion/doors/mcp/http.py
 before the SDK sees the request); the tools that run something do it through
-bastion/mcp/calls.py, one session of the shared pipeline per call. Errors the agent can act
+bastion/doors/mcp/calls.py, one session of the shared pipeline per call. Errors the agent can act
 on (refused, denied, unknown target) are tool results with ``isError`` and one clear line;
 every call, refused or not, is in the audit log with ``front_door = mcp``.
 """
@@ -22,9 +22,9 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import Field
 
+from bastion.doors.mcp.calls import Call, Calls, same_caller, wait_done
 from bastion.identity import Identity
 from bastion.identity.delegation import chain_fields
-from bastion.mcp.calls import Call, Calls, same_caller, wait_done
 from bastion.policy import authorize
 
 if TYPE_CHECKING:
@@ -209,8 +209,8 @@ class Tools:
     # -- Kubernetes ---------------------------------------------------------------------------------
 
     async def list_pods(self, ctx: Context, cluster: str, namespace: str) -> CallToolResult:
-        from bastion.mcp.calls import CallRefused
-        from bastion.mcp.podcalls import list_pods
+        from bastion.doors.mcp.calls import CallRefused
+        from bastion.doors.mcp.podcalls import list_pods
 
         identity, _ = identity_of(ctx)
         try:
@@ -225,7 +225,7 @@ class Tools:
 
     async def exec_in_pod(self, ctx: Context, cluster: str, namespace: str, pod: str, argv: list[str],
                           container: str | None, wait: float | None = None) -> CallToolResult:
-        from bastion.mcp.podcalls import PodCall
+        from bastion.doors.mcp.podcalls import PodCall
 
         identity, source = identity_of(ctx)
         call = PodCall(self.gw, identity, source, cluster, namespace, pod, container, argv)

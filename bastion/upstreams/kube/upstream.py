@@ -25,8 +25,8 @@ from typing import Any
 import aiohttp
 
 from bastion.config import ClusterConfig
-from bastion.kube.credentials import KubeconfigError
-from bastion.kube.credentials import load as load_kubeconfig
+from bastion.upstreams.kube.credentials import KubeconfigError
+from bastion.upstreams.kube.credentials import load as load_kubeconfig
 
 log = logging.getLogger("guarita.kube")
 

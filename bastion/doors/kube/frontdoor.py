@@ -6,7 +6,7 @@ this identity may reach this cluster and namespace, every client ``Authorization
 ``Impersonate-*`` header is dropped, and the request goes to the API server with the
 gateway's own credentials plus ``Impersonate-User`` / ``Impersonate-Group``. Bodies
 stream both ways without buffering (watches, ``logs -f``). ``exec``, ``attach`` and
-``portforward`` are handed to bastion.kube.exec. Every refusal is a ``Status`` object
+``portforward`` are handed to bastion.doors.kube.exec. Every refusal is a ``Status`` object
 kubectl prints; nothing here ever answers with a traceback.
 """
 
@@ -28,18 +28,18 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from bastion.config import AccessRule, ClusterConfig
+from bastion.doors.kube.held import HeldStream
+from bastion.doors.kube.logmask import MaskedLogRelay, log_masker
+from bastion.doors.kube.policy import PathError, authorize_kube, parse_path, reachable_clusters
+from bastion.doors.kube.status import status_response, wants_text_errors
+from bastion.doors.kube.tls import ensure_server_cert, server_context, server_names
 from bastion.identity import AuthError, Identity
 from bastion.identity.delegation import chain_fields
-from bastion.kube.held import HeldStream
-from bastion.kube.logmask import MaskedLogRelay, log_masker
-from bastion.kube.policy import PathError, authorize_kube, parse_path, reachable_clusters
-from bastion.kube.status import status_response, wants_text_errors
-from bastion.kube.tls import ensure_server_cert, server_context, server_names
-from bastion.kube.upstream import ClusterUpstream, UpstreamConfigError
 from bastion.refusal import Refused as BaseRefused
+from bastion.upstreams.kube.upstream import ClusterUpstream, UpstreamConfigError
 
 if TYPE_CHECKING:
-    from bastion.kube.policy import KubeRequest
+    from bastion.doors.kube.policy import KubeRequest
     from bastion.services import Services
 
 log = logging.getLogger("guarita.kube")
@@ -135,9 +135,11 @@ def source_of(request: web.BaseRequest) -> str:
 
 
 class KubeFrontDoor:
+    """The Kubernetes listener (a :class:`bastion.doors.FrontDoor`): HTTPS, one handler per request."""
+
     def __init__(self, gateway: Services, streaming: Mapping[str, StreamingHandler] | None = None) -> None:
         self.gw = gateway
-        # exec, attach, portforward (bastion/kube/exec.py), given by the gateway: that module
+        # exec, attach, portforward (bastion/doors/kube/exec.py), given by the gateway: that module
         # builds on this one.
         self.streaming = dict(streaming or {})
         self.upstreams = {c.name: ClusterUpstream(c) for c in gateway.config.clusters}
@@ -150,6 +152,14 @@ class KubeFrontDoor:
     # -- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.stop()  # the upstreams already started
+            raise
+
+    async def _start(self) -> None:
         config = self.gw.config
         for name, upstream in self.upstreams.items():
             try:
@@ -178,6 +188,13 @@ class KubeFrontDoor:
         server = site._server  # noqa: SLF001 - the only way to learn the port when 0 was asked
         sockets = getattr(server, "sockets", None)
         self.port = sockets[0].getsockname()[1] if sockets else port
+
+    async def stop_accepting(self) -> None:
+        """The listener closes; requests and streams already open go on."""
+        if self.runner is not None:
+            for site in list(self.runner.sites):
+                with contextlib.suppress(Exception):
+                    await site.stop()
 
     async def stop(self) -> None:
         for relay in list(self.relays):
@@ -338,7 +355,7 @@ class KubeFrontDoor:
     async def _held(self, body: Coroutine[Any, Any, None], request: web.Request, identity: Identity,
                     req: KubeRequest, cluster: ClusterConfig, resp: aiohttp.ClientResponse,
                     out: web.StreamResponse, rule: AccessRule | None) -> bool:
-        """A watch or followed log, held to its caller (bastion/kube/held.py); True if the
+        """A watch or followed log, held to its caller (bastion/doors/kube/held.py); True if the
         gateway ended it: the client gets the reason as a last watch event or log line."""
         relay = asyncio.create_task(body)
 
@@ -403,14 +420,3 @@ def _auth_message(exc: AuthError) -> str:
     if exc.reason == "expired":
         return "guarita: the bearer token has expired: get a fresh one"
     return "guarita: the bearer token was not accepted"
-
-
-async def start_kube(gateway: Services, streaming: Mapping[str, StreamingHandler] | None = None) -> KubeFrontDoor:
-    door = KubeFrontDoor(gateway, streaming)
-    try:
-        await door.start()
-    except BaseException:
-        with contextlib.suppress(Exception):
-            await door.stop()
-        raise
-    return door

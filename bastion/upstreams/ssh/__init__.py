@@ -1,0 +1,1 @@
+"""The gateway's SSH connection to a target (``upstream.py``)."""
