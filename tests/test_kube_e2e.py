@@ -732,6 +732,31 @@ def test_kubectl_port_forward_to_a_closed_port_says_why(kube: Any, kgw: KubeGate
     assert f"error forwarding port {closed} to pod default/web" in err and "connection refused" in err, err
 
 
+def test_a_lock_ends_a_real_kubectl_port_forward(kube: Any, kgw: KubeGateway, oidc: OIDCProvider) -> None:
+    """The tunnel is held to its caller: a lock closes it; kubectl reports the lost
+    connection, the audit log says why."""
+    since = kgw.audit_mark()
+    lock_ids: list[str] = []
+    with _echo_server() as port:
+        proc = kube(client="agent-ci").popen("port-forward", "pod/web", f":{port}")
+        try:
+            assert _round_trip(_forwarding_port(proc), b"before the lock") == b"before the lock"
+            status, body = _operator(kgw, oidc, "POST", "/v1/locks",
+                                     {"kind": "subject", "value": "agent-ci", "reason": "kubectl tunnel drill"})
+            assert status == 201, body
+            lock_ids.append(body["lock"]["id"])
+            proc.wait(30)
+        finally:
+            err = _stop(proc).decode(errors="replace")
+            for lock_id in lock_ids:
+                assert _operator(kgw, oidc, "DELETE", f"/v1/locks/{lock_id}")[0] == 200
+    assert proc.returncode != 0 and "lost connection to pod" in err, err
+    stopped = kgw.wait_audit("kube.portforward.stopped", since=since, subject="agent-ci")
+    assert stopped["kind"] == "lock" and stopped["lock"] == lock_ids[0]
+    end = kgw.wait_audit("kube.portforward.end", since=since, subject="agent-ci")
+    assert "kubectl tunnel drill" in end["reason"] and end["connections"] == 1
+
+
 def test_port_forward_refusals_say_what_is_needed(kgw: KubeGateway, oidc: OIDCProvider) -> None:
     """An API server that accepts none of the offered subprotocols, and a plain SPDY
     upgrade (kubectl 1.30 and older, or kubectl's fallback): each one clear line."""
