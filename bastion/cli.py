@@ -221,7 +221,8 @@ def _print_welcome(gw: Any, json_log: bool = False) -> None:
 
         where = devtour.Where(ssh_host=ssh_host, ssh_port=port, http_url=http, data_dir=str(c.data_dir),
                               kube=bool(getattr(gw, "kube_port", 0)) and c.cluster("demo") is not None,
-                              console=_has_console(), host_key=gw.host_key.export_public_key().decode().strip())
+                              console=_has_console(), host_key=gw.host_key.export_public_key().decode().strip(),
+                              forward_port=devtour.free_port())
         where.save(c.data_dir)
         lines += ["", "Development mode: a local token issuer, a demo SSH target 'demo' that runs a real shell, a demo "
                   "cluster 'demo' whose pods are processes on this machine (not Kubernetes), masking, and an "

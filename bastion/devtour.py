@@ -16,6 +16,7 @@ import os
 import re
 import select
 import shlex
+import socket
 import subprocess
 import tempfile
 import time
@@ -60,6 +61,7 @@ class Where:
     kube: bool = True
     console: bool = False
     host_key: str = ""  # the gateway's SSH host key ("ssh-ed25519 AAAA..."): known_hosts pins it
+    forward_port: int = 0  # a local port free when the gateway started, for the port-forward line
 
     @property
     def known_hosts(self) -> str:
@@ -112,6 +114,8 @@ def steps(w: Where) -> list[Step]:
                  expect=r"pod-42", typed=("echo pod-$((6*7))", "exit")),
             Step("kubectl logs", "kubectl logs web", expect=r"log line 1"),
         ]
+        if w.forward_port:
+            tour.append(_port_forward(w))
     tour += [
         Step("replay: what happened", f"replay ls --subject agent --data-dir {dd}",
              expect=r"^(\S+)\s.*uname -sr", capture="SESSION_ID"),
@@ -128,6 +132,25 @@ def steps(w: Where) -> list[Step]:
         Step("unlock it", "GUARITA_TOKEN=$(bastion dev-token operator) bastion unlock LOCK_ID", expect=r"(?i)lift|unlock"),
     ]
     return tour
+
+
+def _port_forward(w: Where) -> Step:
+    """kubectl port-forward to a port of pod web, which is this machine: the gateway's own
+    HTTP API answers. curl waits (retrying a refused connection) until kubectl listens."""
+    remote = w.http_url.rsplit(":", 1)[1].split("/")[0]
+    local = w.forward_port
+    return Step(f"kubectl port-forward (pods are this machine: port {remote} is the gateway's own HTTP API)",
+                f"kubectl port-forward pod/web {local}:{remote} & curl -s --noproxy '*' --retry 20 "
+                f"--retry-connrefused --retry-delay 1 http://127.0.0.1:{local}/healthz; kill $!",
+                expect=r'Forwarding from[\s\S]*"status": "ok"')
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A local port free now (the tour prints it; it is taken only when the line runs)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def banner(w: Where) -> list[str]:

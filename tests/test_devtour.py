@@ -87,7 +87,8 @@ def test_the_banner_tour_runs_as_printed_with_real_ssh_and_kubectl(dev_gateway, 
     banner = devtour.parse_banner(log.read_text())
     assert len(banner) >= 20, log.read_text()
     for needed in ("ssh -p", " -t demo@", "kubectl exec web", "kubectl exec -it", "bastion approvals approve",
-                   devtour.CPF, "replay cat", "replay verify", "replay evidence", "bastion lock", "bastion kubeconfig"):
+                   devtour.CPF, "replay cat", "replay verify", "replay evidence", "bastion lock", "bastion kubeconfig",
+                   "kubectl port-forward pod/web"):
         assert any(needed in line for line in banner), f"no tour line with {needed!r}"
 
     done = subprocess.run([*BASTION, "demo", "--data-dir", str(data)], cwd=tmp_path, env=env,
@@ -103,6 +104,7 @@ def test_the_banner_tour_runs_as_printed_with_real_ssh_and_kubectl(dev_gateway, 
     assert devtour.CPF not in shown and "customer ***.***.***-**" in shown, report
     assert re.search(r"request \S+ approved by approver", done.stdout), report
     assert "locked by an operator" in done.stdout, report
+    assert re.search(r'Forwarding from 127\.0\.0\.1:\d+[\s\S]*"status": "ok"', done.stdout), report  # a real tunnel
     # The recordings have the CPF masked too.
     listed = subprocess.run([sys.executable, "-m", "replay.cli", "ls", "--command", "customer", "--json",
                              "--data-dir", str(data)], env=env, capture_output=True, text=True, timeout=60)
@@ -235,8 +237,9 @@ def test_the_demo_rule_leaves_other_commands(command: str) -> None:
 
 def test_the_banner_parses_back_to_the_tour_lines() -> None:
     where = devtour.Where(ssh_host="127.0.0.1", ssh_port=2222, http_url="http://127.0.0.1:8080",
-                          data_dir="/srv/guarita data", console=True)
+                          data_dir="/srv/guarita data", console=True, forward_port=18080)
     text = "\n".join(["guarita is listening", *devtour.banner(where), "", "later log line"])
     assert devtour.parse_banner(text) == [s.line for s in devtour.steps(where)]
     assert "'/srv/guarita data'" in devtour.steps(where)[-5].line  # quoted for the shell
+    assert "kubectl port-forward pod/web 18080:8080 & curl" in devtour.parse_banner(text)[-8], text
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import http.client
 import json
 import os
 import selectors
 import shlex
+import socket
+import socketserver
 import ssl
 import stat
 import subprocess
@@ -628,6 +631,146 @@ def test_port_forward_allowed_is_relayed_and_audited(kgw: KubeGateway, oidc: OID
     start = kgw.wait_audit("kube.portforward.start", since=since, subject="agent-ci")
     end = kgw.wait_audit("kube.portforward.end", since=since, subject="agent-ci")
     assert start["ports"] and end["bytes_in"] > 0 and end["bytes_out"] > 0
+
+
+@contextlib.contextmanager
+def _echo_server() -> Iterator[int]:
+    """A real TCP echo server on a free port, one thread per connection; echoes until EOF."""
+
+    class Echo(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            while data := self.request.recv(65536):
+                self.request.sendall(data)
+
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), Echo) as server:
+        server.daemon_threads = True
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield server.server_address[1]
+        finally:
+            server.shutdown()
+            thread.join(10)
+
+
+def _round_trip(port: int, data: bytes) -> bytes:
+    """Sends ``data`` to 127.0.0.1:port (then EOF) while reading what comes back, to EOF."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        def send() -> None:
+            conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        got = bytearray()
+        while chunk := conn.recv(65536):
+            got += chunk
+        sender.join(30)
+        return bytes(got)
+
+
+def _forwarding_port(proc: subprocess.Popen[bytes]) -> int:
+    """The local port kubectl listens on, from its "Forwarding from 127.0.0.1:N -> M"."""
+    line = _first_line(proc).decode()
+    assert line.startswith("Forwarding from 127.0.0.1:"), line
+    return int(line.split("->")[0].rsplit(":", 1)[1])
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> bytes:
+    """Ends a kubectl still running (SIGTERM, as Ctrl-C would); returns its stderr."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        _, err = proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate(timeout=15)
+    return err
+
+
+def test_kubectl_port_forward_through_guarita(kube: Any, kgw: KubeGateway) -> None:
+    """Real kubectl (SPDY/3.1 tunnelled in a WebSocket) through the front door to the demo
+    cluster, to a real TCP server: bytes both ways, more than 64 KiB, two connections one
+    after the other on one tunnel; audited with byte counts, never recorded."""
+    since = kgw.audit_mark()
+    big = os.urandom(300_000)
+    with _echo_server() as port:
+        proc = kube(client="agent-ci").popen("port-forward", "pod/web", f":{port}")
+        try:
+            local = _forwarding_port(proc)
+            assert _round_trip(local, b"ping through guarita") == b"ping through guarita"
+            assert _round_trip(local, big) == big
+            start = kgw.wait_audit("kube.portforward.start", since=since, subject="agent-ci")
+            assert proc.poll() is None
+        finally:
+            err = _stop(proc)
+    assert b"error" not in err.lower(), err.decode(errors="replace")
+    # kubectl names the port in each stream it opens, not in the URL: the door reads it there.
+    assert start["protocol"] == "SPDY/3.1+portforward.k8s.io" and start["ports"] == []
+    assert start["pod"] == "web" and start["namespace"] == "default"
+    end = kgw.wait_audit("kube.portforward.end", since=since, subject="agent-ci")
+    assert end["stream"] == start["stream"] and end["ports"] == [str(port)] and end["connections"] == 2, end
+    assert end["bytes_in"] > len(big) and end["bytes_out"] > len(big), end
+    seen = [e for e in kgw.audit_events(since) if e.get("event") == "kube.portforward.port"]
+    assert [(e["port"], e["stream"]) for e in seen] == [(str(port), start["stream"])], seen
+    assert not [e for e in kgw.audit_events(since) if e.get("event") == "session.start"
+                and e.get("subject") == "agent-ci"]
+
+
+def test_kubectl_port_forward_to_a_closed_port_says_why(kube: Any, kgw: KubeGateway) -> None:
+    """Nothing listens on the pod's port: the demo cluster writes the kubelet's message on
+    the error stream, kubectl prints it and ends."""
+    closed = free_port()
+    proc = kube(client="agent-ci").popen("port-forward", "pod/web", f":{closed}")
+    try:
+        local = _forwarding_port(proc)
+        assert _round_trip(local, b"anyone there?") == b""
+        proc.wait(30)
+    finally:
+        err = _stop(proc).decode(errors="replace")
+    assert proc.returncode != 0
+    assert f"error forwarding port {closed} to pod default/web" in err and "connection refused" in err, err
+
+
+def test_a_lock_ends_a_real_kubectl_port_forward(kube: Any, kgw: KubeGateway, oidc: OIDCProvider) -> None:
+    """The tunnel is held to its caller: a lock closes it; kubectl reports the lost
+    connection, the audit log says why."""
+    since = kgw.audit_mark()
+    lock_ids: list[str] = []
+    with _echo_server() as port:
+        proc = kube(client="agent-ci").popen("port-forward", "pod/web", f":{port}")
+        try:
+            assert _round_trip(_forwarding_port(proc), b"before the lock") == b"before the lock"
+            status, body = _operator(kgw, oidc, "POST", "/v1/locks",
+                                     {"kind": "subject", "value": "agent-ci", "reason": "kubectl tunnel drill"})
+            assert status == 201, body
+            lock_ids.append(body["lock"]["id"])
+            proc.wait(30)
+        finally:
+            err = _stop(proc).decode(errors="replace")
+            for lock_id in lock_ids:
+                assert _operator(kgw, oidc, "DELETE", f"/v1/locks/{lock_id}")[0] == 200
+    assert proc.returncode != 0 and "lost connection to pod" in err, err
+    stopped = kgw.wait_audit("kube.portforward.stopped", since=since, subject="agent-ci")
+    assert stopped["kind"] == "lock" and stopped["lock"] == lock_ids[0]
+    end = kgw.wait_audit("kube.portforward.end", since=since, subject="agent-ci")
+    assert "kubectl tunnel drill" in end["reason"] and end["connections"] == 1
+
+
+def test_port_forward_refusals_say_what_is_needed(kgw: KubeGateway, oidc: OIDCProvider) -> None:
+    """An API server that accepts none of the offered subprotocols, and a plain SPDY
+    upgrade (kubectl 1.30 and older, or kubectl's fallback): each one clear line."""
+    path = "/clusters/prod/api/v1/namespaces/default/pods/web/portforward"
+    auth = {"Authorization": f"Bearer {oidc.token('agent-ci')}"}
+    status, body = _raw_request(kgw, "GET", path, {**auth, "Connection": "Upgrade", "Upgrade": "websocket",
+                                                   "Sec-WebSocket-Version": "13",
+                                                   "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
+                                                   "Sec-WebSocket-Protocol": "bogus.k8s.io"})
+    assert status == 502 and "accepted none of the port-forward protocols offered (bogus.k8s.io)" in body["message"]
+    status, body = _raw_request(kgw, "POST", path, {**auth, "Connection": "Upgrade", "Upgrade": "SPDY/3.1",
+                                                    "X-Stream-Protocol-Version": "portforward.k8s.io"}, body=b"")
+    assert status == 400 and "kubectl 1.31 or newer" in body["message"], body
+    assert "SPDY/3.1+portforward.k8s.io" in body["message"]
 
 
 def test_missing_expired_and_forged_tokens_get_401(kgw: KubeGateway, kube: Any, oidc: OIDCProvider,

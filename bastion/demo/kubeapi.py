@@ -6,9 +6,10 @@ HTTPS with its own test CA; serves what kubectl needs: ``/version`` (1.32), ``/a
 ``/apis``, ``/api/v1`` (an APIResourceList with pods), pods (get, list, Table output,
 ``?watch=1`` streaming), pod logs (``follow``), and exec/attach over WebSocket
 (``v5.channel.k8s.io`` / ``v4.channel.k8s.io``) that run REAL processes, under a PTY
-when ``tty=true``, with pipes otherwise. Port-forward speaks the plain WebSocket
-port-forward protocol (``v4.channel.k8s.io``: data channel 2i, error channel 2i+1,
-each opened by a frame carrying the port) to 127.0.0.1:PORT.
+when ``tty=true``, with pipes otherwise. Port-forward (bastion/demo/portforward.py)
+speaks what kubectl 1.31+ speaks, SPDY/3.1 tunnelled in a WebSocket
+(``SPDY/3.1+portforward.k8s.io``), and the plain ``v4.channel.k8s.io`` channel
+protocol, to 127.0.0.1:PORT.
 
 Authentication: a bearer token in ``tokens`` or a client certificate from the test CA.
 Every request is recorded (method, path, headers, client certificate) so tests can
@@ -47,6 +48,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from bastion.demo import portforward
 
 V5 = "v5.channel.k8s.io"
 V4 = "v4.channel.k8s.io"
@@ -390,7 +393,7 @@ class KubeAPIStandIn:
             if len(rest) == 5 and rest[4] in ("exec", "attach"):
                 return await self._exec(request, pod, rest[4], mode)
             if len(rest) == 5 and rest[4] == "portforward":
-                return await self._portforward(request)
+                return await self._portforward(request, pod)
         return _status(404, f"the server could not find the requested resource ({path})", "NotFound")
 
     async def _list(self, request: web.Request, ns: str | None) -> web.StreamResponse:
@@ -475,36 +478,9 @@ class KubeAPIStandIn:
 
     # -- port-forward ---------------------------------------------------------------
 
-    async def _portforward(self, request: web.Request) -> web.StreamResponse:
-        ports = [int(p) for v in request.query.getall("ports", []) for p in v.split(",") if p.strip()]
-        ws = web.WebSocketResponse(protocols=(V4,), max_msg_size=0, compress=False)
-        await ws.prepare(request)
-        conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-        for i, port in enumerate(ports):
-            for ch in (2 * i, 2 * i + 1):
-                await ws.send_bytes(bytes([ch]) + struct.pack("<H", port))
-            conns.append(await asyncio.open_connection("127.0.0.1", port))
-
-        async def pump(i: int, reader: asyncio.StreamReader) -> None:
-            while data := await reader.read(65536):
-                await ws.send_bytes(bytes([2 * i]) + data)
-
-        tasks = [asyncio.create_task(pump(i, r)) for i, (r, _) in enumerate(conns)]
-        try:
-            async for msg in ws:
-                if msg.type != WSMsgType.BINARY or not msg.data:
-                    continue
-                ch, data = msg.data[0], msg.data[1:]
-                if ch % 2 == 0 and ch // 2 < len(conns):
-                    writer = conns[ch // 2][1]
-                    writer.write(data)
-                    await writer.drain()
-        finally:
-            for t in tasks:
-                t.cancel()
-            for _, w in conns:
-                w.close()
-        return ws
+    async def _portforward(self, request: web.Request, pod: dict[str, Any]) -> web.StreamResponse:
+        meta = pod["metadata"]
+        return await portforward.serve(request, f"{meta['namespace']}/{meta['name']}")
 
 
 def _kill(proc: asyncio.subprocess.Process) -> None:

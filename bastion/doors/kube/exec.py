@@ -14,7 +14,9 @@ newer ones fall back to after any non-101 answer) is refused with a Status that 
 the kubectl version needed, *after* the identity and policy checks, so that a refused
 WebSocket and the SPDY retry report the same real reason.
 
-port-forward (and nothing else) is relayed opaquely when policy allows it, and audited.
+port-forward (and nothing else) is relayed opaquely when policy allows it, and audited:
+kubectl's ``SPDY/3.1+portforward.k8s.io`` (SPDY tunnelled in the WebSocket) and
+``v4.channel.k8s.io``, whichever the API server accepts. Never recorded.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import aiohttp
 from aiohttp import WSMsgType, web
 from yarl import URL
 
+from bastion.doors.kube import spdy
 from bastion.doors.kube.frontdoor import (
     BEARER_PROTOCOL,
     Refused,
@@ -66,6 +69,8 @@ V4 = "v4.channel.k8s.io"
 V4_BASE64 = "v4.base64.channel.k8s.io"
 BASE64 = "base64.channel.k8s.io"
 V1 = "channel.k8s.io"
+# kubectl 1.31+'s port-forward: SPDY/3.1 inside the WebSocket (client-go tools/portforward).
+SPDY_PORTFORWARD = "SPDY/3.1+portforward.k8s.io"
 CLIENT_PROTOCOLS = (V5, V4, V4_BASE64, BASE64, V1)
 UPSTREAM_PROTOCOLS = (V5, V4)
 STDIN, STDOUT, STDERR, ERROR, RESIZE, CLOSE = 0, 1, 2, 3, 4, 255
@@ -81,9 +86,15 @@ SPDY_MESSAGE = ("guarita: kubectl {what} through guarita needs kubectl {version}
                 "WebSocket.")
 
 
+PORTFORWARD_SPDY_MESSAGE = (
+    "guarita: kubectl port-forward through guarita needs kubectl 1.31 or newer, and a cluster at Kubernetes 1.31 "
+    "or newer: the gateway relays port-forward over WebSocket ({spdy}, {v4}) and does not relay a plain SPDY "
+    "upgrade. Upgrade kubectl, or use a client that speaks WebSocket.")
+
+
 def _spdy_message(kind: str) -> str:
     if kind == "portforward":
-        return SPDY_MESSAGE.format(what="port-forward", version="1.31", protocols="port-forward over WebSocket")
+        return PORTFORWARD_SPDY_MESSAGE.format(spdy=SPDY_PORTFORWARD, v4=V4)
     return SPDY_MESSAGE.format(what=kind, version="1.30", protocols=f"{V5}, {V4}")
 
 
@@ -632,12 +643,17 @@ async def handle_portforward(door: KubeFrontDoor, request: web.Request, identity
         raise Refused(400, _spdy_message("portforward"))
     offered = tuple(_offered(request))
     if not offered:
-        raise Refused(400, "guarita: port-forward needs a WebSocket subprotocol (e.g. v4.channel.k8s.io)")
+        raise Refused(400, f"guarita: port-forward needs a WebSocket subprotocol ({SPDY_PORTFORWARD} or {V4})")
     try:
         up = await connect_upstream(cluster, upstream, request, identity, req, request.raw_path.partition("?")[2],
                                     offered)
     except UpstreamRefused as exc:
         raise Refused(exc.code, str(exc), (exc.body or {}).get("reason")) from None
+    if up.protocol not in offered:  # the client would fail on it without saying why
+        await up.close()
+        raise Refused(502, f"guarita: the API server of cluster {cluster.name!r} accepted none of the port-forward "
+                           f"protocols offered ({', '.join(offered)}); kubectl port-forward over WebSocket needs "
+                           f"Kubernetes 1.31 or newer")
     relay = PortForwardRelay(door, request, identity, req, cluster, source, up, rule)
     return await relay.run()
 
@@ -645,7 +661,11 @@ async def handle_portforward(door: KubeFrontDoor, request: web.Request, identity
 class PortForwardRelay:
     """Opaque WebSocket relay: port-forward data is binary and never recorded, only audited.
 
-    A tunnel is held to its caller like a session (bastion/kube/held.py): locks, kills,
+    In kubectl's SPDY tunnel the ports are not in the URL but in the header block of each
+    stream kubectl opens: the client's control frames are read as they pass (DATA is
+    skipped unread) and every new port is audited (``kube.portforward.port``).
+
+    A tunnel is held to its caller like a session (bastion/doors/kube/held.py): locks, kills,
     credential expiry and ``max_duration`` close it, with the reason as the close reason."""
 
     def __init__(self, door: KubeFrontDoor, request: web.Request, identity: Identity, req: KubeRequest,
@@ -657,6 +677,10 @@ class PortForwardRelay:
         self.bytes_in = 0
         self.bytes_out = 0
         self.reason = "closed"
+        self.ports: list[str] = list(request.query.getall("ports", []))
+        self.connections = 0
+        self.scanner = spdy.ControlScanner() if up.protocol == SPDY_PORTFORWARD else None
+        self.unread = ""  # why the tunnel's control frames could no longer be read
         self.held = HeldStream(door.gw, "portforward", identity, source, cluster.name,
                                {"namespace": req.namespace, "pod": req.name}, self._stopped, rule)
         self._tasks: list[asyncio.Task[None]] = []
@@ -703,8 +727,12 @@ class PortForwardRelay:
             with contextlib.suppress(Exception):  # the reason reaches kubectl as the close reason
                 await ws.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION if stopped else aiohttp.WSCloseCode.OK,
                                message=self.reason.encode()[:120] if stopped else b"")
-            audit.emit("kube.portforward.end", **fields, bytes_in=self.bytes_in, bytes_out=self.bytes_out,
-                       duration=round(time.monotonic() - started, 3), reason=self.reason)
+            extra: dict[str, Any] = {"connections": self.connections} if self.scanner or self.unread else {}
+            if self.unread:
+                extra["unread"] = self.unread
+            audit.emit("kube.portforward.end", **{**fields, "ports": self.ports}, bytes_in=self.bytes_in,
+                       bytes_out=self.bytes_out, duration=round(time.monotonic() - started, 3), reason=self.reason,
+                       **extra)
         return ws
 
     async def _pump(self, src: Any, dst: Any, direction: str) -> None:
@@ -719,9 +747,32 @@ class PortForwardRelay:
                 break
             if direction == "in":
                 self.bytes_in += n
+                if self.scanner is not None and msg.type == WSMsgType.BINARY:
+                    self._watch(msg.data)
             else:
                 self.bytes_out += n
         self.reason = "client closed" if direction == "in" else "upstream closed"
+
+    def _watch(self, data: bytes) -> None:
+        """Counts the data streams kubectl opens and audits each port the first time."""
+        assert self.scanner is not None
+        try:
+            frames = self.scanner.feed(data)
+        except spdy.SpdyError as exc:  # the API server will refuse it too; the relay goes on
+            self.scanner, self.unread = None, str(exc)
+            log.warning("port-forward %s: the client's SPDY stream cannot be read (%s); ports are no longer "
+                        "audited for this tunnel", self.held.id, exc)
+            return
+        for frame in frames:
+            if not isinstance(frame, spdy.SynStream) or frame.headers.get("streamtype") != ["data"]:
+                continue
+            self.connections += 1
+            port = (frame.headers.get("port") or [""])[0]
+            if port not in self.ports:
+                self.ports.append(port)
+                self.door.gw.audit.emit("kube.portforward.port", subject=self.identity.subject,
+                                        cluster=self.cluster.name, namespace=self.req.namespace, pod=self.req.name,
+                                        port=port, stream=self.held.id)
 
     async def close(self, reason: str) -> None:
         self.reason = reason
