@@ -191,6 +191,7 @@ async def _serve(gateway_cls: Any, config: Any, reload_source: ConfigSource | No
     except (OSError, RuntimeError, ValueError, StoreError) as exc:
         click.echo(f"guarita: cannot start: {_start_error(exc)}", err=True)
         sys.exit(1)
+    gw.handle_signals()
     _print_welcome(gw, json_log)
     await gw.run_forever()
 

@@ -248,11 +248,16 @@ class Gateway:
             await self.demo.stop()
         self.audit.close()
 
-    async def run_forever(self) -> None:
+    def handle_signals(self) -> None:
+        """SIGTERM/SIGINT drain, SIGHUP reloads. Installed before the banner says the gateway
+        is up, so a signal sent on seeing it is never the ignored one (bastion/cli.py)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop_signal)
         loop.add_signal_handler(signal.SIGHUP, lambda: lifecycle.reload(self))
+
+    async def run_forever(self) -> None:
+        self.handle_signals()
         await self.stopping.wait()
         await lifecycle.drain(self)
         await self.stop()
