@@ -12,6 +12,9 @@ setup(
             libraries=["crypto"],
             extra_compile_args=["-O2", "-std=c11", "-Wall"],
             optional=True,
-        )
+        ),
+        # The recorder's JSON escaping of terminal output (recorder/events.py has the same in Python).
+        Extension("recorder._escape", ["recorder/_escape.c"], extra_compile_args=["-O2", "-std=c11", "-Wall"],
+                  optional=True),
     ]
 )
