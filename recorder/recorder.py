@@ -61,10 +61,10 @@ SESSION_FORMAT = "guarita-session/1"
 HIGH_WATER = 16 * 1024 * 1024
 LOW_WATER = 4 * 1024 * 1024
 # Buffered events go to the worker in batches this large (or every flush_interval): fewer,
-# larger hand-offs between the event loop and the worker thread cost less CPU per byte, and
-# on a busy machine each hand-off (a thread wake-up) can cost the event loop its CPU for a
-# while: 4 MiB instead of 1 halved the loop's time in the pool's submit on bulk output.
-FRAME_BYTES = 4 * 1024 * 1024
+# larger hand-offs between the event loop and the worker thread cost less CPU per byte. Not
+# larger: at 4 MiB the worker's passes over a batch fall out of the CPU's caches and text
+# cost 7-8 CPU s/GB instead of 5.5-6 (bench/recorder_cpu, issue 21).
+FRAME_BYTES = 1024 * 1024
 # The least a terminal byte counts towards segment_bytes, however well it encodes: a
 # segment of zeros is cut after 64 x segment_bytes of them (or segment_seconds).
 MIN_RATIO = 1 / 64
