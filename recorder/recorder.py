@@ -65,6 +65,11 @@ LOW_WATER = 4 * 1024 * 1024
 # larger: at 4 MiB the worker's passes over a batch fall out of the CPU's caches and text
 # cost 7-8 CPU s/GB instead of 5.5-6 (bench/recorder_cpu, issue 21).
 FRAME_BYTES = 1024 * 1024
+# Output that encodes to little (zeros, other binary: stored zstd-compressed) is batched by its
+# estimated encoded size, up to this many terminal bytes: a quarter of the hand-offs (thread
+# wake-ups, each a chance for the worker to take the GIL from the relaying loop) on bulk binary
+# output, for at most 3 MiB more memory per session.
+FRAME_BYTES_MAX = 4 * 1024 * 1024
 # The least a terminal byte counts towards segment_bytes, however well it encodes: a
 # segment of zeros is cut after 64 x segment_bytes of them (or segment_seconds).
 MIN_RATIO = 1 / 64
@@ -596,7 +601,8 @@ class SessionRecording:
         self._seg_raw += size * self._encoded_ratio if isinstance(item, tuple) else size
         if self._seg_raw >= self.recorder.segment_bytes:
             self._cut()
-        elif self._buf_len >= FRAME_BYTES:
+        elif self._buf_len >= FRAME_BYTES and (self._buf_len * self._encoded_ratio >= FRAME_BYTES
+                                               or self._buf_len >= FRAME_BYTES_MAX):
             self._flush(sync=False)
 
     def _take(self) -> tuple[list[bytes | tuple[float, str, bytes]], int]:
