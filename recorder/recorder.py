@@ -514,17 +514,22 @@ class SessionRecording:
         t = self.now()
         self._append(ev.encode(t, "r", f"{cols}x{rows}"), t)
 
+    def _takes_events(self) -> bool:
+        return not (self.closed or (self.failed and self.recorder.failure_policy == "strict"))
+
     def marker(self, kind: str, **fields: Any) -> None:
         self.markers[kind] = self.markers.get(kind, 0) + 1
         t = self.now()
-        self._index.marker(t, kind, fields)
+        if self._takes_events():  # the index names only markers the segments hold
+            self._index.marker(t, kind, fields)
         self._append(ev.encode(t, "m", {"type": kind, **fields}), t)
 
     def marker_json(self, kind: str, key: str, raw: bytes, **fields: Any) -> None:
         """:meth:`marker` with the field ``key`` given as JSON text (``raw``), last."""
         self.markers[kind] = self.markers.get(kind, 0) + 1
         t = self.now()
-        self._index.marker_json(t, kind, key, raw, fields)
+        if self._takes_events():
+            self._index.marker_json(t, kind, key, raw, fields)
         self._append(ev.encode_with_json(t, "m", {"type": kind, **fields}, key, raw), t)
 
     def exit(self, status: int | None, signal: str | None = None, reason: str | None = None) -> None:
@@ -591,7 +596,7 @@ class SessionRecording:
 
         Encoding stream data as JSON costs about as much CPU as relaying it, so it happens
         off the event loop; sizes here are the terminal's bytes, not the encoded ones."""
-        if self.closed or (self.failed and self.recorder.failure_policy == "strict"):
+        if not self._takes_events():
             return
         size = len(item) if size is None else size
         self._last_t = max(self._last_t, t)
@@ -861,7 +866,13 @@ class SessionRecording:
         for chained in self._chain:  # an append to chain.jsonl may have failed before the queueing
             self._queue_segment(chained.index)
         end = {**self._final_end, **({"gaps": self._gaps} if self._gaps else {})}
-        self.recorder._spool_add(_write_manifest(self.dir, self.recorder.key, self.meta, end, self._chain))
+        # The archive index's entries (docs/recording-format.md): without them, indexing the
+        # session re-reads every segment from the store (decompress and decode everything
+        # recorded: more CPU per GB than recording it). Not after a gap: markers queued
+        # while the spool refused are not in the segments, and the index must not name them.
+        index = self._index.to_manifest() if not self._gaps and self.failed is None else None
+        self.recorder._spool_add(_write_manifest(self.dir, self.recorder.key, self.meta, end, self._chain,
+                                                 index=index))
         self.sealed = True
         self.recorder_loop_call(
             lambda: self.recorder.queue_upload(self.dir / "manifest.json", self.prefix + "manifest.json"))

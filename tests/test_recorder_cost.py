@@ -107,3 +107,34 @@ def test_event_count_is_one_per_line(tmp_path: Path) -> None:
     summary = open_session(store, sid)
     counted = sum(int(s["events"]) for s in summary.manifest["segments"])
     assert counted == len(list(iter_events(store, summary)))
+
+
+def test_a_closed_session_carries_its_index(tmp_path: Path) -> None:
+    """The manifest of a session closed by the gateway holds its archive index entries, so
+    indexing it reads one object, not every segment again; a marker after the close (not
+    recorded) is not in it."""
+    from recorder import Recorder, RecordingKey
+    from recorder.store import FileStore
+    from replay.index import entry_for
+    from replay.reader import open_session
+
+    async def run() -> str:
+        recorder = Recorder(FileStore(tmp_path / "rec"), tmp_path / "spool",
+                            RecordingKey.load_or_create(tmp_path / "key.pem"))
+        await recorder.start()
+        rec = recorder.open_session({"kind": "shell"}, term=(80, 24))
+        rec.output(b"$ ")
+        rec.marker("command", command="ls -la")
+        rec.exit(0)
+        await rec.close()
+        rec.marker("command", command="after the close")
+        assert await recorder.wait_uploaded(30)
+        await recorder.close()
+        return rec.id
+
+    sid = asyncio.run(run())
+    store = FileStore(tmp_path / "rec")
+    summary = open_session(store, sid)
+    index = summary.manifest["index"]
+    assert index["complete"] and [c[1] for c in index["commands"]] == ["ls -la"]
+    assert [c[1] for c in entry_for(store, summary).commands] == ["ls -la"]
