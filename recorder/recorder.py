@@ -521,7 +521,7 @@ class SessionRecording:
         self.markers[kind] = self.markers.get(kind, 0) + 1
         t = self.now()
         if self._takes_events():  # the index names only markers the segments hold
-            self._index.marker(t, kind, fields)
+            self._index.marker(t, kind, fields, self.meta.get("command"))
         self._append(ev.encode(t, "m", {"type": kind, **fields}), t)
 
     def marker_json(self, kind: str, key: str, raw: bytes, **fields: Any) -> None:
@@ -529,7 +529,7 @@ class SessionRecording:
         self.markers[kind] = self.markers.get(kind, 0) + 1
         t = self.now()
         if self._takes_events():
-            self._index.marker_json(t, kind, key, raw, fields)
+            self._index.marker_json(t, kind, key, raw, fields, self.meta.get("command"))
         self._append(ev.encode_with_json(t, "m", {"type": kind, **fields}, key, raw), t)
 
     def exit(self, status: int | None, signal: str | None = None, reason: str | None = None) -> None:

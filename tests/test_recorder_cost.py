@@ -138,3 +138,37 @@ def test_a_closed_session_carries_its_index(tmp_path: Path) -> None:
     index = summary.manifest["index"]
     assert index["complete"] and [c[1] for c in index["commands"]] == ["ls -la"]
     assert [c[1] for c in entry_for(store, summary).commands] == ["ls -la"]
+
+
+def test_an_exec_sessions_index_matches_the_scan(tmp_path: Path) -> None:
+    """The exec command's own marker is not in the index (the metadata has it, at 0.0): the
+    entry built from the manifest equals the one built by reading the segments."""
+    import dataclasses
+
+    from recorder import Recorder, RecordingKey
+    from recorder.store import FileStore
+    from replay.index import entry_for
+    from replay.reader import open_session
+
+    async def run() -> str:
+        recorder = Recorder(FileStore(tmp_path / "rec"), tmp_path / "spool",
+                            RecordingKey.load_or_create(tmp_path / "key.pem"))
+        await recorder.start()
+        rec = recorder.open_session({"kind": "exec", "command": "bash -s"})
+        rec.output(b"x")
+        rec.marker("command", command="bash -s", mode="exec", outcome="allowed")
+        rec.marker("command", command="echo hi", mode="line", outcome="allowed")
+        rec.exit(0)
+        await rec.close()
+        assert await recorder.wait_uploaded(30)
+        await recorder.close()
+        return rec.id
+
+    sid = asyncio.run(run())
+    store = FileStore(tmp_path / "rec")
+    summary = open_session(store, sid)
+    assert [c[1] for c in summary.manifest["index"]["commands"]] == ["echo hi"]
+    carried = entry_for(store, summary)
+    scanned = entry_for(store, dataclasses.replace(summary, manifest={
+        k: v for k, v in summary.manifest.items() if k != "index"}))
+    assert carried.commands == scanned.commands and carried.commands[0] == (0.0, "bash -s")
