@@ -1,6 +1,7 @@
 """The compiled masking engine (bastion/masking/_engine.c) is optional: where no C compiler
 or no OpenSSL headers are found (Debian: gcc, python3-dev, libssl-dev), the install goes
-on without it and the masker runs in Python, with the same output (bastion/masking/engine.py)."""
+on without it and the masker runs in Python, with the same output (bastion/masking/engine.py).
+So is the recorder's JSON escaping (recorder/_escape.c; recorder/events.py has it in Python)."""
 
 from setuptools import Extension, setup
 
@@ -12,6 +13,9 @@ setup(
             libraries=["crypto"],
             extra_compile_args=["-O2", "-std=c11", "-Wall"],
             optional=True,
-        )
+        ),
+        # The recorder's JSON escaping of terminal output (recorder/events.py has the same in Python).
+        Extension("recorder._escape", ["recorder/_escape.c"], extra_compile_args=["-O2", "-std=c11", "-Wall"],
+                  optional=True),
     ]
 )

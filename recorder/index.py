@@ -41,18 +41,26 @@ class SessionIndexNotes:
             self.overflow = True
         return not self.overflow
 
-    def marker(self, t: float, kind: str, fields: dict[str, Any]) -> None:
+    def marker(self, t: float, kind: str, fields: dict[str, Any], exec_command: Any = None) -> None:
         if kind == "command" and self._room():
-            self.commands.append((round(t, 6), str(fields.get("command", ""))))
+            self._command(t, str(fields.get("command", "")), fields, exec_command)
         elif kind == "masking" and fields.get("values") and self._room():
             self._masked.append((round(t, 6), str(fields.get("stream", "o")), fields["values"]))
 
-    def marker_json(self, t: float, kind: str, key: str, raw: bytes, fields: dict[str, Any]) -> None:
+    def marker_json(self, t: float, kind: str, key: str, raw: bytes, fields: dict[str, Any],
+                    exec_command: Any = None) -> None:
         if kind == "masking" and key == "values" and self._room():
             self._masked_raw.append((round(t, 6), str(fields.get("stream", "o")), raw))
         elif kind == "command" and self._room():
             command = json.loads(raw) if key == "command" else fields.get("command", "")
-            self.commands.append((round(t, 6), str(command)))
+            self._command(t, str(command), fields, exec_command)
+
+    def _command(self, t: float, text: str, fields: dict[str, Any], exec_command: Any) -> None:
+        # An exec session's own command marker is not repeated here: like the scan
+        # (replay/search.py), the index takes that command from the metadata, at 0.0.
+        if fields.get("mode") == "exec" and exec_command is not None and text == str(exec_command):
+            return
+        self.commands.append((round(t, 6), text))
 
     def to_manifest(self) -> dict[str, Any]:
         if self.overflow:

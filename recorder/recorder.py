@@ -61,8 +61,15 @@ SESSION_FORMAT = "guarita-session/1"
 HIGH_WATER = 16 * 1024 * 1024
 LOW_WATER = 4 * 1024 * 1024
 # Buffered events go to the worker in batches this large (or every flush_interval): fewer,
-# larger hand-offs between the event loop and the worker thread cost less CPU per byte.
+# larger hand-offs between the event loop and the worker thread cost less CPU per byte. Not
+# larger: at 4 MiB the worker's passes over a batch fall out of the CPU's caches and text
+# cost 7-8 CPU s/GB instead of 5.5-6 (bench/recorder_cpu, issue 21).
 FRAME_BYTES = 1024 * 1024
+# Output that encodes to little (zeros, other binary: stored zstd-compressed) is batched by its
+# estimated encoded size, up to this many terminal bytes: a quarter of the hand-offs (thread
+# wake-ups, each a chance for the worker to take the GIL from the relaying loop) on bulk binary
+# output, for at most 3 MiB more memory per session.
+FRAME_BYTES_MAX = 4 * 1024 * 1024
 # The least a terminal byte counts towards segment_bytes, however well it encodes: a
 # segment of zeros is cut after 64 x segment_bytes of them (or segment_seconds).
 MIN_RATIO = 1 / 64
@@ -507,17 +514,22 @@ class SessionRecording:
         t = self.now()
         self._append(ev.encode(t, "r", f"{cols}x{rows}"), t)
 
+    def _takes_events(self) -> bool:
+        return not (self.closed or (self.failed and self.recorder.failure_policy == "strict"))
+
     def marker(self, kind: str, **fields: Any) -> None:
         self.markers[kind] = self.markers.get(kind, 0) + 1
         t = self.now()
-        self._index.marker(t, kind, fields)
+        if self._takes_events():  # the index names only markers the segments hold
+            self._index.marker(t, kind, fields, self.meta.get("command"))
         self._append(ev.encode(t, "m", {"type": kind, **fields}), t)
 
     def marker_json(self, kind: str, key: str, raw: bytes, **fields: Any) -> None:
         """:meth:`marker` with the field ``key`` given as JSON text (``raw``), last."""
         self.markers[kind] = self.markers.get(kind, 0) + 1
         t = self.now()
-        self._index.marker_json(t, kind, key, raw, fields)
+        if self._takes_events():
+            self._index.marker_json(t, kind, key, raw, fields, self.meta.get("command"))
         self._append(ev.encode_with_json(t, "m", {"type": kind, **fields}, key, raw), t)
 
     def exit(self, status: int | None, signal: str | None = None, reason: str | None = None) -> None:
@@ -584,7 +596,7 @@ class SessionRecording:
 
         Encoding stream data as JSON costs about as much CPU as relaying it, so it happens
         off the event loop; sizes here are the terminal's bytes, not the encoded ones."""
-        if self.closed or (self.failed and self.recorder.failure_policy == "strict"):
+        if not self._takes_events():
             return
         size = len(item) if size is None else size
         self._last_t = max(self._last_t, t)
@@ -594,7 +606,8 @@ class SessionRecording:
         self._seg_raw += size * self._encoded_ratio if isinstance(item, tuple) else size
         if self._seg_raw >= self.recorder.segment_bytes:
             self._cut()
-        elif self._buf_len >= FRAME_BYTES:
+        elif self._buf_len >= FRAME_BYTES and (self._buf_len * self._encoded_ratio >= FRAME_BYTES
+                                               or self._buf_len >= FRAME_BYTES_MAX):
             self._flush(sync=False)
 
     def _take(self) -> tuple[list[bytes | tuple[float, str, bytes]], int]:
@@ -630,7 +643,9 @@ class SessionRecording:
         stream_bytes = sum(len(item[2]) for item in items if isinstance(item, tuple))
         if stream_bytes >= 4096:
             self._encoded_ratio = min(max(len(raw) / stream_bytes, MIN_RATIO), 2.0)
-        return raw, raw.count(b"\n")  # one newline per event: JSON escapes those inside strings
+        # One line per event (JSON escapes newlines inside strings); counted per line, not by
+        # a pass over the bytes (bytes.count was 0.5 CPU s/GB of text).
+        return raw, sum(1 for line in lines if line)
 
     def _flush(self, sync: bool) -> None:
         self._unsynced = not sync
@@ -851,7 +866,13 @@ class SessionRecording:
         for chained in self._chain:  # an append to chain.jsonl may have failed before the queueing
             self._queue_segment(chained.index)
         end = {**self._final_end, **({"gaps": self._gaps} if self._gaps else {})}
-        self.recorder._spool_add(_write_manifest(self.dir, self.recorder.key, self.meta, end, self._chain))
+        # The archive index's entries (docs/recording-format.md): without them, indexing the
+        # session re-reads every segment from the store (decompress and decode everything
+        # recorded: more CPU per GB than recording it). Not after a gap: markers queued
+        # while the spool refused are not in the segments, and the index must not name them.
+        index = self._index.to_manifest() if not self._gaps and self.failed is None else None
+        self.recorder._spool_add(_write_manifest(self.dir, self.recorder.key, self.meta, end, self._chain,
+                                                 index=index))
         self.sealed = True
         self.recorder_loop_call(
             lambda: self.recorder.queue_upload(self.dir / "manifest.json", self.prefix + "manifest.json"))

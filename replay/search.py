@@ -60,8 +60,8 @@ def search_session(store: RecordingStore, summary: SessionSummary, pattern: re.P
                 if not line:
                     line_t = event.t
                 line.append(piece)
-    hit = _line_hit(summary.id, line_t, "".join(line), pattern)
-    if hit:
+    hit = None if commands_only else _line_hit(summary.id, line_t, "".join(line), pattern)
+    if hit:  # (commands only: no output line, not even an empty one a match-all pattern finds)
         yield hit
 
 

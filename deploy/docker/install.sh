@@ -11,7 +11,7 @@
 # dependencies are wheels only (--only-binary): none of them is compiled. guarita itself
 # compiles its masking engine (bastion/masking/_engine.c) where gcc and OpenSSL's headers
 # are present, and `app` says whether it did: without it, masking runs in Python (slower,
-# same output).
+# same output). Likewise the recorder's JSON escaping (recorder/_escape.c, gcc only).
 set -eu
 step=$1
 venv=$2
@@ -33,6 +33,10 @@ case "$step" in
       echo "install.sh: the compiled masking engine is built"
     else
       echo "install.sh: WARNING: no compiled masking engine (install gcc and libssl-dev to build it); masking runs in Python" >&2
+    fi
+    # The recorder's JSON escaping (recorder/_escape.c) needs only gcc; without it, Python (~1 CPU s/GB of text more).
+    if ! "$venv/bin/python" -c "import recorder._escape" 2>/dev/null; then
+      echo "install.sh: WARNING: no compiled recorder escaping (install gcc to build it); recording text costs more CPU" >&2
     fi
     # pip is not needed at run time.
     $pip uninstall --yes pip
