@@ -12,6 +12,14 @@ setup(
             libraries=["crypto"],
             extra_compile_args=["-O2", "-std=c11", "-Wall"],
             optional=True,
-        )
+        ),
+        # The search summaries' trigram filter (recorder/summary.py); without it recordings
+        # get no summaries and search reads every segment.
+        Extension(
+            "recorder._summary",
+            ["recorder/_summary.c"],
+            extra_compile_args=["-O3", "-std=c11", "-Wall"],
+            optional=True,
+        ),
     ]
 )
