@@ -24,7 +24,7 @@ from recorder import Recorder, RecordingKey
 from recorder import summary as ss
 from recorder.store import FileStore, session_prefix
 from replay.asciicast import ANSI
-from replay.reader import iter_events, open_session
+from replay.reader import iter_events, iter_segments, open_session
 from replay.search import SearchStats, search_session
 
 pytestmark = pytest.mark.skipif(ss._engine is None, reason="the compiled summary (recorder/_summary.c) is not built")
@@ -121,13 +121,47 @@ def test_skipping_finds_every_hit_a_full_scan_finds(tmp_path_factory: pytest.Tem
             assert skipping == full, pattern
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow])
+@given(steps=st.lists(_step, min_size=1, max_size=40))
+def test_every_piece_of_every_line_passes_the_filter_of_its_segment(tmp_path_factory: pytest.TempPathFactory,
+                                                                    steps: list[tuple[str, bytes]]) -> None:
+    """The same property one level down, where a filter's false positives cannot hide a miss:
+    every substring of every line (as search sees it) and of every command passes the filter
+    of the segment the line ends in."""
+    store, sid = _record(tmp_path_factory.mktemp("filters"), steps)
+    summary = open_session(store, sid)
+    records = summary.manifest["segments"]  # type: ignore[index]
+    line: list[str] = []
+    k = 0
+    for k, events in iter_segments(store, summary):
+        for event in events:
+            if event.code == "m" and event.data.get("type") == "command":
+                _all_pieces_pass(str(event.data.get("command", "")), records[k]["summary"])
+            elif event.stream in ("o", "e"):
+                for piece in re.split(r"(\n)", (event.stream_bytes() or b"").decode("utf-8", "replace")):
+                    if piece == "\n":
+                        _all_pieces_pass(ANSI.sub("", "".join(line)), records[k]["summary"])
+                        line = []
+                    else:
+                        line.append(piece)
+    _all_pieces_pass(ANSI.sub("", "".join(line)), records[k]["summary"])
+
+
+def _all_pieces_pass(text: str, summary: dict[str, object]) -> None:
+    for size in (4, 5, 7):
+        for at in range(max(0, len(text) - size + 1)):
+            piece = text[at:at + size]
+            assert ss.may_match(summary, ss.required(re.compile(re.escape(piece)))), (piece, text)
+
+
 def test_a_character_split_between_reads_is_summarised_where_it_is_recorded(tmp_path: Path) -> None:
     # The encoder holds the cut character until the next stdout read: it is recorded after
     # the stderr read in between, so the line search sees is "abcd€z".
     store, sid = _record(tmp_path, [("o", b"ab\xe2"), ("e", b"cd"), ("o", b"\x82\xacz\n"), ("cut", b""),
                                     ("o", b"other\n")])
     summary = open_session(store, sid)
-    for text in ("bcd", "cd\u20acz", "abcd"):
+    for text in ("bcd\u20ac", "cd\u20acz", "abcd"):  # four bytes or more: see summary._holds
         stats = SearchStats()
         hits = list(search_session(store, summary, re.compile(re.escape(text)), stats=stats))
         assert [h.text for h in hits] == ["abcd\u20acz"] and stats.skipped == 1, text
