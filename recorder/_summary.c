@@ -12,8 +12,7 @@
  *     `strip` is true;
  *   - folding every byte with | 0x20 (A-Z become a-z, so case-insensitive searches can
  *     use the filter; a few other bytes pair up, which only costs selectivity).
- * Only trigrams at even positions of that text are marked (see hash_span), and trigrams
- * spanning a newline are marked as well: more than needed, never fewer.
+ * Trigrams spanning a newline are marked as well: more than needed, never fewer.
  * It returns whether a line of `data` (a newline-separated piece) is longer than `limit`.
  */
 #define _GNU_SOURCE /* memrchr */
@@ -36,39 +35,37 @@ static inline uint32_t load3(const uint8_t *p) { /* the 3 bytes at p, folded, wi
     return ((uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16) | FOLD;
 }
 
-/* The trigrams of kept text p[0:n] that start at an even position of the kept text (the
- * text with escape sequences removed, counted from the start of the call: `*pos` bytes
- * come before p[0]), continuing the text kept before it (its last two bytes are in *key's
- * bits 8-23 once *have == 2). Every other position is enough: a literal of four bytes or
- * more has trigrams at even positions whichever position it is at, and a search checks
- * both of its parities (summary.py _holds). It halves the stores, the loop's main cost. */
-static void hash_span(uint8_t *table, const uint8_t *p, Py_ssize_t n, uint32_t *key, int *have, Py_ssize_t *pos) {
+/* The trigrams of kept text p[0:n], continuing the text kept before it (its last two bytes
+ * are in *key's bits 8-23 once *have == 2). */
+static void hash_span(uint8_t *table, const uint8_t *p, Py_ssize_t n, uint32_t *key, int *have) {
     uint32_t k = *key;
     Py_ssize_t i = 0;
     for (; i < n && i < 2; i++) { /* trigrams that start in the text before the span */
         k = (k >> 8) | (((uint32_t)p[i] | 0x20u) << 16);
-        if (*have < 2)
-            (*have)++;
-        else if (((*pos + i) & 1) == 0) /* starts at *pos + i - 2 */
+        if (*have >= 2)
             put(table, k);
+        else
+            (*have)++;
     }
-    Py_ssize_t j = *pos & 1;
-    for (; j + 8 <= n; j += 6) { /* the span's own: three per 8-byte load, no carried state */
+    Py_ssize_t j = 0;
+    for (; j + 8 <= n; j += 6) { /* the span's own trigrams: six per 8-byte load, no carried state */
         uint64_t w;
         memcpy(&w, p + j, 8);
         w |= 0x2020202020202020ull;
         put(table, (uint32_t)w & 0xFFFFFFu);
+        put(table, (uint32_t)(w >> 8) & 0xFFFFFFu);
         put(table, (uint32_t)(w >> 16) & 0xFFFFFFu);
+        put(table, (uint32_t)(w >> 24) & 0xFFFFFFu);
         put(table, (uint32_t)(w >> 32) & 0xFFFFFFu);
+        put(table, (uint32_t)(w >> 40) & 0xFFFFFFu);
     }
-    for (; j + 3 <= n; j += 2)
+    for (; j + 3 <= n; j++)
         put(table, load3(p + j));
     if (n >= 2) {
         k = (((uint32_t)p[n - 2] | 0x20u) << 8) | (((uint32_t)p[n - 1] | 0x20u) << 16);
         *have = 2;
     }
     *key = k;
-    *pos += n;
 }
 
 /* Length of the escape sequence at p[0] == ESC (p < end), or 0 when ANSI would not match
@@ -138,23 +135,22 @@ static PyObject *add(PyObject *self, PyObject *args) {
     const uint8_t *p = data.buf, *end = p + data.len;
     uint32_t key = 0;
     int have = 0;
-    Py_ssize_t pos = 0;
     int long_line;
     Py_BEGIN_ALLOW_THREADS
     if (!strip) {
-        hash_span(table, p, end - p, &key, &have, &pos);
+        hash_span(table, p, end - p, &key, &have);
     } else {
         while (p < end) {
             const uint8_t *esc = memchr(p, 0x1B, (size_t)(end - p));
             const uint8_t *stop = esc ? esc : end;
-            hash_span(table, p, stop - p, &key, &have, &pos);
+            hash_span(table, p, stop - p, &key, &have);
             if (!esc)
                 break;
             Py_ssize_t n = escape_len(esc, end);
             if (n) {
                 p = esc + n; /* removed: the text around it joins */
             } else {
-                hash_span(table, esc, 1, &key, &have, &pos); /* kept, as re.sub keeps it */
+                hash_span(table, esc, 1, &key, &have); /* kept, as re.sub keeps it */
                 p = esc + 1;
             }
         }

@@ -85,7 +85,7 @@ def add_py(table: bytearray, data: bytes, strip: bool, limit: int) -> bool:
 
 def _mark(table: bytearray, text: bytes) -> None:
     text = text.translate(_FOLD)
-    for i in range(0, len(text) - 2, 2):  # every other position: see _holds
+    for i in range(len(text) - 2):
         table[trigram_bit(text[i], text[i + 1], text[i + 2])] = 1
 
 
@@ -299,12 +299,9 @@ def _breaks(ch: str, flags: int) -> bool:
 
 def _holds(query: Query, bloom: int, size: int) -> bool:
     if isinstance(query, bytes):
-        # Trigrams are marked at even positions of the text only: wherever the literal is,
-        # those at its even or those at its odd positions were marked. Shorter than four
-        # bytes, one of the two is empty: it may be anywhere.
         text = query.translate(_FOLD)
-        return any(all(bloom >> (trigram_bit(text[i], text[i + 1], text[i + 2]) & (size - 1)) & 1
-                       for i in range(parity, len(text) - 2, 2)) for parity in (0, 1))
+        return all(bloom >> (trigram_bit(text[i], text[i + 1], text[i + 2]) & (size - 1)) & 1
+                   for i in range(len(text) - 2))
     kind, parts = query
     return all(_holds(q, bloom, size) for q in parts) if kind == "and" else any(
         _holds(q, bloom, size) for q in parts)
