@@ -17,5 +17,13 @@ setup(
         # The recorder's JSON escaping of terminal output (recorder/events.py has the same in Python).
         Extension("recorder._escape", ["recorder/_escape.c"], extra_compile_args=["-O2", "-std=c11", "-Wall"],
                   optional=True),
+        # The search summaries' trigram filter (recorder/summary.py); without it recordings
+        # get no summaries and search reads every segment.
+        Extension(
+            "recorder._summary",
+            ["recorder/_summary.c"],
+            extra_compile_args=["-O3", "-std=c11", "-Wall"],
+            optional=True,
+        ),
     ]
 )

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import dataclasses
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from recorder import events as ev
+from recorder import summary as search_summary
 from recorder.index import SessionIndexNotes
 from recorder.segment import (
     COMPRESSION_LEVEL,
@@ -432,6 +434,8 @@ class SessionRecording:
         # written into the manifest (recorder/index.py): commands, and masking markers' values.
         self._index = SessionIndexNotes()
         self._encoders = {c: ev.StreamEncoder(c) for c in ("o", "e", "i")}
+        # Each segment's search summary (recorder/summary.py), fed in the worker thread.
+        self._summary = search_summary.SummaryBuilder() if search_summary.ENABLED else None
         self._screen = ScreenTracker(*term) if term else None
         self._snap_t = 0.0
         self._snap_bytes = 0
@@ -629,16 +633,18 @@ class SessionRecording:
                 run.append(item[2])
                 continue
             if run:
-                lines.append(self._encoders[run_stream].encode(run_t, b"".join(run)))
+                lines.append(self._encode_run(run_stream, run_t, run))
                 run, run_stream = [], ""
             if isinstance(item, bytes):
                 lines.append(item)
+                if self._summary is not None:
+                    self._summary.marker(item)
             elif item[1] == "flush":
-                lines += [enc.flush(item[0]) for enc in self._encoders.values()]
+                lines += [self._flush_encoder(code, item[0]) for code in self._encoders]
             else:
                 run_t, run_stream, run = item[0], item[1], [item[2]]
         if run:
-            lines.append(self._encoders[run_stream].encode(run_t, b"".join(run)))
+            lines.append(self._encode_run(run_stream, run_t, run))
         raw = b"".join(lines)
         stream_bytes = sum(len(item[2]) for item in items if isinstance(item, tuple))
         if stream_bytes >= 4096:
@@ -646,6 +652,24 @@ class SessionRecording:
         # One line per event (JSON escapes newlines inside strings); counted per line, not by
         # a pass over the bytes (bytes.count was 0.5 CPU s/GB of text).
         return raw, sum(1 for line in lines if line)
+
+    def _encode_run(self, stream: str, t: float, run: list[bytes]) -> bytes:
+        data = b"".join(run)
+        line = self._encoders[stream].encode(t, data)
+        if self._summary is not None:
+            self._summary.run(stream, data, line)
+        return line
+
+    def _flush_encoder(self, stream: str, t: float) -> bytes:
+        line = self._encoders[stream].flush(t)
+        if self._summary is not None:
+            self._summary.flushed(stream, line)
+        return line
+
+    def _summarised(self, record: SegmentRecord) -> SegmentRecord:
+        if self._summary is None:
+            return record
+        return dataclasses.replace(record, summary=self._summary.seal(record.index))
 
     def _flush(self, sync: bool) -> None:
         self._unsynced = not sync
@@ -770,7 +794,7 @@ class SessionRecording:
         self.recorder._spool_add(writer.size - before)
         name = segment_name(writer.index)
         self._writer = None  # sealing closes its file: never written again, whatever fails below
-        record = writer.seal(self.dir / name)
+        record = self._summarised(writer.seal(self.dir / name))
         self._chain.append(record)
         self.recorder._spool_add(_append_chain(self.dir, record))
         self._queue_segment(record.index)
@@ -816,6 +840,8 @@ class SessionRecording:
         rewritten whole (an append may have left half a line); the open segment keeps its
         complete frames (a failed write may have left part of one) or starts anew. Raises
         OSError while the spool still refuses."""
+        if self._summary is not None:
+            self._summary.taint()  # what it was fed may not all be in the spool
         if self._writer is not None:
             writer, self._writer = self._writer, None
             writer.abandon()
@@ -858,7 +884,7 @@ class SessionRecording:
             self._writer.append(raw, n, t_end, sync=False)
             self.recorder._spool_add(self._writer.size - before)
             writer, self._writer = self._writer, None
-            record = writer.seal(self.dir / segment_name(writer.index))
+            record = self._summarised(writer.seal(self.dir / segment_name(writer.index)))
             self._chain.append(record)
             self._final_sealed = True
             self.recorder._spool_add(_append_chain(self.dir, record))

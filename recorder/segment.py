@@ -45,14 +45,17 @@ class SegmentRecord:
     events: int
     # The header carries a screen snapshot: a player may start drawing here.
     snapshot: bool = False
+    # What search needs to know to skip the segment (recorder/summary.py); None: never skipped.
+    summary: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "summary" or v is not None}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SegmentRecord:
         return cls(int(d["index"]), str(d["sha256"]), int(d["size"]), int(d["raw_size"]),
-                   float(d["t_start"]), float(d["t_end"]), int(d["events"]), bool(d.get("snapshot")))
+                   float(d["t_start"]), float(d["t_end"]), int(d["events"]), bool(d.get("snapshot")),
+                   d.get("summary") if isinstance(d.get("summary"), dict) else None)
 
 
 def segment_name(index: int) -> str:

@@ -395,9 +395,11 @@ def export(ctx: Context, session: str, fmt: str, output: Path | None) -> None:
 @click.option("--commands-only", is_flag=True, help="Search commands only, not output.")
 @click.option("-i", "--ignore-case", is_flag=True, help="Match upper and lower case alike.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per hit.")
+@click.option("--no-skip", is_flag=True,
+              help="Read every segment, even those whose search summary says they cannot match.")
 @state_option
 @pass_store
-def search(ctx: Context, pattern: str, commands_only: bool, ignore_case: bool, as_json: bool,
+def search(ctx: Context, pattern: str, commands_only: bool, ignore_case: bool, as_json: bool, no_skip: bool,
            state_url: str | None, **kw: Any) -> None:
     """Find commands and output lines matching PATTERN (a regex) across sessions."""
     from replay.search import search_session
@@ -411,7 +413,7 @@ def search(ctx: Context, pattern: str, commands_only: bool, ignore_case: bool, a
         from replay import cli_index
 
         filters = _Found(cli_index.command_hits(state_url, filters, regex))  # type: ignore[arg-type]
-    _report(ctx, filters, lambda summary: search_session(ctx.store(), summary, regex, commands_only),
+    _report(ctx, filters, lambda summary: search_session(ctx.store(), summary, regex, commands_only, not no_skip),
             lambda hit: f"{hit.session}  {format_offset(hit.t):>9}  {hit.kind:<7}  {hit.text}", as_json, "(no matches)",
             state_url)
 

@@ -190,23 +190,32 @@ def segment_keys(summary: SessionSummary) -> list[str]:
 def iter_events(store: RecordingStore, summary: SessionSummary, readers: int = 1) -> Iterator[Event]:
     """All events in order, holding one segment in memory at a time (``readers`` > 1: that
     many segments are fetched ahead in parallel threads, still yielded in order)."""
+    for _, events in iter_segments(store, summary, readers):
+        yield from events
+
+
+def iter_segments(store: RecordingStore, summary: SessionSummary, readers: int = 1,
+                  indices: list[int] | None = None) -> Iterator[tuple[int, list[Event]]]:
+    """(position, events) of each segment in order, or of the positions in ``indices`` only
+    (ascending: the others are never fetched); ``readers`` as for :func:`iter_events`."""
     keys = segment_keys(summary)
-    if readers <= 1 or len(keys) <= 1:
-        for key in keys:
-            yield from _segment_events(key, _get_segment(store, key))
+    wanted = list(range(len(keys))) if indices is None else [i for i in indices if 0 <= i < len(keys)]
+    if readers <= 1 or len(wanted) <= 1:
+        for i in wanted:
+            yield i, _segment_events(keys[i], _get_segment(store, keys[i]))
         return
     with concurrent.futures.ThreadPoolExecutor(readers, thread_name_prefix="replay-read") as pool:
-        ahead: collections.deque[tuple[str, concurrent.futures.Future[bytes]]] = collections.deque()
-        pending = iter(keys)
-        for key in itertools.islice(pending, readers):
-            ahead.append((key, pool.submit(_get_segment, store, key)))
+        ahead: collections.deque[tuple[int, concurrent.futures.Future[bytes]]] = collections.deque()
+        pending = iter(wanted)
+        for i in itertools.islice(pending, readers):
+            ahead.append((i, pool.submit(_get_segment, store, keys[i])))
         try:
             while ahead:
-                key, future = ahead.popleft()
+                i, future = ahead.popleft()
                 data = future.result()
                 for nxt in itertools.islice(pending, 1):
-                    ahead.append((nxt, pool.submit(_get_segment, store, nxt)))
-                yield from _segment_events(key, data)
+                    ahead.append((nxt, pool.submit(_get_segment, store, keys[nxt])))
+                yield i, _segment_events(keys[i], data)
         finally:
             for _, future in ahead:
                 future.cancel()

@@ -3,11 +3,14 @@ watch follows a live session, search finds what was typed and printed, export pl
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
 import threading
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import GatewayProcess, find_session, wait_for
 from tests.support.oidc import OIDCProvider
@@ -37,6 +40,40 @@ def test_cat_equals_what_the_client_saw(gateway: GatewayProcess, oidc: OIDCProvi
                               capture_output=True, text=True, timeout=60)
     assert verified.returncode == 0 and "OK" in verified.stdout, verified.stdout + verified.stderr
     assert "no trusted public key" not in verified.stderr
+
+
+def test_search_skips_segments_whose_summaries_cannot_match(gateway: GatewayProcess, oidc: OIDCProvider) -> None:
+    """The gateway writes a search summary per segment; `replay search` reads only the segments
+    that may match and finds exactly what reading them all finds (recorder/summary.py)."""
+    from recorder import summary as search_summary
+    from recorder.store import FileStore
+    from replay.reader import open_session
+    from replay.search import SearchStats, search_session
+
+    if search_summary._engine is None:
+        pytest.skip("the compiled summary (recorder/_summary.c) is not built: pip install -e .")
+    mark = gateway.audit_mark()
+    # Five bursts a little over a segment (1 s here) apart; in each, an escape sequence cuts
+    # the word "batch" in two, as colouring does.
+    command = ("for i in 1 2 3 4 5; do printf 'bat\\033[1mch-%s-summary\\033[0m\\n' $i; "
+               "seq 1 200 | sed \"s/^/filler-$i-/\"; sleep 1.3; done")
+    r = run_ssh(["-p", str(gateway.ssh_port), "web-key@127.0.0.1", command], token=oidc.token("agent-sre"))
+    assert r.returncode == 0, r.stderr
+    assert b"bat\x1b[1mch-4-summary" in r.stdout
+    sid, manifest, _ = gateway.session_recording(mark, command=command)
+    assert len(manifest["segments"]) >= 4 and all("summary" in seg for seg in manifest["segments"])
+    skipping = replay(gateway, "search", "batch-4-summary", "--target", "web-key")
+    full = replay(gateway, "search", "--no-skip", "batch-4-summary", "--target", "web-key")
+    assert skipping.returncode == 0, skipping.stderr
+    assert skipping.stdout == full.stdout and sid.encode() in skipping.stdout
+    assert skipping.stdout.count(b"batch-4-summary") == 1
+    store = FileStore(gateway.recordings_dir)
+    summary = open_session(store, sid)
+    stats = SearchStats()
+    hits = list(search_session(store, summary, re.compile(r"filler-3-1\d\d$"), stats=stats))
+    assert [h.text for h in hits] == [f"filler-3-{n}" for n in range(100, 200)]
+    assert hits == list(search_session(store, summary, re.compile(r"filler-3-1\d\d$"), skip=False))
+    assert stats.skipped >= 2 and stats.read >= 1, stats
 
 
 def test_watch_follows_a_live_session(gateway: GatewayProcess, oidc: OIDCProvider, tmp_path: Path) -> None:
