@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+import time
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from typing import Any, Protocol
 
 log = logging.getLogger("guarita.live")
@@ -38,6 +39,8 @@ class LiveRows(Protocol):
     async def remove_live_session(self, session_id: str) -> None: ...
 
     async def update_live_sessions(self, counts: list[tuple[str, int, int]]) -> None: ...
+
+    async def remove_stale_live_sessions(self, keep: Collection[str], before: float) -> int: ...
 
 
 class LiveSessions:
@@ -112,9 +115,16 @@ class LiveSessions:
     # -- the state database's rows ----------------------------------------------------------
 
     async def update_counts(self) -> None:
+        """Every few seconds (the approvals sweep): byte counts into the rows, and the rows made
+        true again: one whose removal failed is removed now, so the list cannot keep an ended
+        session for longer than one sweep after the database answers again."""
+        before = time.time()  # rows added from here on are not judged stale in this pass
+        keep = set(self.sessions) | set(self._row_tasks)  # live, or a write still on its way
         counts = [(sid, s.recording.counts.get("i", 0), s.recording.counts.get("o", 0) + s.recording.counts.get("e", 0))
                   for sid, s in list(self.sessions.items())]
         await self._rows().update_live_sessions(counts)
+        if removed := await self._rows().remove_stale_live_sessions(keep, before):
+            log.warning("removed %d live-session rows of ended sessions (their removal had failed)", removed)
 
     async def settle(self, timeout: float = 5.0) -> None:
         """Wait for the rows being written (before the state database closes)."""

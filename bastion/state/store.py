@@ -18,7 +18,7 @@ import secrets
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -459,6 +459,16 @@ class StateStore:
     async def remove_live_session(self, session_id: str) -> None:
         async with self._tx() as conn:
             await conn.execute(delete(s.live_sessions).where(s.live_sessions.c.id == session_id))
+
+    async def remove_stale_live_sessions(self, keep: Collection[str], before: float) -> int:
+        """This replica's rows added before ``before`` for sessions not in ``keep``: a removal
+        that failed (the database was away for a moment) is made good here. Rows added after
+        ``before`` are left, so a session opened meanwhile is never taken off."""
+        async with self._tx() as conn:
+            result = await conn.execute(delete(s.live_sessions).where(
+                s.live_sessions.c.replica_id == self.replica_id, s.live_sessions.c.started < before,
+                s.live_sessions.c.id.not_in(list(keep))))
+        return int(result.rowcount or 0)
 
     async def list_live_sessions(self) -> list[dict[str, Any]]:
         now = time.time()
