@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from bastion.config import parse_duration
+from recorder.units import human_size
 
 
 def _when(ts: float | None) -> str:
@@ -31,15 +32,6 @@ def _ago(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-def _size(n: int | None) -> str:
-    value = float(n or 0)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
-        value /= 1024
-    return f"{value:.1f}GiB"
 
 
 def parse_until(text: str, now: float | None = None) -> float:
@@ -358,7 +350,7 @@ def _sessions_table(rows: list[dict[str, Any]], now: float) -> str:
         table.append([r["id"], str(r.get("replica") or "?"), str(r.get("email") or r.get("subject")),
                       f"{where} ({r.get('front_door')})", what,
                       f"{_when(r.get('started'))} ({_ago(now - float(r.get('started') or now))})",
-                      _size(r.get("bytes_in")), _size(r.get("bytes_out")), str(r.get("pending_approvals") or 0)])
+                      human_size(r.get("bytes_in"), sep=""), human_size(r.get("bytes_out"), sep=""), str(r.get("pending_approvals") or 0)])
     return _table(table, ["ID", "REPLICA", "WHO", "WHERE", "WHAT", "SINCE", "IN", "OUT", "PENDING"])
 
 

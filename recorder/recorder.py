@@ -53,6 +53,7 @@ from recorder.segment import (
 from recorder.signing import RecordingKey
 from recorder.snapshot import SNAPSHOT_BYTES, SNAPSHOT_EVERY, ScreenTracker
 from recorder.store import ObjectExists, RecordingStore, StoreError, session_prefix
+from recorder.units import human_size
 
 log = logging.getLogger("guarita.recorder")
 
@@ -215,8 +216,8 @@ class Recorder:
 
     def spool_full_reason(self) -> str:
         """Why new sessions are refused, for the user and the log (call when spool_full())."""
-        why = (f"the recording spool {self.spool_dir} holds {_size(self._spool_used)}, over its budget of "
-               f"{_size(self.spool_budget or 0)}")
+        used, budget = human_size(self._spool_used, byte_unit="bytes"), human_size(self.spool_budget or 0, byte_unit="bytes")
+        why = f"the recording spool {self.spool_dir} holds {used}, over its budget of {budget}"
         if self.store_down_since is not None:
             why += f", because the recordings store has been unreachable since {iso(self.store_down_since)}"
         return why + "; new sessions are refused until the recordings are uploaded"
@@ -949,14 +950,6 @@ def _resolve(future: asyncio.Future[None]) -> None:
 
 
 # -- helpers shared by live sessions and recovery ----------------------------------------
-
-
-def _size(n: int) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return f"{n} bytes"
 
 
 class _Conflict(StoreError):

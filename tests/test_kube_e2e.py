@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import http.client
 import json
 import os
 import selectors
 import shlex
 import socket
-import socketserver
 import ssl
 import stat
 import subprocess
@@ -44,6 +42,7 @@ from tests.conftest import (
     toml_str,
     wait_for,
 )
+from tests.support.echo import echo_server
 from tests.support.kube import KubeGateway, PtyCommand, find_kubectl, kube_env, old_kubectl
 from tests.support.kubeapi import KubeAPIStandIn
 from tests.support.oidc import OIDCProvider
@@ -633,26 +632,6 @@ def test_port_forward_allowed_is_relayed_and_audited(kgw: KubeGateway, oidc: OID
     assert start["ports"] and end["bytes_in"] > 0 and end["bytes_out"] > 0
 
 
-@contextlib.contextmanager
-def _echo_server() -> Iterator[int]:
-    """A real TCP echo server on a free port, one thread per connection; echoes until EOF."""
-
-    class Echo(socketserver.BaseRequestHandler):
-        def handle(self) -> None:
-            while data := self.request.recv(65536):
-                self.request.sendall(data)
-
-    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), Echo) as server:
-        server.daemon_threads = True
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            yield server.server_address[1]
-        finally:
-            server.shutdown()
-            thread.join(10)
-
-
 def _round_trip(port: int, data: bytes) -> bytes:
     """Sends ``data`` to 127.0.0.1:port (then EOF) while reading what comes back, to EOF."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
@@ -694,7 +673,7 @@ def test_kubectl_port_forward_through_guarita(kube: Any, kgw: KubeGateway) -> No
     after the other on one tunnel; audited with byte counts, never recorded."""
     since = kgw.audit_mark()
     big = os.urandom(300_000)
-    with _echo_server() as port:
+    with echo_server() as port:
         proc = kube(client="agent-ci").popen("port-forward", "pod/web", f":{port}")
         try:
             local = _forwarding_port(proc)
@@ -737,7 +716,7 @@ def test_a_lock_ends_a_real_kubectl_port_forward(kube: Any, kgw: KubeGateway, oi
     connection, the audit log says why."""
     since = kgw.audit_mark()
     lock_ids: list[str] = []
-    with _echo_server() as port:
+    with echo_server() as port:
         proc = kube(client="agent-ci").popen("port-forward", "pod/web", f":{port}")
         try:
             assert _round_trip(_forwarding_port(proc), b"before the lock") == b"before the lock"

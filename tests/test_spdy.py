@@ -8,10 +8,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socketserver
 import ssl
 import struct
-import threading
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -20,6 +18,7 @@ import aiohttp
 import pytest
 
 from bastion.doors.kube import spdy
+from tests.support.echo import echo_server
 from tests.support.kubeapi import KubeAPIStandIn
 from tests.support.openssh import free_port
 
@@ -155,18 +154,8 @@ def standin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeAPIStandIn
 
 @pytest.fixture(scope="module")
 def echo_port() -> Iterator[int]:
-    class Echo(socketserver.BaseRequestHandler):
-        def handle(self) -> None:
-            while data := self.request.recv(65536):
-                self.request.sendall(data)
-
-    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), Echo) as server:
-        server.daemon_threads = True
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        yield server.server_address[1]
-        server.shutdown()
-        thread.join(10)
+    with echo_server() as port:
+        yield port
 
 
 class Client:

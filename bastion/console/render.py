@@ -83,15 +83,6 @@ def relative(ts: float, kind: str = "age") -> str:
     return f"{text} ago"
 
 
-def size(n: int | None) -> str:
-    value = float(n or 0)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GiB"
-
-
 def csrf_field(viewer: Viewer) -> str:
     return f'<input type="hidden" name="csrf" value="{e(viewer.csrf)}">'
 

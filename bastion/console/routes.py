@@ -37,7 +37,8 @@ from bastion.console.guard import (
     gw_of,
     json_html,
 )
-from bastion.console.render import age, csrf_field, e, page, problem, size, table
+from bastion.console.render import age, csrf_field, e, page, problem, table
+from recorder.units import human_size
 
 if TYPE_CHECKING:
     from bastion.services import Services
@@ -209,7 +210,7 @@ async def sessions(request: web.Request, viewer: Viewer) -> web.StreamResponse:
         body.append([f'<code>{e(s["id"])}</code>', e(ident.get("email") or s.get("subject")),
                      e(where) + f' <small>{e(s.get("front_door"))} {e(s.get("kind"))}</small>',
                      f'<code>{e((s.get("command") or "")[:80])}</code>', age(s.get("started")),
-                     f'{size(s.get("bytes_in"))} in / {size(s.get("bytes_out"))} out',
+                     f'{human_size(s.get("bytes_in"))} in / {human_size(s.get("bytes_out"))} out',
                      e(s.get("replica_name") or s.get("replica_id") or ""),
                      str(s.get("pending_approvals", 0)), actions])
     listing = table(["session", "who", "where", "command", "since", "bytes", "replica", "waiting", ""], body,
