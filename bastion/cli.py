@@ -212,7 +212,7 @@ def _print_welcome(gw: Any, json_log: bool = False) -> None:
     fp = gw.host_key.get_fingerprint()
     lines = [f"guarita is listening: SSH {ssh_host}:{port}, HTTP API {http}  (host key {fp})",
              f"recordings: {gw.store.url}" + ("" if gw.store.write_once else "  (local folder: not write-once)")]
-    if getattr(gw, "kube_port", 0):
+    if gw.kube_port:
         kube_host = c.kube_listen[0] if c.kube_listen[0] not in ("0.0.0.0", "::") else "127.0.0.1"
         lines.append(f"Kubernetes: https://{kube_host}:{gw.kube_port}/clusters/NAME for "
                      f"{', '.join(cl.name for cl in c.clusters)}  (kubeconfig: bastion kubeconfig --cluster NAME"
@@ -221,7 +221,7 @@ def _print_welcome(gw: Any, json_log: bool = False) -> None:
         from bastion import devtour
 
         where = devtour.Where(ssh_host=ssh_host, ssh_port=port, http_url=http, data_dir=str(c.data_dir),
-                              kube=bool(getattr(gw, "kube_port", 0)) and c.cluster("demo") is not None,
+                              kube=bool(gw.kube_port) and c.cluster("demo") is not None,
                               console=_has_console(), host_key=gw.host_key.export_public_key().decode().strip(),
                               forward_port=devtour.free_port())
         where.save(c.data_dir)

@@ -96,7 +96,7 @@ class Readiness:
     # -- state database -------------------------------------------------------------------------
 
     async def _state_problem(self) -> str | None:
-        if getattr(self.gw.state, "engine", None) is None:
+        if self.gw.state.engine is None:
             return "the state database is not open"
         try:
             await asyncio.wait_for(_ping(self.gw.state), self.timeout)

@@ -268,7 +268,7 @@ class Session:
         self.started = time.time()
         # Masking applies to what the gateway keeps of the agent's input and command lines too
         # (bastion/masking/recorded.py): the command is masked before it is stored anywhere.
-        self._mask_apply = masking_apply(gateway.config.masking, getattr(gateway, "masking_secret", None),
+        self._mask_apply = masking_apply(gateway.config.masking, gateway.masking_secret,
                                          info.front_door, info.target, info.identity.groups, info.kind)
         self._commands_masked: dict[str, tuple[str, list[Any]]] = {}
         self.shown_command = self.mask_command(info.command)
@@ -435,7 +435,7 @@ class Session:
             return command
         done = self._commands_masked.get(command)
         if done is None:
-            masking, secret = self.gateway.config.masking, getattr(self.gateway, "masking_secret", None)
+            masking, secret = self.gateway.config.masking, self.gateway.masking_secret
             assert masking is not None and secret is not None  # else _mask_apply is "none"
             done = self._commands_masked[command] = mask_text(masking.masker(secret), command)
         return done[0]
@@ -467,7 +467,7 @@ class Session:
         values, counts = marker_values(found)
         for detector, n in counts.items():
             self.masked_counts[detector] = self.masked_counts.get(detector, 0) + n
-            if self._metrics is not None and hasattr(self._metrics, "masked"):
+            if self._metrics is not None:
                 self._metrics.masked(detector, n)
         self.recording.marker_json("masking", "values", values, stream=stream)
 

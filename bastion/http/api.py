@@ -79,11 +79,8 @@ def metrics_public(gw: Services) -> bool:
 
 def may_read_metrics(gw: Services, identity: Identity) -> bool:
     """Operators and auditors ([roles]) read metrics when they are not public."""
-    roles = getattr(gw.config, "roles", None)
-    for name in ("operators", "auditors"):
-        members = getattr(roles, name, None)
-        if members is None:
-            continue
+    roles = gw.config.roles
+    for members in (roles.operators, roles.auditors):
         if any(fnmatch.fnmatchcase(identity.subject, p) or (identity.email and fnmatch.fnmatchcase(identity.email, p))
                for p in members.subjects):
             return True

@@ -59,7 +59,7 @@ def _check_name(kind: str, value: str | None) -> None:
 
 def kube_request(gw: Services, identity: Identity, cluster: str, path: str) -> tuple[Any, Any, KubeRequest]:
     """The cluster, its upstream and the parsed request, authorized for ``identity``."""
-    kube = getattr(gw, "kube", None)
+    kube = gw.kube
     config = gw.config.cluster(cluster)
     if kube is None or config is None:
         names = ", ".join(c.name for c in gw.config.clusters) or "none"
