@@ -25,6 +25,7 @@ from bastion.config import (
     parse_duration,
     parse_listen,
 )
+from bastion.interpreter import tune_for_sessions
 from recorder.secretfile import write_secret
 from recorder.store import StoreError
 
@@ -192,6 +193,7 @@ async def _serve(gateway_cls: Any, config: Any, reload_source: ConfigSource | No
         click.echo(f"guarita: cannot start: {_start_error(exc)}", err=True)
         sys.exit(1)
     gw.handle_signals()
+    tune_for_sessions()
     _print_welcome(gw, json_log)
     await gw.run_forever()
 

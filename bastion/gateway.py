@@ -29,6 +29,7 @@ from bastion.metrics import Metrics
 from bastion.state import StateError, open_state
 from recorder import Recorder, RecordingKey, open_store
 from recorder.store import is_outage
+from recorder.uploads import uploader_for
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -81,7 +82,8 @@ class Gateway:
         rc = config.recording
         self.recorder = Recorder(self.store, rc.spool_dir, self.recording_key, segment_seconds=rc.segment_seconds,
                                  segment_bytes=rc.segment_bytes, flush_interval=rc.flush_interval,
-                                 failure_policy=rc.failure_policy, spool_budget=rc.spool_budget)
+                                 failure_policy=rc.failure_policy, spool_budget=rc.spool_budget,
+                                 uploader=uploader_for(rc.url, rc.lock_mode, rc.retention, self.store))
         self.dev_issuer: DevIssuer | None = None
         if config.dev:
             issuer = config.issuers[0]

@@ -46,8 +46,12 @@ if [ "$upgrade_all" = 0 ]; then
     done
     sort -u -o "$work/constraints.txt" "$work/constraints.txt"
 fi
+# pip-compile also keeps the pins of the file it writes: tell it what may move.
+moving=()
+[ "$upgrade_all" = 1 ] && moving+=(--upgrade)
+for name in "${release[@]}"; do moving+=(--upgrade-package "$name"); done
 compile() {  # OUTPUT [EXTRA]
-    "$work/venv/bin/pip-compile" --quiet --generate-hashes --strip-extras --allow-unsafe --annotation-style line \
+    "$work/venv/bin/pip-compile" --quiet ${moving[@]+"${moving[@]}"} --generate-hashes --strip-extras --allow-unsafe --annotation-style line \
         --no-emit-index-url --no-emit-find-links --index-url https://pypi.org/simple \
         --constraint "$work/constraints.txt" ${2:+--extra "$2"} \
         --output-file "$1" pyproject.toml

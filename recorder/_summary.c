@@ -162,8 +162,53 @@ static PyObject *add(PyObject *self, PyObject *args) {
     return PyBool_FromLong(long_line);
 }
 
+/* fold(table, min_bits, fill) -> (bits, packed): summary.py's _fold_python at C speed (it ran
+ * 70 us a segment in Python, a twentieth of a busy recorder's seals). The table (one byte per
+ * bit) is halved, OR-ing its halves, while the result stays at most `fill` set and above
+ * `min_bits`; packed is the result, bit i in byte i / 8 at bit i % 8 (little-endian). */
+static PyObject *fold(PyObject *self, PyObject *args) {
+    Py_buffer bitmap;
+    Py_ssize_t min_bits;
+    double fill;
+    if (!PyArg_ParseTuple(args, "y*nd", &bitmap, &min_bits, &fill))
+        return NULL;
+    if (bitmap.len != TABLE_SIZE) {
+        PyBuffer_Release(&bitmap);
+        PyErr_SetString(PyExc_ValueError, "the table must be TABLE_SIZE bytes");
+        return NULL;
+    }
+    unsigned char cur[TABLE_SIZE];
+    const unsigned char *table = (const unsigned char *)bitmap.buf;
+    for (Py_ssize_t i = 0; i < TABLE_SIZE; i++)
+        cur[i] = table[i] ? 1 : 0;
+    PyBuffer_Release(&bitmap);
+    Py_ssize_t size = TABLE_SIZE;
+    while (size > min_bits) {
+        Py_ssize_t half = size / 2, count = 0;
+        for (Py_ssize_t i = 0; i < half; i++)
+            count += cur[i] | cur[i + half];
+        if ((double)count > fill * (double)half)
+            break;
+        for (Py_ssize_t i = 0; i < half; i++)
+            cur[i] |= cur[i + half];
+        size = half;
+    }
+    PyObject *packed = PyBytes_FromStringAndSize(NULL, size / 8);
+    if (packed == NULL)
+        return NULL;
+    unsigned char *out = (unsigned char *)PyBytes_AS_STRING(packed);
+    for (Py_ssize_t j = 0; j < size / 8; j++) {
+        unsigned char byte = 0;
+        for (int k = 0; k < 8; k++)
+            byte |= (unsigned char)(cur[8 * j + k] << k);
+        out[j] = byte;
+    }
+    return Py_BuildValue("nN", size, packed);
+}
+
 static PyMethodDef methods[] = {
     {"add", add, METH_VARARGS, "add(table, data, strip, limit) -> whether a line is longer than limit; marks data's trigrams."},
+    {"fold", fold, METH_VARARGS, "fold(table, min_bits, fill) -> (bits, packed little-endian filter)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -176,7 +221,7 @@ PyMODINIT_FUNC PyInit__summary(void) {
     if (m == NULL)
         return NULL;
     /* summary.py refuses a build of another version (a stale in-place build after an update) */
-    if (PyModule_AddIntConstant(m, "ABI", 1) < 0 || PyModule_AddIntConstant(m, "TABLE_SIZE", TABLE_SIZE) < 0) {
+    if (PyModule_AddIntConstant(m, "ABI", 2) < 0 || PyModule_AddIntConstant(m, "TABLE_SIZE", TABLE_SIZE) < 0) {
         Py_DECREF(m);
         return NULL;
     }

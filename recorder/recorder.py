@@ -51,9 +51,10 @@ from recorder.segment import (
     segment_name,
 )
 from recorder.signing import RecordingKey
-from recorder.snapshot import SNAPSHOT_BYTES, SNAPSHOT_EVERY, ScreenTracker
-from recorder.store import ObjectExists, RecordingStore, StoreError, session_prefix
+from recorder.snapshot import ScreenTracker, snapshot_due
+from recorder.store import RecordingStore, StoreError, session_prefix
 from recorder.units import human_size
+from recorder.uploads import StoreConflict, ThreadUploader, Uploader
 
 log = logging.getLogger("guarita.recorder")
 
@@ -84,6 +85,18 @@ RETRY_MAX_DELAY = 15.0
 # Objects uploaded at once: PUTs are mostly waiting on the network and the store, so a
 # few in flight keep the upload lag at seconds where one at a time fell minutes behind.
 UPLOAD_CONCURRENCY = 8
+# The flusher wakes this many times per flush interval (each session's turn comes round once
+# per interval; spreading them keeps one wake-up short), and hands the due sessions' file
+# work to the thread pool in jobs of about this many sessions.
+FLUSH_PHASES = 4
+BATCH_SESSIONS = 64
+# Worker threads for the sessions' file work. Their Python (encoding, seals) holds the GIL
+# that the event loop needs for every keystroke it relays: at 1,000 typing sessions, six
+# threads (the old cpu_count + 4) left the loop waiting behind each in turn, echo p99 583 ms,
+# against 186 ms with two and 124 ms with one (docs/benchmarks.md). Compression, writes and
+# fsyncs release the GIL, so one thread keeps up on 2 cores; with 4 or more, a second one
+# compresses beside it.
+RECORDER_THREADS = 1 if (os.cpu_count() or 1) < 4 else 2
 # Spooled objects the store refused because a different object already has their key.
 CONFLICTS_DIR = ".conflicts"
 
@@ -103,8 +116,11 @@ class Recorder:
     def __init__(self, store: RecordingStore, spool_dir: Path, key: RecordingKey, *,
                  segment_seconds: float = 5.0, segment_bytes: int = 4 * 1024 * 1024,
                  flush_interval: float = 1.0, failure_policy: str = "strict",
-                 spool_budget: int | None = None, upload_concurrency: int = UPLOAD_CONCURRENCY) -> None:
+                 spool_budget: int | None = None, upload_concurrency: int = UPLOAD_CONCURRENCY,
+                 uploader: Uploader | None = None) -> None:
         self.store = store
+        # Who does the PUTs (recorder/uploads.py): these threads, or a child process for S3.
+        self.uploader = uploader or ThreadUploader(store)
         self.spool_dir = spool_dir
         self.key = key
         self.segment_seconds = segment_seconds
@@ -142,6 +158,8 @@ class Recorder:
         self._session_drained: dict[Path, asyncio.Event] = {}
         self._uploaders: list[asyncio.Task[None]] = []
         self._last_upload_ok = 0.0
+        # One flusher for every session (not a timer task each): see _flush_sessions.
+        self._flusher: asyncio.Task[None] | None = None
         # Called on the event loop with (session id, manifest bytes) once a session's manifest
         # is in the store: the archive index is filled from here (bastion/archive_indexer.py).
         self.on_session_stored: Callable[[str, bytes], None] | None = None
@@ -150,8 +168,8 @@ class Recorder:
             max_workers=self.upload_concurrency, thread_name_prefix="recorder-upload")
         # Sessions' file work (encode, compress, hash, write, fsync): ops of one session run
         # in order, sessions in parallel.
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=min(32, (os.cpu_count() or 1) + 4), thread_name_prefix="recorder")
+        self._workers = RECORDER_THREADS
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="recorder")
 
     async def start(self) -> list[str]:
         """Create the spool, seal what a previous process left behind, start uploading.
@@ -167,7 +185,39 @@ class Recorder:
                      session_id: str | None = None) -> SessionRecording:
         rec = SessionRecording(self, session_id or new_session_id(), meta, term)
         self.sessions[rec.id] = rec
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_sessions(), name="recording-flusher")
         return rec
+
+    async def _flush_sessions(self) -> None:
+        """Every session's periodic work (flush and fsync, cut by age, resume after a gap),
+        while any session is open.
+
+        One task wakes FLUSH_PHASES times per flush interval and handles the sessions due,
+        each at most ``flush_interval`` after its last turn; their file work goes to the
+        worker threads in a few batches. A timer task and a thread-pool submit per session
+        and second cost the event loop a seventh of its time at 700 typing sessions
+        (docs/benchmarks.md, "1,000 sessions"), and delayed every keystroke's echo."""
+        step = self.flush_interval / FLUSH_PHASES
+        while self.sessions:
+            await asyncio.sleep(step)
+            now = time.monotonic()
+            batch: list[_SerialWork] = []
+            for rec in list(self.sessions.values()):
+                if rec.closed or rec.next_tick > now:
+                    continue
+                rec.next_tick = now + self.flush_interval - step
+                rec.tick(batch)
+            self._run_batch(batch)
+
+    def _run_batch(self, batch: list[_SerialWork]) -> None:
+        """Drain the sessions' queued ops in a few thread-pool jobs (each session's ops still
+        run in order, and never two at once: a session is in at most one batch)."""
+        if not batch:
+            return
+        jobs = min(self._workers, -(-len(batch) // BATCH_SESSIONS))
+        for i in range(jobs):
+            self._executor.submit(_drain_all, batch[i::jobs])
 
     async def close(self, timeout: float = 10.0) -> None:
         """Seal live sessions, then give the uploader ``timeout`` seconds to drain the spool."""
@@ -182,11 +232,13 @@ class Recorder:
         deadline = time.monotonic() + timeout
         while self.uploads_pending and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for task in self._uploaders:
+        tasks = [*self._uploaders, *([self._flusher] if self._flusher else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._uploaders, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._executor.shutdown(wait=False)
         self._upload_executor.shutdown(wait=False)
+        await asyncio.to_thread(self.uploader.close)
         if self.uploads_pending:
             log.warning("%d recording objects still in the spool %s; they are uploaded at the next start",
                         self.uploads_pending, self.spool_dir)
@@ -304,7 +356,7 @@ class Recorder:
                         self._upload_executor, self._upload_one, path, key)
                 finally:
                     del self._in_flight[attempt]
-            except _Conflict as exc:
+            except StoreConflict as exc:
                 # The store answered, but retrying cannot help: set the object aside so
                 # that it does not hold up every later upload.
                 self.upload_errors += 1
@@ -346,21 +398,15 @@ class Recorder:
             return data
 
     def _upload_one(self, path: Path, key: str) -> bytes:
-        data = path.read_bytes()
-        try:
-            self.store.put(key, data)
-        except ObjectExists:
-            # A previous process uploaded it and died before deleting the spool copy.
-            if self.store.get(key) != data:
-                raise _Conflict(f"{key} already exists in {self.store.url} with different content") from None
+        uploaded = self.uploader.put_file(path, key)
         if path.name == "manifest.json":
             size = _tree_bytes(path.parent)
             shutil.rmtree(path.parent, ignore_errors=True)
             self._spool_add(-size)
         else:
             path.unlink()
-            self._spool_add(-len(data))
-        return data
+            self._spool_add(-uploaded.size)
+        return uploaded.data or b""
 
     def _set_aside(self, path: Path) -> Path:
         """Move a spooled object the store refused out of the session directory (a refused
@@ -474,7 +520,8 @@ class SessionRecording:
         self._sealer: asyncio.Task[None] | None = None
         self._loop = asyncio.get_running_loop()
         self._work = _SerialWork(recorder._executor, self._run_op)
-        self._timer = asyncio.create_task(self._tick(), name=f"recording-timer-{session_id}")
+        # When the recorder's flusher next gives this session its turn (tick).
+        self.next_tick = time.monotonic() + recorder.flush_interval
         snapshot = self._screen.snapshot() if self._screen else None
         self._submit(lambda: self._op_open(snapshot), 0)
 
@@ -565,7 +612,6 @@ class SessionRecording:
         if self.closed:
             return
         self.closed = True
-        self._timer.cancel()
         end = {"ended_at": iso(time.time()), "duration": round(self.now(), 3),
                "bytes": dict(self.counts), "markers": dict(self.markers), **(end or {})}
         items, size = self._take()
@@ -672,53 +718,53 @@ class SessionRecording:
             return record
         return dataclasses.replace(record, summary=self._summary.seal(record.index))
 
-    def _flush(self, sync: bool) -> None:
+    def _flush(self, sync: bool, batch: list[_SerialWork] | None = None) -> None:
         self._unsynced = not sync
         items, size = self._take()
         t_end = self._last_t
-        self._submit(lambda: self._writer_append(items, t_end, sync), size)
+        self._submit(lambda: self._writer_append(items, t_end, sync), size, batch=batch)
 
-    def _cut(self, final: bool = False, end: dict[str, Any] | None = None) -> None:
+    def _cut(self, final: bool = False, end: dict[str, Any] | None = None,
+             batch: list[_SerialWork] | None = None) -> None:
         self._unsynced = True  # the next segment's header waits for the next flush
         items, size = self._take()
         t_end = self._last_t
         next_t = self._last_t
-        # Snapshots cost emulator time: at most one per SNAPSHOT_EVERY seconds or SNAPSHOT_BYTES.
+        # Snapshots cost emulator time: see recorder/snapshot.py for how often one is taken.
         screen_tail = None
-        if not final and self._screen is not None and (
-                next_t - self._snap_t >= SNAPSHOT_EVERY or self._snap_bytes >= SNAPSHOT_BYTES):
+        if not final and self._screen is not None and snapshot_due(next_t - self._snap_t, self._snap_bytes):
             screen_tail = self._screen.take()
             self._snap_t, self._snap_bytes = next_t, 0
         self._seg_raw = 0.0
         self._seg_t = next_t
-        self._submit(lambda: self._op_seal(items, t_end, final, screen_tail, next_t, end), size)
+        self._submit(lambda: self._op_seal(items, t_end, final, screen_tail, next_t, end), size, batch=batch)
 
-    async def _tick(self) -> None:
-        interval = self.recorder.flush_interval
-        while True:
-            await asyncio.sleep(interval)
-            if self._gap is not None:
-                if self.recorder.failure_policy == "best_effort" and not self._resuming:
-                    self._resuming = True
-                    self._submit(self._op_resume, 0, always=True)
-                continue
-            if self._seg_raw and self.now() - self._seg_t >= self.recorder.segment_seconds:
-                self._cut()
-            elif self._buf or self._unsynced:
-                # An idle session costs nothing here: no thread hop, no fsync of nothing
-                # (1,000 idle sessions were 1,000 fsyncs a second).
-                self._flush(sync=True)
+    def tick(self, batch: list[_SerialWork]) -> None:
+        """The recorder's flusher, once per flush interval: file work goes into ``batch``."""
+        if self._gap is not None:
+            if self.recorder.failure_policy == "best_effort" and not self._resuming:
+                self._resuming = True
+                self._submit(self._op_resume, 0, always=True, batch=batch)
+            return
+        if self._seg_raw and self.now() - self._seg_t >= self.recorder.segment_seconds:
+            self._cut(batch=batch)
+        elif self._buf or self._unsynced:
+            # An idle session costs nothing here: no thread hop, no fsync of nothing
+            # (1,000 idle sessions were 1,000 fsyncs a second).
+            self._flush(sync=True, batch=batch)
 
     # -- the ordered file-work queue (runs in threads) -----------------------------------
 
-    def _submit(self, op: Callable[[], Any], size: int, always: bool = False) -> None:
+    def _submit(self, op: Callable[[], Any], size: int, always: bool = False,
+                batch: list[_SerialWork] | None = None) -> None:
         """Queue file work for the session's worker; ``always`` ops run even after a strict
-        failure (they only signal the event loop)."""
+        failure (they only signal the event loop). With ``batch``, the worker is started
+        by the recorder's flusher together with others."""
         with self._inflight_lock:
             self._inflight += size
             if self._inflight > HIGH_WATER:
                 self._drained.clear()
-        self._work.submit(op, size, always)
+        self._work.submit(op, size, always, batch)
 
     def _run_op(self, op: Callable[[], Any], size: int, always: bool) -> None:
         """Worker thread: one op, in submission order. Failures are reported to the loop."""
@@ -926,15 +972,21 @@ class _SerialWork:
         self._lock = threading.Lock()
         self._busy = False
 
-    def submit(self, op: Callable[[], Any], size: int, always: bool) -> None:
+    def submit(self, op: Callable[[], Any], size: int, always: bool,
+               batch: list[_SerialWork] | None = None) -> None:
+        """Queue ``op``; start draining unless a drain is under way. With ``batch`` the
+        drain is left to whoever runs the batch (:func:`_drain_all`)."""
         with self._lock:
             self._queue.append((op, size, always))
             if self._busy:
                 return
             self._busy = True
-        self._executor.submit(self._drain)
+        if batch is None:
+            self._executor.submit(self.drain)
+        else:
+            batch.append(self)
 
-    def _drain(self) -> None:
+    def drain(self) -> None:
         while True:
             with self._lock:
                 if not self._queue:
@@ -944,16 +996,21 @@ class _SerialWork:
             self._run(op, size, always)
 
 
+def _drain_all(works: list[_SerialWork]) -> None:
+    """Worker thread: drain several sessions' queues, one after the other."""
+    for work in works:
+        try:
+            work.drain()
+        except Exception:  # noqa: BLE001 - _run_op reports op failures; this is a bug, not theirs
+            log.exception("recording worker failed")
+
+
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
 
 
 # -- helpers shared by live sessions and recovery ----------------------------------------
-
-
-class _Conflict(StoreError):
-    """The store holds a different object under this key: retrying cannot help."""
 
 
 def _tree_bytes(path: Path) -> int:

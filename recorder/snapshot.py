@@ -10,7 +10,11 @@ hundreds, so the emulator must stay off the hot path:
   reset when older output was dropped) and ``snapshot()`` renders the screen.
 * The recorder takes a snapshot at most once per ``SNAPSHOT_EVERY`` seconds of session
   or ``SNAPSHOT_BYTES`` of output; segments cut faster than that carry none, and the
-  player starts from the last segment that has one.
+  player starts from the last segment that has one (``snapshot_due``).
+* A quiet session (typing, a prompt) gets one per ``SNAPSHOT_QUIET`` seconds unless
+  ``SNAPSHOT_QUIET_BYTES`` of output came since the last: a seek then writes at most
+  that much output, or 30 s of a quiet session, after the snapshot. Every segment of
+  1,000 typing sessions carried one before, a fifth of the recorder's seal time.
 
 When output was dropped, the screen is rebuilt from the tail alone: exact for anything
 that scrolls or redraws within it (shells, logs, full-screen programs), approximate only
@@ -42,6 +46,15 @@ import pyte
 _SGR_COLORS = {"black": 0, "red": 1, "green": 2, "brown": 3, "yellow": 3, "blue": 4, "magenta": 5, "cyan": 6, "white": 7}
 SNAPSHOT_EVERY = 1.0
 SNAPSHOT_BYTES = 8 * 1024 * 1024
+SNAPSHOT_QUIET = 30.0
+SNAPSHOT_QUIET_BYTES = 64 * 1024
+
+
+def snapshot_due(seconds: float, output_bytes: int) -> bool:
+    """Whether a segment cut ``seconds`` and ``output_bytes`` after the last snapshot takes one."""
+    if output_bytes >= SNAPSHOT_BYTES:
+        return True
+    return seconds >= SNAPSHOT_EVERY and (output_bytes >= SNAPSHOT_QUIET_BYTES or seconds >= SNAPSHOT_QUIET)
 
 
 def _no_private(method: Callable[..., Any]) -> Callable[..., Any]:

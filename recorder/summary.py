@@ -32,7 +32,7 @@ import logging
 import os
 import re
 from re import _constants as _sre  # type: ignore[attr-defined]
-from re import _parser as _sre_parse
+from re import _parser as _sre_parse  # type: ignore[attr-defined,unused-ignore]
 from typing import Any
 
 FORMAT = "guarita-summary/1"
@@ -45,7 +45,7 @@ HASH_MULT = 0x9E3779B1
 # of t trigrams absent from a segment then passes with probability about FILL ** t.
 FILL = 0.35
 MIN_BITS = 64
-ABI = 1
+ABI = 2  # 2: fold()
 
 try:
     _engine: Any = importlib.import_module("recorder._summary")
@@ -219,6 +219,13 @@ def _incomplete_tail(data: bytes) -> int:
 
 
 def _fold(table: bytearray) -> dict[str, Any]:
+    """The filter of a segment: the table folded while it stays sparse (_summary.c ``fold``)."""
+    size, packed = _engine.fold(table, MIN_BITS, FILL)
+    return {"bits": size, "bloom": base64.b64encode(packed).decode()}
+
+
+def _fold_python(table: bytearray) -> dict[str, Any]:
+    """What ``_summary.fold`` computes, in Python (the definition it is tested against)."""
     value = int(table.translate(_TO_01)[::-1], 2)  # bit i = table[i], at C speed
     size = TABLE_SIZE
     while size > MIN_BITS:

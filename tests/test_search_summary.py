@@ -232,3 +232,12 @@ def _public_key(root: Path) -> Path:
     if not out.exists():
         out.write_text(RecordingKey.load_or_create(root / "key.pem").public_pem())
     return out
+
+
+@given(st.lists(st.integers(0, ss.TABLE_SIZE - 1), max_size=20000), st.integers(0, 3))
+@settings(max_examples=60, deadline=None)
+def test_the_compiled_fold_is_the_python_one(bits: list[int], spread: int) -> None:
+    table = bytearray(ss.TABLE_SIZE)
+    for bit in bits:
+        table[bit >> spread] = 1
+    assert ss._fold(table) == ss._fold_python(table)
